@@ -1,0 +1,447 @@
+"""The AIPO policy loss: PPO on the policy's own tokens, off-policy IS on agent-injected tokens.
+
+The AIPO paper (arXiv 2605.08401) trains agent-injected tokens "through a tailored importance
+sampling coefficient together with a clipping strategy"; its exact formula is not public. This
+module implements the documented, configurable family of DESIGN.md section 5, not the paper's
+unknown formula. All per-token tensors are ``[B, T]`` and already aligned: position ``t`` is one
+response token. ``A`` is the sequence advantage (broadcast over tokens) or a per-token one.
+
+Policy tokens (``loss_mask & ~agent_mask``), with ``r = exp(clamp(logp - old_logp, -20, 20))``::
+
+    l = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A)                   (PPO, DAPO clip-higher)
+    l = -max(min(r A, clamp(r, ...) A), dual_clip A)   where A < 0          (dual clip, optional)
+    l = l * rho                                                         (rollout correction)
+
+exactly as OpenRLHF's ``PolicyLoss``; ``rho`` is detached: with ``u = exp(old_logp -
+rollout_logp)``, ``tis`` uses ``rho = clamp(u, lo, hi)``, ``icepop`` uses ``rho = u`` inside
+``[lo, hi]`` and ``0`` outside; ``rho = 1`` where ``rollout_logp`` is not finite.
+
+Agent tokens (``loss_mask & agent_mask``), with ``w = exp(clamp(logp - behavior_logp, -20, 20))``
+(``behavior_logp = 0``, i.e. ``mu = 1``, where it is unknown/NaN, as LUFFY), by ``agent_mode``:
+
+- ``mask``: not trained, and not counted by the normaliser either, so the loss equals plain PPO on
+  the policy tokens (OpenRLHF's ``PolicyLoss`` with ``action_mask`` = policy tokens).
+- ``shaped`` (default): ``f = w / (w + gamma)`` (LUFFY policy shaping; ``df/dp = gamma /
+  (p + gamma)^2 / mu`` boosts rare tokens), clipped with a gradient-preserving clip::
+
+      c = clamp(f, w_min, w_max);   f_clip = f * sg(c / f);   l = -f_clip A
+
+  The value is ``c``, the gradient ``(c / f) grad f``: a clipped token keeps a gradient (for a
+  token under the floor it tends to ``-w_min A grad logp``) instead of the zero a plain clamp gives.
+- ``ratio``: truncated IS with the same gradient-preserving clip::
+
+      c = min(w, C);   l = -w * sg(c / w) * A
+
+  The value is ``min(w, C) A``; the gradient is ``-min(w, C) A grad logp`` (the truncated IS
+  weight times the score function), so tokens above ``C`` keep a gradient.
+
+Both trained agent modes are multiplied by ``agent_loss_weight``; with ``agent_positive_only`` the
+agent tokens of trajectories with ``A <= 0`` are left out (no loss, not counted).
+
+Aggregation over the trained tokens (policy tokens plus the agent tokens the mode trains):
+``token_mean`` (DAPO: sum / number of trained tokens in the batch), ``seq_mean_token_mean`` (GRPO:
+mean over sequences with a trained token of each sequence's token mean), ``seq_sum_norm``
+(Dr. GRPO: sum / (B * constant), the constant being ``seq_sum_norm_constant`` or ``T``).
+
+Optional terms, aggregated the same way over the trained tokens: ``kl_coef * KL`` to the
+reference with ``log r = logp - ref_logp``: ``k1 = log r``, ``k2 = (log r)^2 / 2``,
+``k3 = exp(-log r) - 1 + log r`` (OpenRLHF's clamps: ``log r >= -10`` in k3, value in
+``[-10, 10]``); and ``-entropy_coef * entropy``.
+
+Masked positions may hold NaN or infinities (padding, unknown behaviour log-probs): every input is
+passed through ``torch.where`` before any arithmetic so neither the loss nor its gradient sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+#: Bound on log-ratios before ``exp`` (as OpenRLHF), so ratios stay finite.
+LOG_RATIO_BOUND = 20.0
+
+
+class LossConfig(BaseModel):
+    """Hyper-parameters of the AIPO loss family (formulas in the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eps_clip_low: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="PPO lower clip: policy-token ratios below 1 - eps_clip_low are clipped. Default 0.2.",
+    )
+    eps_clip_high: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="PPO upper clip: ratios above 1 + eps_clip_high are clipped. Default 0.2; DAPO's clip-higher uses 0.28.",
+    )
+    dual_clip: float | None = Field(
+        default=None,
+        gt=1.0,
+        description="Dual-clip PPO constant c > 1: for A < 0 the policy-token loss is at most -c*A (OpenRLHF's definition). Default None (off).",
+    )
+    rollout_correction: Literal["none", "tis", "icepop"] = Field(
+        default="none",
+        description="Correction for the trainer/rollout-engine mismatch on policy tokens, weight u = exp(old_logp - rollout_logp), detached: 'tis' multiplies by clamp(u, lo, hi), 'icepop' by u inside [lo, hi] and 0 outside. Default 'none'.",
+    )
+    rollout_correction_bounds: tuple[float, float] = Field(
+        default=(0.5, 5.0),
+        description="(lo, hi) for rollout_correction, 0 <= lo < hi. Default (0.5, 5.0), OpenRLHF's is_correction_threshold.",
+    )
+    agent_mode: Literal["mask", "shaped", "ratio"] = Field(
+        default="shaped",
+        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma), 'ratio' with truncated IS min(w, C). Default 'shaped'.",
+    )
+    shaped_gamma: float = Field(
+        default=0.1,
+        gt=0.0,
+        description="gamma of the shaping f(w) = w/(w+gamma); smaller boosts rare tokens more. Default 0.1 (LUFFY).",
+    )
+    agent_w_min: float = Field(
+        default=0.1,
+        ge=0.0,
+        description="Floor of the shaped coefficient (gradient-preserving clip): tokens with f below it count as w_min and keep a gradient. Default 0.1; 0 disables the floor.",
+    )
+    agent_w_max: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Ceiling of the shaped coefficient. f < 1 always, so the default 1.0 never clips.",
+    )
+    agent_positive_only: bool = Field(
+        default=False,
+        description="Train agent tokens only in trajectories with A > 0 (learn from guidance that led to success). Default False.",
+    )
+    ratio_cap: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="C of agent_mode 'ratio': the IS weight is min(w, C). Default 1.0.",
+    )
+    agent_loss_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Multiplier on the agent-token loss terms. Default 1.0.",
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = Field(
+        default="token_mean",
+        description="Reduction over trained tokens: 'token_mean' (DAPO), 'seq_mean_token_mean' (GRPO), 'seq_sum_norm' (Dr. GRPO, sum / (B * constant)). Default 'token_mean'.",
+    )
+    seq_sum_norm_constant: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Constant of 'seq_sum_norm', e.g. the maximum response length; None uses the tensor width T. Default None.",
+    )
+    kl_coef: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of the KL penalty to the reference policy (needs ref_logprobs). Default 0 (off).",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        default="k3",
+        description="KL estimator (Schulman): k1 = log r, k2 = (log r)^2/2, k3 = exp(-log r) - 1 + log r. Default 'k3'.",
+    )
+    entropy_coef: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of the entropy bonus, loss -= entropy_coef * mean entropy (needs entropy). Default 0 (off).",
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> LossConfig:
+        lo, hi = self.rollout_correction_bounds
+        if not 0.0 <= lo < hi:
+            raise ValueError(
+                f"rollout_correction_bounds must satisfy 0 <= lo < hi, got ({lo}, {hi})"
+            )
+        if self.agent_w_min > self.agent_w_max:
+            raise ValueError(
+                f"agent_w_min ({self.agent_w_min}) must not exceed agent_w_max ({self.agent_w_max})"
+            )
+        return self
+
+
+def _zeros_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on ``mask``, 0 elsewhere; NaN/inf off the mask neither propagates nor gets gradient."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _kl(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate from ``log r = logp - ref_logp`` (OpenRLHF's clamps)."""
+    if estimator == "k1":
+        value = log_ratio
+    elif estimator == "k2":
+        value = log_ratio**2 / 2.0
+    elif estimator == "k3":
+        bounded = log_ratio.clamp(min=-10.0)
+        value = (-bounded).exp() - 1.0 + bounded
+    else:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of k1, k2, k3")
+    return value.clamp(min=-10.0, max=10.0)
+
+
+class _Aggregator:
+    """Reduces per-token values to a scalar with one normaliser shared by every loss part."""
+
+    def __init__(self, trained: torch.Tensor, mode: str, constant: float | None) -> None:
+        self.mode = mode
+        trained = trained.float()
+        if mode == "token_mean":
+            self.scale = 1.0 / trained.sum().clamp(min=1.0)
+        elif mode == "seq_mean_token_mean":
+            per_seq = trained.sum(dim=-1)
+            n_seq = (per_seq > 0).float().sum().clamp(min=1.0)
+            # Row weight 1 / (count_i * n_seq); rows with no trained token get weight 0.
+            self.row_scale = torch.where(per_seq > 0, 1.0 / per_seq.clamp(min=1.0), 0.0) / n_seq
+        elif mode == "seq_sum_norm":
+            norm = constant if constant is not None else float(trained.shape[-1])
+            self.scale = 1.0 / (trained.shape[0] * norm)
+        else:
+            raise ValueError(
+                f"unknown aggregation {mode!r}; expected token_mean, seq_mean_token_mean or seq_sum_norm"
+            )
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """Reduce ``values`` [B, T], already zero off the trained tokens."""
+        if self.mode == "seq_mean_token_mean":
+            return (values.sum(dim=-1) * self.row_scale).sum()
+        return values.sum() * self.scale
+
+
+def _masked_stats(values: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean, std (biased), min and max of ``values`` on ``mask``; zeros if the mask is empty."""
+    selected = values[mask]
+    if selected.numel() == 0:
+        return {f"{prefix}_{k}": 0.0 for k in ("mean", "std", "min", "max")}
+    return {
+        f"{prefix}_mean": selected.mean().item(),
+        f"{prefix}_std": selected.std(unbiased=False).item(),
+        f"{prefix}_min": selected.min().item(),
+        f"{prefix}_max": selected.max().item(),
+    }
+
+
+def _fraction(flags: torch.Tensor, mask: torch.Tensor) -> float:
+    count = int(mask.sum())
+    return float((flags & mask).sum()) / count if count else 0.0
+
+
+def aipo_policy_loss(
+    config: LossConfig,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    agent_mask: torch.Tensor,
+    behavior_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The AIPO loss (module docstring) and its metrics.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the taken tokens under the current policy (with grad).
+        old_logprobs: ``[B, T]`` log-probs under the policy that sampled the batch (trainer side).
+        advantages: ``[B]`` sequence advantages (broadcast over tokens) or ``[B, T]``.
+        loss_mask: ``[B, T]`` float or bool, nonzero where the loss applies.
+        agent_mask: ``[B, T]`` bool, True on agent-injected tokens.
+        behavior_logprobs: ``[B, T]`` log-probs of agent tokens under the agent's model, NaN where
+            unknown (then ``mu = 1``); None means unknown everywhere.
+        rollout_logprobs: ``[B, T]`` the rollout engine's log-probs (needed for rollout_correction).
+        ref_logprobs: ``[B, T]`` reference-policy log-probs (needed when kl_coef > 0).
+        entropy: ``[B, T]`` per-token entropy of the current policy (needed when entropy_coef > 0).
+
+    Returns:
+        ``(loss, metrics)``: a scalar to minimise and a dict of floats, among them
+        ``loss/total``, ``loss/policy``, ``loss/agent``, ``loss/kl``, ``loss/entropy``,
+        ``policy/clip_frac`` (OpenRLHF's clip_ratio), ``policy/clip_frac_low``,
+        ``policy/clip_frac_high``, ``policy/dual_clip_frac``, ``policy/approx_kl``,
+        ``agent/coef_{mean,std,min,max}`` (the coefficient value, c or min(w, C)),
+        ``agent/clip_frac``, ``tokens/policy``, ``tokens/agent``, ``tokens/agent_trained``,
+        ``entropy/mean``, and for rollout correction ``rollout/filter_frac`` and ``rollout/kl``.
+    """
+    shape = logprobs.shape
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must have shape [B, T], got {tuple(shape)}")
+    named = {"old_logprobs": old_logprobs, "loss_mask": loss_mask, "agent_mask": agent_mask}
+    named.update(
+        (k, v)
+        for k, v in {
+            "behavior_logprobs": behavior_logprobs,
+            "rollout_logprobs": rollout_logprobs,
+            "ref_logprobs": ref_logprobs,
+            "entropy": entropy,
+        }.items()
+        if v is not None
+    )
+    for name, tensor in named.items():
+        if tensor.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+    if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
+        advantages = advantages.unsqueeze(-1).expand(shape)
+    elif advantages.shape != shape:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected [{shape[0]}] or {tuple(shape)}"
+        )
+    if config.rollout_correction != "none" and rollout_logprobs is None:
+        raise ValueError(f"rollout_correction={config.rollout_correction!r} needs rollout_logprobs")
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs")
+    if config.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy")
+
+    in_loss = loss_mask.bool() if loss_mask.dtype != torch.bool else loss_mask
+    agent_mask = agent_mask.bool()
+    policy = in_loss & ~agent_mask
+    agent_all = in_loss & agent_mask
+    adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))
+    if config.agent_mode == "mask":
+        agent = torch.zeros_like(agent_all)
+    elif config.agent_positive_only:
+        agent = agent_all & (adv > 0)
+    else:
+        agent = agent_all
+    trained = policy | agent
+    logp = _zeros_where(trained, logprobs)
+    aggregate = _Aggregator(trained, config.aggregation, config.seq_sum_norm_constant)
+    metrics: dict[str, float] = {}
+
+    # Policy tokens: PPO clipped surrogate, term for term as OpenRLHF's PolicyLoss.
+    raw_log_ratio = logp - _zeros_where(policy, old_logprobs.to(logp.dtype))
+    ratio = _zeros_where(policy, raw_log_ratio).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1.0 - config.eps_clip_low, 1.0 + config.eps_clip_high) * adv
+    clip1 = torch.min(surr1, surr2)
+    if config.dual_clip is None:
+        policy_loss = -clip1
+    else:
+        policy_loss = -torch.where(adv < 0, torch.max(clip1, config.dual_clip * adv), clip1)
+    if config.rollout_correction != "none":
+        assert rollout_logprobs is not None
+        known = policy & torch.isfinite(rollout_logprobs)
+        is_log = _zeros_where(known, old_logprobs.detach() - rollout_logprobs).to(logp.dtype)
+        u = is_log.exp()
+        lo, hi = config.rollout_correction_bounds
+        if config.rollout_correction == "tis":
+            rho = u.clamp(lo, hi)
+            filtered = (u < lo) | (u > hi)
+        else:  # icepop
+            inside = (u >= lo) & (u <= hi)
+            rho = torch.where(inside, u, 0.0)
+            filtered = ~inside
+        policy_loss = policy_loss * torch.where(known, rho, 1.0).detach()
+        metrics["rollout/filter_frac"] = _fraction(filtered, known)
+        metrics["rollout/kl"] = (-is_log).sum().item() / max(int(known.sum()), 1)
+    policy_loss = _zeros_where(policy, policy_loss)
+
+    # Agent tokens: off-policy IS coefficient with a gradient-preserving clip.
+    agent_loss = torch.zeros_like(policy_loss)
+    if config.agent_mode != "mask":
+        if behavior_logprobs is None:
+            beh = torch.zeros_like(logp)
+        else:
+            beh = torch.where(agent & torch.isfinite(behavior_logprobs), behavior_logprobs, 0.0)
+        w = _zeros_where(agent, logp - beh.to(logp.dtype))
+        w = w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+        if config.agent_mode == "shaped":
+            raw = w / (w + config.shaped_gamma)
+            coef = raw.clamp(config.agent_w_min, config.agent_w_max)
+        else:  # ratio
+            raw = w
+            coef = w.clamp(max=config.ratio_cap)
+        # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
+        preserved = raw * (coef / raw).detach()
+        agent_loss = _zeros_where(agent, -preserved * adv * config.agent_loss_weight)
+        with torch.no_grad():
+            metrics.update(_masked_stats(coef, agent, "agent/coef"))
+            metrics["agent/clip_frac"] = _fraction(coef != raw, agent)
+    else:
+        metrics.update({f"agent/coef_{k}": 0.0 for k in ("mean", "std", "min", "max")})
+        metrics["agent/clip_frac"] = 0.0
+
+    policy_part = aggregate(policy_loss)
+    agent_part = aggregate(agent_loss)
+    total = policy_part + agent_part
+    kl_part = torch.zeros((), dtype=total.dtype, device=total.device)
+    if ref_logprobs is not None:
+        ref = _zeros_where(trained, ref_logprobs.to(logp.dtype))
+        kl_part = aggregate(_zeros_where(trained, _kl(logp - ref, config.kl_estimator)))
+        if config.kl_coef > 0:
+            total = total + config.kl_coef * kl_part
+    entropy_part = torch.zeros_like(kl_part)
+    if entropy is not None:
+        entropy_part = aggregate(_zeros_where(trained, entropy.to(logp.dtype)))
+        if config.entropy_coef > 0:
+            total = total - config.entropy_coef * entropy_part
+
+    with torch.no_grad():
+        adv_d = adv.detach()
+        ratio_d = ratio.detach()
+        metrics["policy/clip_frac"] = _fraction(surr2.detach() < surr1.detach(), policy)
+        metrics["policy/clip_frac_low"] = _fraction(
+            (ratio_d < 1.0 - config.eps_clip_low) & (adv_d < 0), policy
+        )
+        metrics["policy/clip_frac_high"] = _fraction(
+            (ratio_d > 1.0 + config.eps_clip_high) & (adv_d > 0), policy
+        )
+        dual_active = (
+            (adv_d < 0) & (config.dual_clip * adv_d > clip1.detach())
+            if config.dual_clip is not None
+            else torch.zeros_like(policy)
+        )
+        metrics["policy/dual_clip_frac"] = _fraction(dual_active, policy)
+        n_policy = int(policy.sum())
+        metrics["policy/approx_kl"] = (
+            (-raw_log_ratio.detach() * policy).sum().item() / n_policy if n_policy else 0.0
+        )
+        metrics["tokens/policy"] = float(n_policy)
+        metrics["tokens/agent"] = float(agent_all.sum())
+        metrics["tokens/agent_trained"] = float(agent.sum())
+        if entropy is not None:
+            n_trained = int(trained.sum())
+            ent = _zeros_where(trained, entropy.detach()).sum().item()
+            metrics["entropy/mean"] = ent / n_trained if n_trained else 0.0
+        metrics["loss/policy"] = policy_part.item()
+        metrics["loss/agent"] = agent_part.item()
+        metrics["loss/kl"] = kl_part.item()
+        metrics["loss/entropy"] = entropy_part.item()
+        metrics["loss/total"] = total.item()
+    return total, metrics
+
+
+class AIPOLoss(nn.Module):
+    """The AIPO loss as a module: ``forward`` returns ``(loss, metrics)``; see :func:`aipo_policy_loss`."""
+
+    def __init__(self, config: LossConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else LossConfig()
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        agent_mask: torch.Tensor,
+        behavior_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss and float metrics for one micro-batch (tensor contract in the module docstring)."""
+        return aipo_policy_loss(
+            self.config,
+            logprobs,
+            old_logprobs,
+            advantages,
+            loss_mask,
+            agent_mask,
+            behavior_logprobs=behavior_logprobs,
+            rollout_logprobs=rollout_logprobs,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
+        )
