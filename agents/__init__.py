@@ -1,5 +1,28 @@
 """The collaborative agents (verify, knowledge, reasoning), their prompts and the agent pool."""
 
 from agents.base import DEFAULT_AGENT_NAMES, Agent, AgentReply, ConsultRequest, ConsultService
+from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent, render_prompt
+from agents.oracle import OracleVerifyAgent, find_candidate
+from agents.pool import AgentConfig, AgentPool, AgentPoolConfig, tokenizers_match
+from agents.templates import PromptTemplate, load_template
 
-__all__ = ["DEFAULT_AGENT_NAMES", "Agent", "AgentReply", "ConsultRequest", "ConsultService"]
+__all__ = [
+    "DEFAULT_AGENT_NAMES",
+    "Agent",
+    "AgentConfig",
+    "AgentPool",
+    "AgentPoolConfig",
+    "AgentReply",
+    "ConsultRequest",
+    "ConsultService",
+    "KnowledgeAgent",
+    "LLMAgent",
+    "OracleVerifyAgent",
+    "PromptTemplate",
+    "ReasoningAgent",
+    "VerifyAgent",
+    "find_candidate",
+    "load_template",
+    "render_prompt",
+    "tokenizers_match",
+]

@@ -1,0 +1,251 @@
+"""Agents backed by a language model: any :class:`~policies.base.Generator` answers.
+
+The prompt is the agent's template rendered through the agent tokenizer's chat
+template with the static system part first, so every request to an agent shares
+that prefix in the backend's cache. Replies keep the sampled ids verbatim (minus a
+trailing EOS or stop token, which must never enter the policy's sequence) and,
+when the agent's model shares the policy's tokenizer, their log-probs: the
+behaviour probability of AIPO's importance-sampling coefficient.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agents.base import Agent, AgentReply, ConsultRequest
+from agents.templates import PromptTemplate, load_template
+from policies.base import Generator, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+#: What fills a template variable the request does not provide.
+_MISSING = {"problem": "(not given)", "transcript": "(nothing yet)", "solution": "(none)"}
+
+
+def render_prompt(tokenizer: Any, system: str, user: str) -> tuple[list[int], list[int]]:
+    """Render ``system`` then ``user`` as a chat prompt; return ``(static_ids, prompt_ids)``.
+
+    ``prompt_ids`` always starts with ``static_ids`` (the rendered system part alone):
+    the per-request rest is tokenized separately and appended, so the shared prefix
+    is identical token for token across requests, whatever the tokenizer merges.
+    Without a chat template (or one that rejects a system message) the parts are
+    joined as plain text.
+    """
+    static_text, full_text = _render_texts(tokenizer, system, user)
+    static_ids = _encode(tokenizer, static_text)
+    rest_ids = _encode(tokenizer, full_text[len(static_text) :])
+    return static_ids, static_ids + rest_ids
+
+
+def _render_texts(tokenizer: Any, system: str, user: str) -> tuple[str, str]:
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            static = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}], tokenize=False
+            )
+            full = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            if isinstance(static, str) and isinstance(full, str) and full.startswith(static):
+                return static, full
+        except Exception:  # templates that refuse a system turn fall through
+            logger.debug("chat template rejects a leading system message; using plain text")
+    static = system.rstrip() + "\n\n"
+    return static, static + user.rstrip() + "\n\n"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_token_ids(tokenizer: Any, params: SamplingParams | None = None) -> set[int]:
+    """Ids that may end a reply and must not be injected: EOS, the special tokens, stop ids."""
+    ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, Sequence):
+        ids.update(int(i) for i in eos)
+    if params is not None:
+        ids.update(params.stop_token_ids)
+    return ids
+
+
+def strip_trailing(
+    token_ids: list[int], logprobs: list[float], drop: set[int]
+) -> tuple[list[int], list[float]]:
+    """Drop trailing ids in ``drop`` (EOS, stop tokens) with their log-probs."""
+    end = len(token_ids)
+    while end and token_ids[end - 1] in drop:
+        end -= 1
+    return token_ids[:end], logprobs[:end]
+
+
+class LLMAgent(Agent):
+    """An agent whose replies a :class:`Generator` samples from its prompt template.
+
+    ``shares_policy_tokenizer`` says whether the generator's tokenizer is the
+    policy's: only then are the reply's ids and log-probs returned (ids from
+    another vocabulary mean nothing to the policy). ``consult`` never raises: any
+    failure becomes ``AgentReply(error=...)``.
+    """
+
+    #: The packaged template a subclass uses by default.
+    default_template: str = ""
+
+    def __init__(
+        self,
+        name: str,
+        generator: Generator,
+        template: PromptTemplate | str | None = None,
+        *,
+        sampling: SamplingParams | None = None,
+        shares_policy_tokenizer: bool = False,
+        include_solution: bool = False,
+        max_transcript_chars: int = 4000,
+    ) -> None:
+        template = template or self.default_template or name
+        self.name = name
+        self.generator = generator
+        self.template = (
+            template if isinstance(template, PromptTemplate) else load_template(template)
+        )
+        self.sampling = sampling or SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.8)
+        self.shares_policy_tokenizer = shares_policy_tokenizer
+        self.include_solution = include_solution
+        self.max_transcript_chars = max_transcript_chars
+        self._prefix_registered = False
+
+    @property
+    def uses_transcript(self) -> bool:
+        """Whether replies depend on the policy's transcript (the pool keys its cache on it)."""
+        return self.template.uses("transcript")
+
+    def variables(self, request: ConsultRequest) -> dict[str, str]:
+        """The template variables for ``request``; missing ones get a short placeholder."""
+        problem = request.problem
+        transcript = request.transcript.strip()
+        if len(transcript) > self.max_transcript_chars:
+            # The latest reasoning matters most to the agent: keep the tail.
+            transcript = "..." + transcript[-self.max_transcript_chars :]
+        values = {
+            "question": request.question.strip(),
+            "problem": problem.question.strip() if problem else "",
+            "transcript": transcript,
+            "solution": (problem.solution or "").strip() if problem else "",
+        }
+        return {k: v or _MISSING.get(k, "") for k, v in values.items()}
+
+    def with_solution(self, request: ConsultRequest) -> bool:
+        """Whether this request's prompt includes the reference solution."""
+        return bool(
+            self.include_solution
+            and request.problem is not None
+            and request.problem.solution
+            and self.template.user_with_solution
+        )
+
+    def render(self, request: ConsultRequest) -> tuple[list[int], list[int]]:
+        """``(static_ids, prompt_ids)`` of this agent's prompt for ``request``."""
+        user = self.template.render_user(
+            self.variables(request), with_solution=self.with_solution(request)
+        )
+        return render_prompt(self.generator.tokenizer, self.template.system, user)
+
+    async def _register_prefix(self, static_ids: list[int]) -> None:
+        # Pinning the static prefix is an optimisation: a backend that cannot must
+        # not cost the consult.
+        self._prefix_registered = True
+        register = getattr(self.generator, "register_prefix", None)
+        if register is None or not static_ids:
+            return
+        try:
+            result = register(static_ids)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            logger.warning("agent %r: could not register its prompt prefix: %s", self.name, exc)
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        """Sample a reply to ``request``; any failure becomes an error reply."""
+        start = time.perf_counter()
+        try:
+            return await self._consult(request, start)
+        except Exception as exc:  # the protocol says never raise
+            return AgentReply(
+                agent=self.name,
+                error=f"agent {self.name!r} failed: {type(exc).__name__}: {exc}",
+                latency_s=time.perf_counter() - start,
+            )
+
+    async def _consult(self, request: ConsultRequest, start: float) -> AgentReply:
+        static_ids, prompt_ids = self.render(request)
+        if not self._prefix_registered:
+            await self._register_prefix(static_ids)
+        generation = await self.generator.generate(
+            prompt_ids, self.sampling, session_id=f"{self.name}:{request.episode_id}"
+        )
+        if generation.finish_reason == "abort":
+            raise RuntimeError("the backend aborted the generation")
+        tokenizer = self.generator.tokenizer
+        ids, logprobs = strip_trailing(
+            list(generation.token_ids),
+            list(generation.logprobs),
+            end_token_ids(tokenizer, self.sampling),
+        )
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.strip():
+            raise ValueError(f"empty reply ({len(generation.token_ids)} tokens, all special)")
+        shared = self.shares_policy_tokenizer
+        return AgentReply(
+            agent=self.name,
+            text=text if shared else text.strip(),
+            token_ids=ids if shared else None,
+            logprobs=logprobs if shared else None,
+            latency_s=time.perf_counter() - start,
+            cached_tokens=generation.cached_tokens,
+            truncated=generation.finish_reason == "length",
+        )
+
+    async def aclose(self) -> None:
+        """The generator belongs to whoever built it (the pool closes what it created)."""
+
+
+class VerifyAgent(LLMAgent):
+    """Checks a claim, step or candidate answer; says whether and where it is wrong."""
+
+    default_template = "verify"
+
+    def __init__(self, generator: Generator, name: str = "verify", **kwargs: Any) -> None:
+        super().__init__(name, generator, kwargs.pop("template", None), **kwargs)
+
+
+class KnowledgeAgent(LLMAgent):
+    """Supplies definitions, theorems, formulas and facts."""
+
+    default_template = "knowledge"
+
+    def __init__(self, generator: Generator, name: str = "knowledge", **kwargs: Any) -> None:
+        super().__init__(name, generator, kwargs.pop("template", None), **kwargs)
+
+
+class ReasoningAgent(LLMAgent):
+    """Gives strategic guidance (a plan, the next step, a way out), never the final answer.
+
+    With ``include_solution=True`` the prompt carries the problem's reference
+    solution when the dataset has one, and the template tells the agent to hint
+    from it rather than reveal it.
+    """
+
+    default_template = "reasoning"
+
+    def __init__(self, generator: Generator, name: str = "reasoning", **kwargs: Any) -> None:
+        super().__init__(name, generator, kwargs.pop("template", None), **kwargs)

@@ -1,0 +1,431 @@
+"""The agent pool: the named agents the policy may consult, behind one call that never raises.
+
+:class:`AgentPool` implements :class:`~agents.base.ConsultService`. Around each
+agent it bounds concurrency with a semaphore, enforces a timeout per attempt,
+retries error replies, caps the reply length in tokens and caches identical
+requests. :meth:`AgentPool.from_config` builds the agents and their generation
+backends from an :class:`AgentPoolConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.base import DEFAULT_AGENT_NAMES, Agent, AgentReply, ConsultRequest
+from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent
+from agents.oracle import OracleVerifyAgent
+from policies.base import Generator, SamplingParams
+from tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+_LLM_AGENT_CLASSES: dict[str, type[LLMAgent]] = {
+    "verify": VerifyAgent,
+    "knowledge": KnowledgeAgent,
+    "reasoning": ReasoningAgent,
+}
+SGLANG_SCHEME = "sglang://"
+
+
+class AgentConfig(BaseModel):
+    """How one agent is built and served."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(
+        default="policy",
+        description=(
+            "Where the agent's model runs: 'policy' shares the policy's generator; 'default' the "
+            "embedded SmolLM2-135M-Instruct; a Hugging Face path or id loads it in-process; "
+            "'sglang://host:port[,host:port]' talks to SGLang servers. Agents naming the same "
+            "backend share one generator."
+        ),
+    )
+    kind: Literal["llm", "oracle"] = Field(
+        default="llm",
+        description="'llm' samples replies from the backend; 'oracle' (verify only) checks the candidate answer with the task's verifier, no model.",
+    )
+    template: str | None = Field(
+        default=None,
+        description="Prompt template: a packaged name (verify, knowledge, reasoning) or a YAML path; None uses the agent's own.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer path or id for an sglang:// backend (the model the servers run); ignored otherwise.",
+    )
+    temperature: float = Field(
+        default=0.7, ge=0.0, description="Sampling temperature of replies; 0 is greedy."
+    )
+    top_p: float = Field(default=0.8, gt=0.0, le=1.0, description="Nucleus mass of replies.")
+    max_reply_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Most tokens a reply may have: sampling stops there and longer replies are cut (truncated=True).",
+    )
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Most seconds one attempt may take, waiting for a concurrency slot included.",
+    )
+    retries: int = Field(
+        default=1, ge=0, description="Extra attempts after an error reply (a timeout included)."
+    )
+    max_concurrency: int = Field(
+        default=8, ge=1, description="Most consults of this agent in flight at once."
+    )
+    include_solution: bool = Field(
+        default=False,
+        description="Show the agent the problem's reference solution when the dataset has one (the reasoning template tells it to hint, not reveal).",
+    )
+    max_transcript_chars: int = Field(
+        default=4000,
+        ge=0,
+        description="Most characters of the policy's reasoning shown to agents whose template uses it (the tail is kept).",
+    )
+
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters of this agent's replies."""
+        return SamplingParams(
+            max_new_tokens=self.max_reply_tokens, temperature=self.temperature, top_p=self.top_p
+        )
+
+
+def _default_agents() -> dict[str, AgentConfig]:
+    return {name: AgentConfig() for name in DEFAULT_AGENT_NAMES}
+
+
+class AgentPoolConfig(BaseModel):
+    """The agents the policy may consult and the pool's shared settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agents: dict[str, AgentConfig] = Field(
+        default_factory=_default_agents,
+        description="Agent name (as written in the consult tag) -> its settings. Defaults: verify, knowledge, reasoning on the policy's backend.",
+    )
+    cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="Most replies kept in the cache of identical requests (agent, question, problem); 0 disables it.",
+    )
+
+
+_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of ``tokenizer``'s vocabulary (every token and its id)."""
+    cached = _FINGERPRINTS.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    digest = hashlib.sha256()
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index}\t{token}\n".encode())
+    fingerprint = digest.hexdigest()
+    _FINGERPRINTS[id(tokenizer)] = (tokenizer, fingerprint)
+    return fingerprint
+
+
+def tokenizers_match(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map the same tokens to the same ids (names are not compared)."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+
+
+def make_backend(spec: str, *, tokenizer: str | None = None) -> Generator:
+    """Build the generator a backend spec names ('default', an HF path/id, 'sglang://...')."""
+    if spec.startswith(SGLANG_SCHEME):
+        hosts = [h.strip() for h in spec[len(SGLANG_SCHEME) :].split(",") if h.strip()]
+        if not hosts:
+            raise ValueError(f"backend {spec!r} names no server; expected sglang://host:port[,...]")
+        if tokenizer is None:
+            raise ValueError(
+                f"backend {spec!r} needs the tokenizer of the served model; set the agent's tokenizer"
+            )
+        from policies.sglang_generator import SGLangGenerator
+
+        return SGLangGenerator([f"http://{h}" for h in hosts], tokenizer)
+    from policies.default_model import resolve_model_path
+    from policies.transformers_generator import TransformersGenerator
+
+    return TransformersGenerator(resolve_model_path(spec))
+
+
+def _error(agent: str, message: str, start: float) -> AgentReply:
+    return AgentReply(agent=agent, error=message, latency_s=time.perf_counter() - start)
+
+
+class AgentPool:
+    """Named agents behind one :meth:`consult` that never raises (a ``ConsultService``).
+
+    ``config.agents`` gives each agent's timeout, retries, concurrency and reply cap;
+    an agent it does not list gets :class:`AgentConfig`'s defaults. ``tokenizer`` is
+    the policy's: it decodes capped token ids and counts tokens of text-only replies.
+    """
+
+    def __init__(
+        self,
+        agents: Mapping[str, Agent],
+        config: AgentPoolConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        owned: Sequence[Generator] = (),
+    ) -> None:
+        if not agents:
+            raise ValueError("an agent pool needs at least one agent; got none")
+        self.config = config or AgentPoolConfig(agents={name: AgentConfig() for name in agents})
+        self._agents = dict(agents)
+        self._settings = {name: self.config.agents.get(name, AgentConfig()) for name in agents}
+        self._semaphores = {
+            name: asyncio.Semaphore(s.max_concurrency) for name, s in self._settings.items()
+        }
+        self._tokenizer = tokenizer
+        self._owned = list(owned)
+        self._cache: OrderedDict[tuple[Any, ...], AgentReply] = OrderedDict()
+        self._closed = False
+
+    @property
+    def names(self) -> Sequence[str]:
+        """The agent names the policy may consult."""
+        return tuple(self._agents)
+
+    @property
+    def agents(self) -> Mapping[str, Agent]:
+        """The agents by name."""
+        return dict(self._agents)
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        """Route ``request`` to its agent; every failure comes back as an error reply."""
+        start = time.perf_counter()
+        try:
+            reply = await self._consult(request, start)
+        except Exception as exc:  # the pool's own bug must not crash a rollout
+            logger.exception("agent pool failed on a consult of %r", request.agent)
+            reply = _error(request.agent, f"agent pool error: {type(exc).__name__}: {exc}", start)
+        return reply.model_copy(update={"latency_s": time.perf_counter() - start})
+
+    async def _consult(self, request: ConsultRequest, start: float) -> AgentReply:
+        agent = self._agents.get(request.agent)
+        if agent is None:
+            return _error(
+                request.agent,
+                f"unknown agent {request.agent!r}; expected one of {', '.join(self._agents)}",
+                start,
+            )
+        if not request.question.strip():
+            return _error(
+                request.agent,
+                f"empty question for agent {request.agent!r}; write the question inside the consult tag",
+                start,
+            )
+        key = self._cache_key(agent, request)
+        cached = self._cache.get(key) if key is not None else None
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached.model_copy(deep=True, update={"cache_hit": True})
+
+        settings = self._settings[request.agent]
+        attempts = settings.retries + 1
+        for attempt in range(1, attempts + 1):
+            reply = await self._attempt(agent, request, settings)
+            if reply.ok:
+                break
+            logger.info(
+                "agent %r attempt %d/%d failed: %s", request.agent, attempt, attempts, reply.error
+            )
+        if not reply.ok:
+            if attempts > 1:
+                reply = reply.model_copy(
+                    update={"error": f"{reply.error} (gave up after {attempts} attempts)"}
+                )
+            return reply
+        reply = self._cap(reply, agent, settings.max_reply_tokens)
+        if key is not None:
+            self._cache[key] = reply
+            while len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
+        return reply
+
+    async def _attempt(
+        self, agent: Agent, request: ConsultRequest, settings: AgentConfig
+    ) -> AgentReply:
+        start = time.perf_counter()
+        semaphore = self._semaphores[request.agent]
+
+        async def bounded() -> AgentReply:
+            async with semaphore:
+                return await agent.consult(request)
+
+        try:
+            reply = await asyncio.wait_for(bounded(), timeout=settings.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(
+                request.agent,
+                f"agent {request.agent!r}: timeout after {float(settings.timeout_s)} s",
+                start,
+            )
+        except Exception as exc:  # an agent that breaks the never-raise contract
+            return _error(
+                request.agent, f"agent {request.agent!r} raised {type(exc).__name__}: {exc}", start
+            )
+        if not isinstance(reply, AgentReply):
+            return _error(
+                request.agent,
+                f"agent {request.agent!r} returned {type(reply).__name__}; expected an AgentReply",
+                start,
+            )
+        if (
+            reply.ok
+            and reply.token_ids is not None
+            and (reply.logprobs is not None and len(reply.logprobs) != len(reply.token_ids))
+        ):
+            return _error(
+                request.agent,
+                f"agent {request.agent!r} returned {len(reply.token_ids)} token ids but "
+                f"{len(reply.logprobs)} log-probs; they must align",
+                start,
+            )
+        return reply
+
+    def _cache_key(self, agent: Agent, request: ConsultRequest) -> tuple[Any, ...] | None:
+        if self.config.cache_size == 0:
+            return None
+        problem = request.problem
+        # An agent whose prompt shows the transcript answers differently for each one.
+        transcript = request.transcript if getattr(agent, "uses_transcript", False) else None
+        return (
+            request.agent,
+            request.question.strip(),
+            (problem.task, problem.id) if problem is not None else None,
+            transcript,
+        )
+
+    def _reply_tokenizer(self, agent: Agent) -> Any:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        generator = getattr(agent, "generator", None)
+        return getattr(generator, "tokenizer", None)
+
+    def _cap(self, reply: AgentReply, agent: Agent, cap: int) -> AgentReply:
+        """Cut ``reply`` to ``cap`` tokens: ids, log-probs and text together."""
+        tokenizer = self._reply_tokenizer(agent)
+        if reply.token_ids is not None:
+            if len(reply.token_ids) <= cap:
+                return reply
+            ids = reply.token_ids[:cap]
+            logprobs = reply.logprobs[:cap] if reply.logprobs is not None else None
+            text = (
+                tokenizer.decode(ids, skip_special_tokens=True)
+                if tokenizer is not None
+                else _cut_words(reply.text, cap)
+            )
+            return reply.model_copy(
+                update={"token_ids": ids, "logprobs": logprobs, "text": text, "truncated": True}
+            )
+        if tokenizer is None:
+            # Without a tokenizer a whitespace word stands in for a token: an
+            # approximation, used only when the pool was built without one.
+            text = _cut_words(reply.text, cap)
+        else:
+            ids = tokenizer(reply.text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= cap:
+                return reply
+            text = tokenizer.decode(ids[:cap], skip_special_tokens=True)
+        if text == reply.text:
+            return reply
+        return reply.model_copy(update={"text": text, "truncated": True})
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AgentPoolConfig,
+        *,
+        policy_generator: Generator | None = None,
+        policy_tokenizer: Any = None,
+        task: Task | None = None,
+    ) -> AgentPool:
+        """Build the agents and their backends.
+
+        Agents naming the same backend share one generator; the pool closes the
+        generators it created (not the policy's). An agent's ids and log-probs are
+        recorded only when its tokenizer has the policy's vocabulary.
+        """
+        if policy_tokenizer is None and policy_generator is not None:
+            policy_tokenizer = policy_generator.tokenizer
+        # Check everything before loading any model, so a bad config wastes no work.
+        for name, settings in config.agents.items():
+            if settings.kind == "oracle" and task is None:
+                raise ValueError(f"agent {name!r} is an oracle and needs the task; pass task=")
+            if settings.kind == "llm" and settings.backend == "policy" and policy_generator is None:
+                raise ValueError(
+                    f"agent {name!r} uses backend 'policy' but no policy_generator was given"
+                )
+        backends: dict[str, Generator] = {}
+        owned: list[Generator] = []
+        agents: dict[str, Agent] = {}
+        for name, settings in config.agents.items():
+            if settings.kind == "oracle":
+                assert task is not None
+                agents[name] = OracleVerifyAgent(task, name=name)
+                continue
+            generator = backends.get(settings.backend)
+            if generator is None:
+                if settings.backend == "policy":
+                    assert policy_generator is not None
+                    generator = policy_generator
+                else:
+                    generator = make_backend(settings.backend, tokenizer=settings.tokenizer)
+                    owned.append(generator)
+                backends[settings.backend] = generator
+            shares = tokenizers_match(generator.tokenizer, policy_tokenizer)
+            options: dict[str, Any] = {
+                "template": settings.template,
+                "sampling": settings.sampling(),
+                "shares_policy_tokenizer": shares,
+                "include_solution": settings.include_solution,
+                "max_transcript_chars": settings.max_transcript_chars,
+            }
+            agent_class = _LLM_AGENT_CLASSES.get(name)
+            if agent_class is not None:
+                agents[name] = agent_class(generator, name=name, **options)
+            else:
+                agents[name] = LLMAgent(name, generator, options.pop("template") or name, **options)
+        return cls(agents, config, tokenizer=policy_tokenizer, owned=owned)
+
+    async def aclose(self) -> None:
+        """Close the agents and the generators this pool created (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for agent in self._agents.values():
+            try:
+                await agent.aclose()
+            except Exception as exc:
+                logger.warning("closing agent %r failed: %s", agent.name, exc)
+        for generator in self._owned:
+            try:
+                await generator.aclose()
+            except Exception as exc:
+                logger.warning("closing an agent backend failed: %s", exc)
+
+    async def __aenter__(self) -> AgentPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _cut_words(text: str, cap: int) -> str:
+    words = text.split()
+    return text if len(words) <= cap else " ".join(words[:cap])

@@ -1,0 +1,1 @@
+"""Prompt templates of the collaborative agents (package data, read with importlib.resources)."""
