@@ -1,0 +1,273 @@
+"""Resumable checkpoints: ``run_dir/checkpoints/step_XXXXXX/`` plus a ``latest`` pointer.
+
+A checkpoint directory is a loadable Hugging Face model directory (safetensors weights,
+config, tokenizer) with the trainer's state beside it:
+
+    step_000100/
+        model.safetensors, config.json, tokenizer files   (AutoModelForCausalLM.from_pretrained works)
+        optimizer.pt       optimizer state_dict
+        scheduler.pt       LR scheduler state_dict
+        rng.pt             python, numpy, torch CPU and CUDA generator states
+        trainer_state.json step, data position (whatever JSON the trainer passes), run config
+
+Saving is atomic: everything is written to ``checkpoints/.tmp-step_XXXXXX-<pid>/`` and
+renamed into place, and the ``latest`` pointer is replaced (also by rename) only after
+that. A process killed mid-save leaves the previous checkpoint and pointer intact; the
+leftover temporary directory is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass
+class CheckpointState:
+    """A saved checkpoint as read back by :func:`load_latest`."""
+
+    path: Path  #: the step directory (a loadable HF model directory)
+    step: int  #: trainer step at which it was saved
+    data_position: dict[str, Any]  #: what the trainer passed to save (epoch, sampler state, ...)
+    config: dict[str, Any] | None  #: the run config, as JSON
+
+
+def step_dir_name(step: int) -> str:
+    """``step_000042`` for step 42."""
+    return f"step_{step:06d}"
+
+
+def should_save(step: int, every: int) -> bool:
+    """Whether to checkpoint after ``step`` (1-based count of completed steps) when saving every ``every``."""
+    return every > 0 and step > 0 and step % every == 0
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of every random generator the trainer draws from."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def apply_rng_state(state: dict[str, Any]) -> None:
+    """Put every random generator back in the state :func:`capture_rng_state` recorded."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_json(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    return dict(config)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _STEP_DIR.match(child.name)
+            if match and child.is_dir() and (child / TRAINER_STATE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    tokenizer: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    data_position: dict[str, Any] | None = None,
+    config: Any = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the last ``keep_last``.
+
+    Args:
+        run_dir: the run directory; checkpoints go to ``run_dir/checkpoints/``.
+        step: the trainer step just completed.
+        model: a Hugging Face model (saved with ``save_pretrained``, safetensors).
+        tokenizer: saved beside the model so the directory loads on its own.
+        optimizer, scheduler: their ``state_dict``s are saved when given.
+        data_position: JSON-serialisable position in the data (epoch, sampler state, ...).
+        config: the run config (pydantic model or dict), saved as JSON.
+        keep_last: how many step directories to keep (oldest removed first; >= 1).
+
+    Returns:
+        The final step directory.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+
+    name = step_dir_name(step)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(capture_rng_state(), tmp / "rng.pt")
+        # Written last: a step directory with trainer_state.json is complete.
+        (tmp / TRAINER_STATE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "data_position": data_position or {},
+                    "config": _config_json(config),
+                },
+                indent=2,
+            )
+        )
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it
+            trash = root / f".tmp-{name}-old-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(root / LATEST, name + "\n")
+
+    for old_step, old_dir in _step_dirs(root)[:-keep_last]:
+        if old_dir != final:
+            shutil.rmtree(old_dir, ignore_errors=True)
+            logger.debug("removed old checkpoint step %d", old_step)
+    return final
+
+
+def load_latest(run_dir: str | Path) -> CheckpointState | None:
+    """The checkpoint ``latest`` points to, or the newest complete one, or ``None`` if there is none."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    path: Path | None = None
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / TRAINER_STATE).is_file():
+            path = candidate
+        else:
+            logger.warning(
+                "%s points to missing %s; using the newest checkpoint", pointer, candidate
+            )
+    if path is None:
+        complete = _step_dirs(root)
+        if not complete:
+            return None
+        path = complete[-1][1]
+    meta = json.loads((path / TRAINER_STATE).read_text())
+    return CheckpointState(
+        path=path,
+        step=int(meta["step"]),
+        data_position=meta.get("data_position") or {},
+        config=meta.get("config"),
+    )
+
+
+def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Load the safetensors weights of ``checkpoint_dir`` into ``model`` in place.
+
+    Keys absent from the files must be weights tied to a saved one (e.g. ``lm_head``
+    tied to the embeddings), which ``save_pretrained`` writes once.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(checkpoint_dir)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{directory} has weights the model lacks: {result.unexpected_keys[:5]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [
+        k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded_ptrs
+    ]
+    if untied:
+        raise ValueError(f"{directory} lacks weights for {untied[:5]}")
+
+
+def restore(
+    state: CheckpointState,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint's weights, optimizer, scheduler and RNG states in place.
+
+    Build the model, optimizer and scheduler exactly as for a fresh run, then call this
+    (or load the model with ``from_pretrained(state.path)`` and pass ``model=None``).
+    Returns the saved data position, for the trainer to continue from.
+    """
+    if model is not None:
+        load_model_weights(model, state.path)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(state.path / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(state.path / "scheduler.pt", weights_only=True))
+    if restore_rng:
+        apply_rng_state(torch.load(state.path / "rng.pt", weights_only=True))
+    return dict(state.data_position)

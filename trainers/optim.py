@@ -1,0 +1,108 @@
+"""The optimizer and learning-rate schedule: AdamW, linear warmup, then constant or cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class OptimConfig(BaseModel):
+    """AdamW and its learning-rate schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(
+        1e-6,
+        gt=0.0,
+        le=1.0,
+        description="Peak learning rate, reached at the end of warmup (default 1e-6, usual for RL on LLMs).",
+    )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps of linear warmup: step i (0-based) uses lr * (i + 1) / warmup_steps. 0: no warmup.",
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After warmup: 'constant' keeps lr; 'cosine' decays it to lr * min_lr_ratio at total_steps.",
+    )
+    total_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps of the whole run; required by the cosine schedule, ignored by constant.",
+    )
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Floor of the cosine schedule as a fraction of lr (default 0: decays to zero).",
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="AdamW decoupled weight decay; not applied to biases and normalisation weights.",
+    )
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW moment decay rates (beta1, beta2), each in [0, 1)."
+    )
+    eps: float = Field(
+        1e-8, gt=0.0, le=1e-2, description="AdamW denominator epsilon (numerical stability)."
+    )
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0.0,
+        description="Clip the global gradient norm to this before each step; null: no clipping.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        for name, beta in zip(("beta1", "beta2"), self.betas, strict=True):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas: {name}={beta} is out of range; expected 0 <= beta < 1")
+        if self.schedule == "cosine" and self.total_steps is None:
+            raise ValueError("schedule 'cosine' needs total_steps (the run's optimizer steps)")
+        return self
+
+
+def lr_multiplier(step: int, cfg: OptimConfig) -> float:
+    """The factor applied to ``cfg.lr`` for 0-based optimizer step ``step``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    assert cfg.total_steps is not None  # checked by OptimConfig
+    span = max(1, cfg.total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    # Biases and norm scales (1-D) are not decayed: decay would pull norms towards zero.
+    return param.ndim >= 2 and not name.endswith(".bias")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters, with weight decay only on matrices."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if _decays(name, param) else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` following :func:`lr_multiplier`; call ``.step()`` after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))

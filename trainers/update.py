@@ -1,0 +1,350 @@
+"""One policy update: PPO epochs over shuffled minibatches with gradient accumulation.
+
+The algorithm box (:func:`ppo_update`)::
+
+    for epoch in 1..ppo_epochs:
+        shuffle the B rows (seeded)
+        for each minibatch of `minibatch_size` rows:
+            for each micro-batch of `micro_batch_size` rows:
+                logp, H = token_logprobs(model, micro)              # aligned with input_ids
+                loss_micro = loss_fn(logp, old_logp, A, masks, ...)
+                backward(loss_micro * weight(micro))               # accumulate
+            if loss or grad-norm is not finite: drop the gradient, dump the minibatch
+            else: clip grad-norm, optimizer.step(), scheduler.step()
+
+Gradient accumulation is exact. A micro-batch's loss is scaled by its share of the
+minibatch, so the accumulated gradient equals the gradient of the loss computed on
+the whole minibatch at once:
+
+- ``accumulation="tokens"`` (for token-mean aggregation, DAPO): the share is
+  ``micro trained tokens / minibatch trained tokens`` (trained = ``loss_mask`` sum).
+  Since ``mean over minibatch tokens = sum_micro (n_micro / n_mini) * mean over micro tokens``,
+  the sum of the scaled micro losses is the minibatch token-mean loss.
+- ``accumulation="rows"`` (for sequence-mean-token-mean, GRPO, or a per-row normalised
+  sum, Dr.GRPO): the share is ``micro rows / minibatch rows``.
+
+All tensors stay aligned with ``input_ids`` (``[B, T]``, position ``t`` describes token
+``t``); the one-token shift is done once, inside :func:`trainers.logprobs.token_logprobs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from trainers.logprobs import token_logprobs
+
+logger = logging.getLogger(__name__)
+
+#: ``loss_fn(**tensors) -> (scalar loss, metrics)``; the signature of ``trainers.losses.AIPOLoss``.
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class UpdateBatch:
+    """The aligned ``[B, T]`` tensors one policy update trains on.
+
+    Every per-token tensor is aligned with ``input_ids`` (not shifted), as in
+    :class:`aipo_env.batch.TrajectoryBatch`.
+    """
+
+    input_ids: torch.Tensor  #: [B, T] long
+    attention_mask: torch.Tensor  #: [B, T]; 1 on real tokens
+    loss_mask: torch.Tensor  #: [B, T] float; 1 where the loss applies
+    agent_mask: torch.Tensor  #: [B, T] bool; True on agent-produced tokens
+    behavior_logprobs: torch.Tensor  #: [B, T] float; NaN where unknown
+    advantages: torch.Tensor  #: [B] or [B, T] float
+    old_logprobs: torch.Tensor  #: [B, T] float; current policy before this update (no grad)
+    ref_logprobs: torch.Tensor | None = None  #: [B, T] float; reference model, for a KL term
+    rewards: torch.Tensor | None = None  #: [B] float; only used in non-finite dumps
+
+    @classmethod
+    def from_trajectory_batch(
+        cls,
+        batch,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None = None,
+    ) -> UpdateBatch:
+        """Take the aligned tensors of a :class:`aipo_env.batch.TrajectoryBatch`."""
+        return cls(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            loss_mask=batch.loss_mask,
+            agent_mask=batch.agent_mask,
+            behavior_logprobs=batch.behavior_logprobs,
+            advantages=advantages,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            rewards=batch.rewards,
+        )
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids.shape)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in ("advantages", "rewards"):
+                continue
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"UpdateBatch.{f.name} has shape {tuple(value.shape)}; expected {shape} "
+                    "(aligned with input_ids)"
+                )
+        if self.advantages.shape[0] != shape[0]:
+            raise ValueError(
+                f"advantages has {self.advantages.shape[0]} rows; expected {shape[0]} ([B] or [B, T])"
+            )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: torch.Tensor) -> UpdateBatch:
+        """The rows ``rows`` (an index tensor) of every tensor."""
+        picked = {
+            f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[rows])
+            for f in fields(self)
+        }
+        return replace(self, **picked)
+
+    def trained_tokens(self) -> float:
+        """Number of tokens the loss applies to (the ``loss_mask`` sum)."""
+        return float(self.loss_mask.sum())
+
+
+@dataclass
+class UpdateStats:
+    """What one :func:`ppo_update` did, averaged over its optimizer steps."""
+
+    loss: float = float("nan")  #: mean minibatch loss over applied optimizer steps
+    grad_norm: float = float("nan")  #: mean pre-clip gradient norm over applied steps
+    lr: float = float("nan")  #: learning rate of the last applied step
+    optimizer_steps: int = 0  #: optimizer steps applied
+    skipped_steps: int = 0  #: steps dropped because the loss or gradient norm was not finite
+    empty_minibatches: int = 0  #: minibatches without a trained token (nothing to step)
+    dumps: list[str] = field(default_factory=list)  #: files written for non-finite steps
+    loss_metrics: dict[str, float] = field(default_factory=dict)  #: loss_fn metrics, averaged
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat scalar metrics for a logger (``prefix`` prepended to every name)."""
+        flat = {k: v for k, v in asdict(self).items() if k not in ("dumps", "loss_metrics")}
+        flat.update(self.loss_metrics)
+        return {f"{prefix}{k}": float(v) for k, v in flat.items()}
+
+
+@torch.no_grad()
+def compute_old_logprobs(
+    model: nn.Module, batch, micro_batch_size: int, *, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Log-probs of ``batch.input_ids`` under ``model`` without gradient, ``[B, T]`` float32.
+
+    Works for the policy (old log-probs) and for a frozen reference model (KL term).
+    ``batch`` needs ``input_ids`` and ``attention_mask`` (a ``TrajectoryBatch`` or an
+    :class:`UpdateBatch`). The model's train/eval mode is restored afterwards.
+    """
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        parts = []
+        for start in range(0, batch.input_ids.shape[0], micro_batch_size):
+            ids = batch.input_ids[start : start + micro_batch_size]
+            mask = batch.attention_mask[start : start + micro_batch_size]
+            logprobs, _ = token_logprobs(model, ids, mask, chunk_size=chunk_size)
+            parts.append(logprobs)
+        return torch.cat(parts, dim=0)
+    finally:
+        model.train(was_training)
+
+
+def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, rows.numel(), size):
+        yield rows[start : start + size]
+
+
+def _dump_nonfinite(
+    dump_dir: Path, name: str, batch: UpdateBatch, reason: str, loss: float, grad_norm: float
+) -> Path:
+    """Write the offending minibatch (ids, masks, rewards, ...) for later inspection."""
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    path = dump_dir / f"{name}.pt"
+    tensors = {
+        f.name: getattr(batch, f.name).detach().cpu()
+        for f in fields(batch)
+        if getattr(batch, f.name) is not None
+    }
+    torch.save({"reason": reason, "loss": loss, "grad_norm": grad_norm, **tensors}, path)
+    (dump_dir / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "reason": reason,
+                "loss": None if not math.isfinite(loss) else loss,
+                "grad_norm": None if not math.isfinite(grad_norm) else grad_norm,
+                "tensors": str(path.name),
+            }
+        )
+    )
+    return path
+
+
+def ppo_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    batch: UpdateBatch,
+    loss_fn: LossFn,
+    *,
+    ppo_epochs: int,
+    minibatch_size: int,
+    micro_batch_size: int,
+    max_grad_norm: float | None,
+    seed: int = 0,
+    accumulation: Literal["tokens", "rows"] = "tokens",
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    dump_dir: str | Path | None = None,
+    update_index: int = 0,
+) -> UpdateStats:
+    """Run ``ppo_epochs`` passes of minibatch SGD on ``batch``; return averaged stats.
+
+    Args:
+        model: the policy; put in train mode for the update.
+        optimizer: steps once per minibatch.
+        scheduler: steps after each applied optimizer step (``None``: no schedule).
+        batch: aligned tensors (see :class:`UpdateBatch`).
+        loss_fn: called as ``loss_fn(logprobs=, old_logprobs=, advantages=, loss_mask=,
+            agent_mask=, behavior_logprobs=, ref_logprobs=, entropy=)`` on a micro-batch;
+            returns ``(scalar loss, metrics dict)``.
+        ppo_epochs: passes over the batch.
+        minibatch_size: rows per optimizer step (the last minibatch may be smaller).
+        micro_batch_size: rows per forward/backward; gradients accumulate over a minibatch.
+        max_grad_norm: clip the gradient norm to this (``None``: measure, do not clip).
+        seed: seeds the row shuffle; derive it from the run seed and the update index so
+            a resumed run shuffles exactly as an uninterrupted one.
+        accumulation: how micro losses are weighted (module docstring): ``"tokens"``
+            for token-mean losses, ``"rows"`` for per-sequence-mean losses.
+        with_entropy: compute per-token entropy and pass it to ``loss_fn``.
+        chunk_size: see :func:`trainers.logprobs.token_logprobs`.
+        dump_dir: where a minibatch with a non-finite loss or gradient norm is saved
+            (``None``: not saved, only logged and counted).
+        update_index: names dump files (``nonfinite_u{update}_e{epoch}_m{minibatch}``).
+
+    A non-finite loss or gradient norm never reaches the weights: the gradient is
+    dropped, neither the optimizer nor the scheduler steps, and the event is counted in
+    ``UpdateStats.skipped_steps``.
+    """
+    if ppo_epochs < 1 or minibatch_size < 1 or micro_batch_size < 1:
+        raise ValueError(
+            f"ppo_epochs={ppo_epochs}, minibatch_size={minibatch_size}, "
+            f"micro_batch_size={micro_batch_size}; expected all >= 1"
+        )
+    if accumulation not in ("tokens", "rows"):
+        raise ValueError(f"unknown accumulation {accumulation!r}; expected 'tokens' or 'rows'")
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(int(seed))
+    clip_to = float("inf") if max_grad_norm is None else float(max_grad_norm)
+    stats = UpdateStats()
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    metric_sums: dict[str, float] = defaultdict(float)
+    metric_counts: dict[str, int] = defaultdict(int)
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for epoch in range(ppo_epochs):
+        order = torch.randperm(len(batch), generator=generator).to(batch.input_ids.device)
+        for mb_index, mb_rows in enumerate(_chunks(order, minibatch_size)):
+            minibatch = batch.select(mb_rows)
+            mb_tokens = minibatch.trained_tokens()
+            if mb_tokens == 0:
+                stats.empty_minibatches += 1
+                continue
+            mb_loss = 0.0
+            mb_metrics: dict[str, float] = defaultdict(float)
+            finite = True
+            reason = ""
+            for micro_rows in _chunks(torch.arange(len(minibatch)), micro_batch_size):
+                micro = minibatch.select(micro_rows.to(batch.input_ids.device))
+                micro_tokens = micro.trained_tokens()
+                if accumulation == "tokens":
+                    if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
+                        continue
+                    weight = micro_tokens / mb_tokens
+                else:
+                    weight = len(micro) / len(minibatch)
+                logprobs, entropy = token_logprobs(
+                    model,
+                    micro.input_ids,
+                    micro.attention_mask,
+                    with_entropy=with_entropy,
+                    chunk_size=chunk_size,
+                )
+                loss, metrics = loss_fn(
+                    logprobs=logprobs,
+                    old_logprobs=micro.old_logprobs,
+                    advantages=micro.advantages,
+                    loss_mask=micro.loss_mask,
+                    agent_mask=micro.agent_mask,
+                    behavior_logprobs=micro.behavior_logprobs,
+                    ref_logprobs=micro.ref_logprobs,
+                    entropy=entropy,
+                )
+                if not torch.isfinite(loss.detach()).all():
+                    finite, reason = False, "loss"
+                    mb_loss = float(loss.detach())
+                    break
+                (loss * weight).backward()
+                mb_loss += float(loss.detach()) * weight
+                for key, value in metrics.items():
+                    mb_metrics[key] += float(value) * weight
+
+            grad_norm = float("nan")
+            if finite:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_to))
+                finite = math.isfinite(grad_norm)
+                reason = "" if finite else "grad_norm"
+            if not finite:
+                # Drop the gradient: the optimizer (and its moment estimates) never see it.
+                optimizer.zero_grad(set_to_none=True)
+                stats.skipped_steps += 1
+                name = f"nonfinite_u{update_index:06d}_e{epoch}_m{mb_index}"
+                logger.warning(
+                    "skipped optimizer step %s: non-finite %s (loss=%s, grad_norm=%s)",
+                    name,
+                    reason,
+                    mb_loss,
+                    grad_norm,
+                )
+                if dump_dir is not None:
+                    path = _dump_nonfinite(
+                        Path(dump_dir), name, minibatch, reason, mb_loss, grad_norm
+                    )
+                    stats.dumps.append(str(path))
+                continue
+
+            stats.lr = float(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.optimizer_steps += 1
+            losses.append(mb_loss)
+            grad_norms.append(grad_norm)
+            for key, value in mb_metrics.items():
+                metric_sums[key] += value
+                metric_counts[key] += 1
+
+    if losses:
+        stats.loss = sum(losses) / len(losses)
+        stats.grad_norm = sum(grad_norms) / len(grad_norms)
+    stats.loss_metrics = {k: metric_sums[k] / metric_counts[k] for k in metric_sums}
+    return stats
