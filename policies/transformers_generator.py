@@ -1,0 +1,548 @@
+"""The embedded generator: a transformers causal LM in this process, CPU or one GPU.
+
+Concurrent ``generate`` calls are gathered by one background thread that runs a
+token-by-token decode loop over all admitted rows at once (continuous batching: new
+requests join between decode steps, finished rows leave). Each row's prompt is
+prefilled on its own, starting from the longest cached prefix it extends (its
+session's last sequence or a registered static prefix); the rows' keys/values are
+then left-padded to a common length for the batched decode, so no padding token
+ever runs through the model.
+
+Log-probs are those of the sampled tokens under the model's own distribution:
+``log_softmax`` of the raw logits, at temperature 1 whatever temperature the row
+samples at. That is the behaviour probability the trainer's importance ratio needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from policies.base import Generation, GenerationError, Generator, SamplingParams
+from policies.prefix_cache import KV, PrefixCache
+from policies.sampling import StopChecker, row_generator, sample_token
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratorStats:
+    """Counters of the work done, for tests and benchmarks."""
+
+    requests: int = 0
+    prefill_forwards: int = 0
+    decode_forwards: int = 0
+    max_batch_rows: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    params: SamplingParams
+    max_new: int
+    session_id: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Generation]
+    cancelled: bool = False
+
+
+@dataclass
+class _Row:
+    req: _Request
+    stop: StopChecker
+    gen: torch.Generator | None
+    epoch: int
+    cached_tokens: int
+    length: int  # tokens whose keys/values are computed
+    logits: torch.Tensor | None = None
+    kv: KV | None = None  # the prefill's keys/values until merged into the batch
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+def _deliver(req: _Request, result: Generation | BaseException) -> None:
+    """Hand a result to the awaiting coroutine from the worker thread."""
+
+    def _set() -> None:
+        if req.future.done():
+            return
+        if isinstance(result, BaseException):
+            req.future.set_exception(result)
+        else:
+            req.future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+        req.loop.call_soon_threadsafe(_set)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[2] = n
+    return torch.cat([t.new_zeros(shape), t], dim=2)
+
+
+class TransformersGenerator(Generator):
+    """Batched generation with a transformers causal LM, sharing its module with a trainer.
+
+    The trainer that updates ``model``'s weights in place should wrap the update in
+    ``async with generator.paused():`` (or the blocking ``pause()``/``resume()``),
+    which lets the rows in flight finish and holds new ones back, then call
+    ``weights_updated(version)`` so cached prefixes computed with the old weights are
+    dropped. ``weights_lock`` is held during every forward pass, for callers that only
+    need a forward never to see half-updated weights.
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        max_context_cap: int = 8192,
+        seed: int = 0,
+        max_cached_sessions: int = 64,
+        max_cached_tokens: int = 65536,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from policies.default_model import resolve_model_path
+
+        path = resolve_model_path(model)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev)
+        lm.eval()
+        self._setup(
+            lm,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            max_context_cap=max_context_cap,
+            seed=seed,
+            max_cached_sessions=max_cached_sessions,
+            max_cached_tokens=max_cached_tokens,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        max_context_cap: int = 8192,
+        seed: int = 0,
+        max_cached_sessions: int = 64,
+        max_cached_tokens: int = 65536,
+    ) -> TransformersGenerator:
+        """Serve an already-loaded ``model`` (the trainer's module, shared, not copied)."""
+        self = cls.__new__(cls)
+        self._setup(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            max_context_cap=max_context_cap,
+            seed=seed,
+            max_cached_sessions=max_cached_sessions,
+            max_cached_tokens=max_cached_tokens,
+        )
+        return self
+
+    def _setup(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int,
+        max_context: int | None,
+        max_context_cap: int,
+        seed: int,
+        max_cached_sessions: int,
+        max_cached_tokens: int,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1; got {max_batch_size}")
+        self.model = model
+        self._tokenizer = tokenizer
+        config = model.config
+        model_max = int(getattr(config, "max_position_embeddings", 0) or max_context_cap)
+        if max_context is None:
+            max_context = min(model_max, max_context_cap)
+        elif max_context > model_max or max_context < 2:
+            raise ValueError(
+                f"max_context={max_context} must lie in [2, {model_max}] "
+                "(the model's max_position_embeddings)"
+            )
+        self._max_context = int(max_context)
+        self.max_batch_size = max_batch_size
+        eos: set[int] = set()
+        for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, (list, tuple)):
+                eos.update(int(t) for t in source)
+        gen_config = getattr(model, "generation_config", None)
+        gen_eos = getattr(gen_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            eos.update(int(t) for t in gen_eos)
+        self.eos_token_ids = sorted(eos)
+        self.prefix_cache = PrefixCache(
+            max_sessions=max_cached_sessions, max_tokens=max_cached_tokens
+        )
+        self.stats = GeneratorStats()
+        self.weights_version: int | str = 0
+        #: Held during every forward pass; take it to change weights between two steps.
+        self.weights_lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._active = 0
+        self._pauses = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- Generator protocol -------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer whose ids the model consumes."""
+        return self._tokenizer
+
+    @property
+    def max_context(self) -> int:
+        """Most tokens one sequence may hold (prompt plus generated)."""
+        return self._max_context
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's parameters live on."""
+        return next(self.model.parameters()).device
+
+    async def generate(
+        self,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        session_id: str | None = None,
+    ) -> Generation:
+        """Queue one request for the batching worker and await its generation."""
+        self.check_context(input_ids)
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise ValueError("input_ids is empty; expected at least one prompt token")
+        loop = asyncio.get_running_loop()
+        req = _Request(
+            ids=ids,
+            params=params,
+            max_new=min(params.max_new_tokens, self._max_context - len(ids)),
+            session_id=session_id,
+            loop=loop,
+            future=loop.create_future(),
+        )
+        with self._cond:
+            if self._stopping:
+                raise GenerationError("the generator is closed; create a new one")
+            self._queue.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="transformers-generator", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            req.cancelled = True
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the worker; queued and running requests fail with GenerationError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    # -- cache and weight management ------------------------------------------
+
+    def register_prefix(self, ids: Sequence[int]) -> None:
+        """Keep the keys/values of a static prefix (an agent's fixed prompt) for reuse."""
+        self.prefix_cache.register_static(ids)
+
+    def weights_updated(self, version: int | str | None = None) -> None:
+        """Record new weights: drop every cached prefix computed with the old ones."""
+        self.prefix_cache.invalidate()
+        if version is None:
+            version = self.weights_version + 1 if isinstance(self.weights_version, int) else 0
+        self.weights_version = version
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests queued and not yet admitted to the decode batch."""
+        with self._cond:
+            return len(self._queue)
+
+    def pause(self) -> None:
+        """Block until no row is decoding, and admit none until :meth:`resume` (blocking)."""
+        with self._cond:
+            self._pauses += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._active == 0 or self._stopping)
+
+    def resume(self) -> None:
+        """Undo one :meth:`pause`."""
+        with self._cond:
+            if self._pauses == 0:
+                raise RuntimeError("resume() without a matching pause()")
+            self._pauses -= 1
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """``async with generator.paused():`` update weights with no generation in flight."""
+        await asyncio.to_thread(self.pause)
+        try:
+            yield
+        finally:
+            self.resume()
+
+    # -- the worker ----------------------------------------------------------
+
+    def _run(self) -> None:
+        rows: list[_Row] = []
+        kv: KV = []
+        mask = torch.zeros(0, 0, dtype=torch.long)
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda busy=bool(rows): (
+                        self._stopping or busy or (bool(self._queue) and not self._pauses)
+                    )
+                )
+                if self._stopping:
+                    failed = [r.req for r in rows] + list(self._queue)
+                    self._queue.clear()
+                    break
+                admitted: list[_Request] = []
+                while (
+                    self._queue
+                    and not self._pauses
+                    and len(rows) + len(admitted) < self.max_batch_size
+                ):
+                    admitted.append(self._queue.popleft())
+                self._active += len(admitted)
+            try:
+                with torch.inference_mode():
+                    new_rows = [self._prefill(req) for req in admitted]
+                    rows, kv, mask = self._merge(rows, kv, mask, new_rows)
+                    finished = self._sample(rows)
+                    if finished:
+                        rows, kv, mask = self._drop(rows, kv, mask, finished)
+                    if rows:
+                        kv, mask = self._decode(rows, kv, mask)
+            except Exception as exc:  # a failed forward fails its rows, not the worker
+                logger.exception("generation step failed")
+                error = GenerationError(f"embedded generation failed: {exc!r}")
+                batch_reqs = {id(r.req) for r in rows}
+                for req in [r.req for r in rows] + [q for q in admitted if id(q) not in batch_reqs]:
+                    _deliver(req, error)
+                finished_count = len(rows) + len([q for q in admitted if id(q) not in batch_reqs])
+                rows, kv, mask = [], [], torch.zeros(0, 0, dtype=torch.long)
+                with self._cond:
+                    self._active -= finished_count
+                    self._cond.notify_all()
+        for req in failed:
+            _deliver(req, GenerationError("the generator was closed before this request finished"))
+        with self._cond:
+            self._active = 0
+            self._cond.notify_all()
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, past: KV, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KV]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(past):
+            cache.update(k, v, layer)
+        with self.weights_lock:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        new_cache = out.past_key_values
+        return out.logits[:, -1].float(), [(lay.keys, lay.values) for lay in new_cache.layers]
+
+    def _ensure_static_prefixes(self) -> None:
+        device = self.device
+        for ids in self.prefix_cache.static_missing_kv():
+            epoch = self.prefix_cache.epoch
+            tokens = torch.tensor([ids], device=device)
+            positions = torch.arange(len(ids), device=device)[None]
+            _, kv = self._forward(tokens, positions, [], None)
+            self.stats.prefill_forwards += 1
+            self.prefix_cache.set_static_kv(ids, kv, epoch)
+
+    def _prefill(self, req: _Request) -> _Row:
+        self._ensure_static_prefixes()
+        epoch = self.prefix_cache.epoch
+        cached, entry = self.prefix_cache.lookup(req.ids, req.session_id)
+        past = entry.sliced(cached) if entry is not None else []
+        device = self.device
+        suffix = torch.tensor([req.ids[cached:]], device=device)
+        positions = torch.arange(cached, len(req.ids), device=device)[None]
+        logits, kv = self._forward(suffix, positions, past, None)
+        self.stats.prefill_forwards += 1
+        self.stats.requests += 1
+        self.stats.cached_tokens += cached
+        seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
+        gen = row_generator(seed, logits.device) if req.params.temperature > 0 else None
+        row = _Row(
+            req=req,
+            stop=StopChecker(req.params, self.eos_token_ids, self._tokenizer),
+            gen=gen,
+            epoch=epoch,
+            cached_tokens=cached,
+            length=len(req.ids),
+            logits=logits[0],
+            kv=kv,
+        )
+        return row
+
+    def _merge(
+        self, rows: list[_Row], kv: KV, mask: torch.Tensor, new_rows: list[_Row]
+    ) -> tuple[list[_Row], KV, torch.Tensor]:
+        if not new_rows:
+            return rows, kv, mask
+        width = max([mask.shape[1]] + [r.length for r in new_rows])
+        device = self.device
+        parts_kv: list[KV] = []
+        parts_mask: list[torch.Tensor] = []
+        if rows:
+            pad = width - mask.shape[1]
+            parts_kv.append([(_pad_left(k, pad), _pad_left(v, pad)) for k, v in kv])
+            parts_mask.append(torch.cat([mask.new_zeros(len(rows), pad), mask], dim=1))
+        for row in new_rows:
+            row_kv, row.kv = row.kv or [], None
+            pad = width - row.length
+            parts_kv.append([(_pad_left(k, pad), _pad_left(v, pad)) for k, v in row_kv])
+            m = torch.zeros(1, width, dtype=torch.long, device=device)
+            m[:, pad:] = 1
+            parts_mask.append(m)
+        layers = len(parts_kv[0])
+        merged = [
+            (
+                torch.cat([p[layer][0] for p in parts_kv], dim=0),
+                torch.cat([p[layer][1] for p in parts_kv], dim=0),
+            )
+            for layer in range(layers)
+        ]
+        rows = rows + new_rows
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(rows))
+        return rows, merged, torch.cat(parts_mask, dim=0)
+
+    def _sample(self, rows: list[_Row]) -> list[int]:
+        """Sample each row's next token; return the indices of rows that are done."""
+        logits = torch.stack([r.logits for r in rows])  # type: ignore[misc]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        finished: list[int] = []
+        for i, row in enumerate(rows):
+            if row.req.cancelled:
+                finished.append(i)
+                continue
+            token = sample_token(logits[i], row.req.params, row.gen)
+            row.out.append(token)
+            row.logprobs.append(float(logprobs[i, token]))
+            match = row.stop.check(row.out)
+            if match is not None:
+                self._finish(row, "stop", match)
+                finished.append(i)
+            elif len(row.out) >= row.req.max_new:
+                self._finish(row, "length", None)
+                finished.append(i)
+        return finished
+
+    def _finish(self, row: _Row, reason: str, match: str | int | None) -> None:
+        generation = Generation(
+            token_ids=row.out,
+            logprobs=row.logprobs,
+            finish_reason=reason,  # type: ignore[arg-type]
+            stop_match=match,
+            prompt_tokens=len(row.req.ids),
+            cached_tokens=row.cached_tokens,
+        )
+        _deliver(row.req, generation)
+
+    def _drop(
+        self, rows: list[_Row], kv: KV, mask: torch.Tensor, finished: list[int]
+    ) -> tuple[list[_Row], KV, torch.Tensor]:
+        done = set(finished)
+        width = mask.shape[1]
+        for i in finished:
+            row = rows[i]
+            if row.req.session_id is not None and not row.req.cancelled:
+                # Keys/values exist for every token but the last sampled one.
+                ids = (row.req.ids + row.out)[: row.length]
+                row_kv = [
+                    (
+                        k[i : i + 1, :, width - row.length :].clone(),
+                        v[i : i + 1, :, width - row.length :].clone(),
+                    )
+                    for k, v in kv
+                ]
+                self.prefix_cache.store_session(row.req.session_id, ids, row_kv, row.epoch)
+        keep = [i for i in range(len(rows)) if i not in done]
+        with self._cond:
+            self._active -= len(done)
+            self._cond.notify_all()
+        if not keep:
+            return [], [], mask.new_zeros(0, 0)
+        index = torch.tensor(keep, device=mask.device)
+        mask = mask.index_select(0, index)
+        # Trim the columns that are padding in every remaining row.
+        start = width - max(rows[i].length for i in keep)
+        mask = mask[:, start:]
+        kv = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in kv
+        ]
+        return [rows[i] for i in keep], kv, mask
+
+    def _decode(self, rows: list[_Row], kv: KV, mask: torch.Tensor) -> tuple[KV, torch.Tensor]:
+        device = self.device
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=device)
+        positions = torch.tensor([[r.length] for r in rows], device=device)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        logits, kv = self._forward(ids, positions, kv, mask)
+        self.stats.decode_forwards += 1
+        for i, row in enumerate(rows):
+            row.length += 1
+            row.logits = logits[i]
+        return kv, mask
