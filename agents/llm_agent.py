@@ -196,11 +196,10 @@ class LLMAgent(Agent):
         if generation.finish_reason == "abort":
             raise RuntimeError("the backend aborted the generation")
         tokenizer = self.generator.tokenizer
-        ids, logprobs = strip_trailing(
-            list(generation.token_ids),
-            list(generation.logprobs),
-            end_token_ids(tokenizer, self.sampling),
-        )
+        drop = end_token_ids(tokenizer, self.sampling)
+        # The backend may know end ids the tokenizer does not (generation_config's EOS).
+        drop.update(getattr(self.generator, "eos_token_ids", None) or ())
+        ids, logprobs = strip_trailing(list(generation.token_ids), list(generation.logprobs), drop)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not text.strip():
             raise ValueError(f"empty reply ({len(generation.token_ids)} tokens, all special)")

@@ -156,10 +156,10 @@ def make_backend(spec: str, *, tokenizer: str | None = None) -> Generator:
         from policies.sglang_generator import SGLangGenerator
 
         return SGLangGenerator([f"http://{h}" for h in hosts], tokenizer)
-    from policies.default_model import resolve_model_path
+    # 'default' resolves to the embedded SmolLM2 inside the generator.
     from policies.transformers_generator import TransformersGenerator
 
-    return TransformersGenerator(resolve_model_path(spec))
+    return TransformersGenerator(spec)
 
 
 def _error(agent: str, message: str, start: float) -> AgentReply:
