@@ -1,0 +1,196 @@
+"""AIPO's PolicyLoss subclass against OpenRLHF's stock PolicyLoss, called as OpenRLHF's actor calls it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "openrlhf.models", reason="openrlhf (with the CPU flash-attn shim) not installed"
+)
+
+from openrlhf.models.loss import PolicyLoss  # noqa: E402
+
+from trainers.openrlhf.loss import (  # noqa: E402
+    AGENT_FLAG_OFFSET,
+    LOSS_CONFIG_ENV,
+    AgentTokenLossConfig,
+    decode_rollout_log_probs,
+    encode_agent_logprob,
+    make_aipo_policy_loss_class,
+)
+
+STOCK_POLICY_LOSS = PolicyLoss
+
+
+def _batch(seed: int = 0, b: int = 3, a: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, a, generator=g) * 3).requires_grad_(True)
+    old = (logp.detach() + 0.1 * torch.randn(b, a, generator=g)).clamp(max=0)
+    adv = torch.randn(b, 1, generator=g).expand(b, a).contiguous()
+    mask = torch.ones(b, a)
+    mask[0, :2] = 0
+    mask[2, 5:] = 0
+    rollout = (old + 0.05 * torch.randn(b, a, generator=g)).clamp(max=0)
+    return logp, old, adv, mask, rollout
+
+
+def _call(loss_fn, logp, old, adv, mask, rollout, **batch_info):
+    # The exact call shape of openrlhf/trainer/ray/ppo_actor.py (0.11.2) training_step.
+    return loss_fn(logp, old, adv, action_mask=mask, rollout_log_probs=rollout, **batch_info)
+
+
+STOCK_SETTINGS = [
+    dict(),
+    dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0),
+    dict(token_level_loss=False),
+    dict(
+        is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.5, 2.0)
+    ),
+    dict(is_correction_level="seq", is_correction_mode="mask"),
+]
+
+
+@pytest.mark.parametrize("settings", STOCK_SETTINGS)
+@pytest.mark.parametrize("batch_info", [dict(), dict(dp_size=2, batch_num_tokens=40.0)])
+def test_mask_mode_reproduces_stock_loss_and_gradient(settings, batch_info):
+    aipo_cls = make_aipo_policy_loss_class()
+    logp, old, adv, mask, rollout = _batch()
+    stock_out = _call(STOCK_POLICY_LOSS(**settings), logp, old, adv, mask, rollout, **batch_info)
+    (stock_grad,) = torch.autograd.grad(stock_out[0], logp)
+    ours_out = _call(
+        aipo_cls(**settings, agent_loss=AgentTokenLossConfig(mode="mask")),
+        logp, old, adv, mask, rollout, **batch_info,
+    )  # fmt: skip
+    (ours_grad,) = torch.autograd.grad(ours_out[0], logp)
+    assert torch.equal(ours_out[0], stock_out[0])
+    assert torch.equal(ours_grad, stock_grad)
+    for mine, theirs in zip(ours_out[1:], stock_out[1:], strict=True):
+        assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("settings", STOCK_SETTINGS[:4])
+def test_shaped_mode_without_agent_tokens_equals_stock(settings):
+    logp, old, adv, mask, rollout = _batch(seed=1)
+    stock = _call(
+        STOCK_POLICY_LOSS(**settings), logp, old, adv, mask, rollout, batch_num_tokens=30.0
+    )
+    ours = _call(
+        make_aipo_policy_loss_class()(**settings, agent_loss=AgentTokenLossConfig()),
+        logp, old, adv, mask, rollout, batch_num_tokens=30.0,
+    )  # fmt: skip
+    assert torch.allclose(ours[0], stock[0], atol=0, rtol=0)
+
+
+def test_agent_tokens_get_the_shaped_coefficient_and_gradient():
+    cfg = AgentTokenLossConfig(mode="shaped", gamma=0.1, w_min=0.0, w_max=1.0)
+    logp, old, adv, mask, rollout = _batch(seed=2)
+    agent = torch.zeros_like(mask, dtype=torch.bool)
+    agent[1, 2:5] = True
+    mu = torch.full_like(logp, -0.7)
+    rollout_encoded = torch.where(
+        agent, torch.tensor([encode_agent_logprob(-0.7)]).expand_as(rollout), rollout
+    )
+    total = _call(
+        make_aipo_policy_loss_class()(agent_loss=cfg), logp, old, adv, mask, rollout_encoded,
+        batch_num_tokens=float(mask.sum()),
+    )[0]  # fmt: skip
+    (grad,) = torch.autograd.grad(total, logp)
+
+    # Policy part: the stock loss with agent tokens contributing zero (zero advantage).
+    policy_only = _call(
+        STOCK_POLICY_LOSS(), logp, old, torch.where(agent, 0.0, adv), mask, rollout,
+        batch_num_tokens=float(mask.sum()),
+    )[0]  # fmt: skip
+    w = (logp.detach() - mu).exp()
+    f = w / (w + 0.1)
+    expected_agent = (-(f * adv)[agent]).sum() / mask.sum()
+    assert torch.allclose(total, policy_only + expected_agent, atol=1e-6)
+    # d/dlogp of -f(w) A = -A * gamma * w / (w + gamma)^2 (chain rule through w = exp(logp - mu)).
+    expected_grad = (-adv * 0.1 * w / (w + 0.1) ** 2 / mask.sum())[agent]
+    assert torch.allclose(grad[agent], expected_grad, atol=1e-6)
+    assert (grad[agent] != 0).all()
+
+
+def test_clipped_agent_coefficient_keeps_its_gradient():
+    cfg = AgentTokenLossConfig(mode="shaped", gamma=0.1, w_min=0.0, w_max=0.5)
+    logp = torch.tensor([[-0.01]], requires_grad=True)  # f(w) ~ 0.9 > w_max
+    rollout = torch.tensor([[encode_agent_logprob(None)]])
+    adv = torch.tensor([[1.0]])
+    loss = make_aipo_policy_loss_class()(agent_loss=cfg)(
+        logp, logp.detach(), adv, action_mask=torch.ones(1, 1), rollout_log_probs=rollout
+    )[0]
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx(-0.5)
+    assert grad.item() < 0  # still pushes the agent token's probability up
+
+
+def test_ratio_mode_truncates_and_positive_only_drops_negative_advantages():
+    cfg = AgentTokenLossConfig(mode="ratio", ratio_cap=0.5, positive_advantage_only=True)
+    logp = torch.tensor([[-0.1, -3.0, -0.1]])
+    rollout = torch.tensor([[encode_agent_logprob(0.0)] * 3])
+    adv = torch.tensor([[2.0, 2.0, -2.0]])
+    loss = make_aipo_policy_loss_class()(agent_loss=cfg)(
+        logp, logp, adv, action_mask=torch.ones(1, 3), rollout_log_probs=rollout
+    )[0]
+    expected = (-(0.5 * 2.0) - torch.tensor(-3.0).exp() * 2.0 + 0.0) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_side_channel_round_trip():
+    values = [encode_agent_logprob(-2.5), -0.3, 0.0, encode_agent_logprob(None)]
+    agent, mu, policy = decode_rollout_log_probs(torch.tensor([values]))
+    assert agent.tolist() == [[True, False, False, True]]
+    assert mu[0].tolist() == pytest.approx([-2.5, 0.0, 0.0, 0.0])
+    assert policy[0].tolist() == pytest.approx([0.0, -0.3, 0.0, 0.0])
+    assert encode_agent_logprob(None) == AGENT_FLAG_OFFSET
+    with pytest.raises(ValueError, match="<= 0"):
+        encode_agent_logprob(0.5)
+
+
+def test_signature_matches_stock_policy_loss():
+    aipo_cls = make_aipo_policy_loss_class()
+    assert issubclass(aipo_cls, STOCK_POLICY_LOSS)
+    stock_fwd = inspect.signature(STOCK_POLICY_LOSS.forward).parameters
+    ours_fwd = inspect.signature(aipo_cls.forward).parameters
+    assert list(ours_fwd) == list(stock_fwd)
+    stock_init = set(inspect.signature(STOCK_POLICY_LOSS.__init__).parameters)
+    assert stock_init <= set(inspect.signature(aipo_cls.__init__).parameters) | {
+        n for n in stock_init if n != "self"
+    }
+
+
+def test_gspo_with_trained_agent_tokens_is_refused():
+    with pytest.raises(ValueError, match="policy_loss_type 'ppo'"):
+        make_aipo_policy_loss_class()(policy_loss_type="gspo", agent_loss=AgentTokenLossConfig())
+
+
+def test_install_rebinds_policy_loss_and_reads_config_from_env(monkeypatch):
+    import openrlhf.models
+    import openrlhf.models.loss
+
+    from trainers.openrlhf import patch
+
+    monkeypatch.setenv(LOSS_CONFIG_ENV, AgentTokenLossConfig(mode="ratio", ratio_cap=2.0).to_env())
+    try:
+        assert patch.install()
+        assert openrlhf.models.PolicyLoss is make_aipo_policy_loss_class()
+        # Built exactly as ActorPPOTrainer builds it (stock keyword arguments only).
+        built = openrlhf.models.PolicyLoss(
+            clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None, token_level_loss=True,
+            policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
+            is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0),
+        )  # fmt: skip
+        assert built.agent_loss.mode == "ratio" and built.agent_loss.ratio_cap == 2.0
+    finally:
+        patch.uninstall()
+    assert openrlhf.models.PolicyLoss is STOCK_POLICY_LOSS
+    assert openrlhf.models.loss.PolicyLoss is STOCK_POLICY_LOSS
+
+
+def test_bad_env_config_names_the_variable(monkeypatch):
+    monkeypatch.setenv(LOSS_CONFIG_ENV, '{"mode": "sometimes"}')
+    with pytest.raises(ValueError, match=LOSS_CONFIG_ENV):
+        AgentTokenLossConfig.from_env()
