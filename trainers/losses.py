@@ -186,9 +186,12 @@ def _kl(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
 class _Aggregator:
     """Reduces per-token values to a scalar with one normaliser shared by every loss part."""
 
-    def __init__(self, trained: torch.Tensor, mode: str, constant: float | None) -> None:
+    def __init__(
+        self, trained: torch.Tensor, mode: str, constant: float | None, dtype: torch.dtype
+    ) -> None:
         self.mode = mode
-        trained = trained.float()
+        # Count in at least float32: a bfloat16 token count is inexact above 256.
+        trained = trained.to(torch.promote_types(dtype, torch.float32))
         if mode == "token_mean":
             self.scale = 1.0 / trained.sum().clamp(min=1.0)
         elif mode == "seq_mean_token_mean":
@@ -307,7 +310,7 @@ def aipo_policy_loss(
         agent = agent_all
     trained = policy | agent
     logp = _zeros_where(trained, logprobs)
-    aggregate = _Aggregator(trained, config.aggregation, config.seq_sum_norm_constant)
+    aggregate = _Aggregator(trained, config.aggregation, config.seq_sum_norm_constant, logp.dtype)
     metrics: dict[str, float] = {}
 
     # Policy tokens: PPO clipped surrogate, term for term as OpenRLHF's PolicyLoss.
