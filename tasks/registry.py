@@ -29,6 +29,13 @@ class TaskSpec(BaseModel):
     factory: Callable[..., Task] = Field(exclude=True, repr=False, description="Makes the task.")
 
 
+class UnknownTaskError(KeyError):
+    """No task is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
 _REGISTRY: dict[str, TaskSpec] = {}
 #: Name prefixes with a factory that takes the rest of the name (``rg:<dataset>``).
 _PREFIXES: dict[str, Callable[..., Task]] = {}
@@ -65,7 +72,7 @@ def make_task(name: str, **kwargs: Any) -> Task:
     """Make the task registered as ``name``; kwargs go to its factory.
 
     Raises:
-        KeyError: no such task; the message lists the registered ones.
+        UnknownTaskError: (a ``KeyError``) no such task; the message lists the registered ones.
     """
     spec = _REGISTRY.get(name)
     if spec is not None:
@@ -75,7 +82,7 @@ def make_task(name: str, **kwargs: Any) -> Task:
             return factory(name[len(prefix) :], **kwargs)
     known = ", ".join(sorted(_REGISTRY))
     prefixes = ", ".join(f"{p}<name>" for p in _PREFIXES)
-    raise KeyError(
+    raise UnknownTaskError(
         f"unknown task '{name}'; expected one of: {known}"
         + (f" (or {prefixes})" if prefixes else "")
     )
