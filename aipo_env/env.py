@@ -623,11 +623,16 @@ class ConsultEnv(gymnasium.Env):
         return episode.trajectory
 
     def abort(self, kind: str, message: str = "") -> Trajectory:
-        """End the current episode with ``error:<kind>`` (e.g. the generator failed); not scored."""
+        """End the current episode with ``error:<kind>`` (e.g. the generator failed); not scored.
+
+        ``kind`` may also be a plain finish reason (``context_overflow`` when the
+        generator refuses a full context).
+        """
         episode = self._require()
         if episode.trajectory is not None:
             return episode.trajectory
-        reason = kind if kind.startswith("error:") else f"error:{kind}"
+        plain = ("length", "max_turns", "context_overflow")
+        reason = kind if kind.startswith("error:") or kind in plain else f"error:{kind}"
         coro = self._finish(episode, reason, score=False, error=message or None)
         # _finish awaits nothing when score=False, so it completes in one send.
         try:

@@ -1,0 +1,260 @@
+"""``RolloutDriver``: many consult episodes at once against a policy generator.
+
+Episodes run concurrently under a semaphore; ``n`` samples of one problem form a group
+(one group id); a :class:`ConsultSchedule` decides which samples may consult and how
+often, decaying over training steps. Each trajectory is appended to a JSONL file as
+it finishes (flushed and fsynced), so a killed process loses only the episodes in
+flight, and a resumed run skips ids already written. One failing episode never kills
+the batch: it ends with ``error:<kind>`` and is still returned and written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.base import ConsultService
+from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
+from policies.base import ContextOverflowError, Generator, SamplingParams
+from tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+
+class ConsultSchedule(BaseModel):
+    """Who may consult: a fraction of each group, decayed over training steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_fraction: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Fraction of a group allowed to consult at step 0."
+    )
+    end_fraction: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Fraction allowed once the decay is over."
+    )
+    decay: Literal["constant", "linear", "cosine", "exponential"] = Field(
+        default="constant", description="Shape of the decay from start_fraction to end_fraction."
+    )
+    decay_steps: int = Field(default=0, ge=0, description="Training steps the decay takes.")
+    max_consults: int | None = Field(
+        default=None, description="Consults per episode; None keeps the env config's max_consults."
+    )
+
+    def fraction(self, step: int) -> float:
+        """The fraction of a group allowed to consult at training ``step``."""
+        if self.decay == "constant" or self.decay_steps == 0:
+            return self.start_fraction if self.decay == "constant" else self.end_fraction
+        t = min(max(step, 0), self.decay_steps) / self.decay_steps
+        a, b = self.start_fraction, self.end_fraction
+        if self.decay == "linear":
+            return a + (b - a) * t
+        if self.decay == "cosine":
+            return b + (a - b) * 0.5 * (1 + math.cos(math.pi * t))
+        # exponential: geometric interpolation; a zero end decays towards a small floor
+        lo = max(b, 1e-3)
+        value = a * (lo / a) ** t if a > 0 else 0.0
+        return b if t >= 1 else value
+
+    def allowed(self, step: int, n: int) -> int:
+        """How many of a group of ``n`` samples may consult (the first ones by sample index)."""
+        return max(0, min(n, round(self.fraction(step) * n)))
+
+
+class RolloutConfig(BaseModel):
+    """Sampling and concurrency for a rollout batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_samples: int = Field(default=4, ge=1, description="Samples per problem (the group size).")
+    temperature: float = Field(default=1.0, ge=0.0, description="Policy sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Policy nucleus mass.")
+    top_k: int = Field(default=-1, ge=-1, description="Policy top-k; -1 disables it.")
+    max_new_tokens: int | None = Field(
+        default=None,
+        description="Per-turn token cap for the policy; None uses the env's max_new_tokens_per_turn.",
+    )
+    concurrency: int = Field(default=64, ge=1, description="Episodes in flight at once.")
+    seed: int | None = Field(default=None, description="Base seed for per-request sampling seeds.")
+    schedule: ConsultSchedule = Field(
+        default_factory=ConsultSchedule, description="Who may consult, over training steps."
+    )
+
+
+ProgressCallback = Callable[[int, int, Trajectory], None]
+
+
+class RolloutDriver:
+    """Runs groups of consult episodes concurrently and records their trajectories.
+
+    ``env_factory`` builds one fresh environment per episode (episodes hold state);
+    by default it is ``ConsultEnv(task, agents, generator.tokenizer, env_config)``.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        task: Task | None = None,
+        agents: ConsultService | None = None,
+        env_config: EnvConfig | None = None,
+        config: RolloutConfig | None = None,
+        env_factory: Callable[[], ConsultEnv] | None = None,
+    ) -> None:
+        if env_factory is None and task is None:
+            raise ValueError("RolloutDriver needs a task or an env_factory; got neither")
+        self.generator = generator
+        self.task = task
+        self.config = config or RolloutConfig()
+        self.env_config = env_config or EnvConfig()
+        self._factory = env_factory or (
+            lambda: ConsultEnv(task, agents, generator.tokenizer, self.env_config)
+        )
+
+    def _params(self, env: ConsultEnv, seed: int | None) -> SamplingParams:
+        budget = env.max_new_tokens()
+        if self.config.max_new_tokens is not None:
+            budget = min(budget, self.config.max_new_tokens)
+        return SamplingParams(
+            max_new_tokens=max(1, budget),
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            top_k=self.config.top_k,
+            stop=env.sampling_stop,
+            seed=seed,
+        )
+
+    async def run_episode(self, options: dict[str, Any]) -> Trajectory:
+        """One episode to its end; any failure becomes an ``error:<kind>`` trajectory."""
+        env = self._factory()
+        try:
+            _, info = await env.areset(options=options)
+        except Exception as exc:  # a bad problem reference ends this episode only
+            return Trajectory(
+                trajectory_id=options["trajectory_id"],
+                problem_id=str(options.get("problem_id", options.get("problem_index"))),
+                task=getattr(env.task, "name", ""),
+                group_id=options["group_id"],
+                sample_index=options.get("sample_index", 0),
+                token_ids=[],
+                prompt_len=0,
+                source=[],
+                loss_mask=[],
+                behavior_logprobs=[],
+                finish_reason=f"error:reset_{type(exc).__name__}",
+                error=str(exc),
+            )
+        if "trajectory" in info:
+            return info["trajectory"]
+        turn = 0
+        while True:
+            seed = None
+            if self.config.seed is not None:
+                key = f"{self.config.seed}:{env.trajectory_id}:{turn}".encode()
+                seed = zlib.crc32(key) & 0x7FFFFFFF
+            try:
+                generation = await self.generator.generate(
+                    env.token_ids, self._params(env, seed), session_id=env.trajectory_id
+                )
+            except ContextOverflowError as exc:
+                return env.abort("context_overflow", str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one failing generation must not kill the batch
+                return env.abort(type(exc).__name__, str(exc))
+            try:
+                _, _, terminated, truncated, info = await env.astep(generation)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # an env bug ends this episode, not the batch
+                logger.exception("episode %s failed in the env", env.trajectory_id)
+                return env.abort(f"env_{type(exc).__name__}", str(exc))
+            if terminated or truncated:
+                return info["trajectory"]
+            turn += 1
+
+    def plan(
+        self, problems: Sequence[int | str] | None = None, step: int = 0
+    ) -> list[dict[str, Any]]:
+        """The reset options of every episode of a batch, in (group, sample) order."""
+        if problems is None:
+            if self.task is None:
+                raise ValueError("pass problems explicitly when the driver has no task")
+            problems = list(range(len(self.task)))
+        n = self.config.n_samples
+        allowed = self.config.schedule.allowed(step, n)
+        out = []
+        for position, ref in enumerate(problems):
+            key = "problem_index" if isinstance(ref, int) else "problem_id"
+            group = f"s{step}-g{position}-{ref}"
+            for sample in range(n):
+                option: dict[str, Any] = {
+                    key: ref,
+                    "group_id": group,
+                    "sample_index": sample,
+                    "trajectory_id": f"{group}-n{sample}",
+                    "allow_consult": sample < allowed,
+                }
+                if self.config.schedule.max_consults is not None:
+                    option["max_consults"] = self.config.schedule.max_consults
+                out.append(option)
+        return out
+
+    async def run(
+        self,
+        problems: Sequence[int | str] | None = None,
+        *,
+        step: int = 0,
+        output: str | Path | None = None,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        show_progress: bool = False,
+    ) -> list[Trajectory]:
+        """Roll out every problem ``n_samples`` times; returns trajectories by (group, sample).
+
+        With ``output`` each trajectory is appended as it finishes. With ``resume`` the
+        episodes whose ids are already in ``output`` are not rerun; they are read back
+        and returned with the new ones.
+        """
+        plan = self.plan(problems, step)
+        done: dict[str, Trajectory] = {}
+        if resume and output is not None and Path(output).exists():
+            wanted = {o["trajectory_id"] for o in plan}
+            done = {t.trajectory_id: t for t in read_jsonl(output) if t.trajectory_id in wanted}
+        todo = [o for o in plan if o["trajectory_id"] not in done]
+        writer = TrajectoryWriter(output) if output is not None else None
+        semaphore = asyncio.Semaphore(self.config.concurrency)
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan), initial=len(done), desc=f"rollout step {step}")
+        finished = len(done)
+
+        async def one(option: dict[str, Any]) -> None:
+            nonlocal finished
+            async with semaphore:
+                trajectory = await self.run_episode(option)
+            done[trajectory.trajectory_id] = trajectory
+            if writer is not None:
+                writer.write(trajectory)
+            finished += 1
+            if bar is not None:
+                bar.update(1)
+            if progress is not None:
+                progress(finished, len(plan), trajectory)
+
+        try:
+            await asyncio.gather(*(one(o) for o in todo))
+        finally:
+            if writer is not None:
+                writer.close()
+            if bar is not None:
+                bar.close()
+        return [done[o["trajectory_id"]] for o in plan]
