@@ -61,6 +61,10 @@ class AgentConfig(BaseModel):
         default=None,
         description="Tokenizer path or id for an sglang:// backend (the model the servers run); ignored otherwise.",
     )
+    backend_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword options for the backend's generator when the pool creates it (device, max_retries, ...); agents naming the same backend must agree on them.",
+    )
     temperature: float = Field(
         default=0.7, ge=0.0, description="Sampling temperature of replies; 0 is greedy."
     )
@@ -143,23 +147,23 @@ def tokenizers_match(a: Any, b: Any) -> bool:
     return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
 
 
-def make_backend(spec: str, *, tokenizer: str | None = None) -> Generator:
-    """Build the generator a backend spec names ('default', an HF path/id, 'sglang://...')."""
+def make_backend(
+    spec: str, *, tokenizer: str | None = None, options: Mapping[str, Any] | None = None
+) -> Generator:
+    """Build the generator a backend spec names ('default', an HF path/id, 'sglang://...').
+
+    ``options`` go to the generator's constructor (``device``, ``max_retries``, ...).
+    """
+    from policies import make_generator
+
     if spec.startswith(SGLANG_SCHEME):
-        hosts = [h.strip() for h in spec[len(SGLANG_SCHEME) :].split(",") if h.strip()]
-        if not hosts:
-            raise ValueError(f"backend {spec!r} names no server; expected sglang://host:port[,...]")
         if tokenizer is None:
+            # Guessing would silently pair ids with the wrong vocabulary.
             raise ValueError(
                 f"backend {spec!r} needs the tokenizer of the served model; set the agent's tokenizer"
             )
-        from policies.sglang_generator import SGLangGenerator
-
-        return SGLangGenerator([f"http://{h}" for h in hosts], tokenizer)
-    # 'default' resolves to the embedded SmolLM2 inside the generator.
-    from policies.transformers_generator import TransformersGenerator
-
-    return TransformersGenerator(spec)
+        return make_generator(spec, tokenizer=tokenizer, **dict(options or {}))
+    return make_generator(spec, **dict(options or {}))
 
 
 def _error(agent: str, message: str, start: float) -> AgentReply:
@@ -364,7 +368,18 @@ class AgentPool:
         if policy_tokenizer is None and policy_generator is not None:
             policy_tokenizer = policy_generator.tokenizer
         # Check everything before loading any model, so a bad config wastes no work.
+        first: dict[str, tuple[str, AgentConfig]] = {}
         for name, settings in config.agents.items():
+            if settings.kind == "llm" and settings.backend != "policy":
+                other = first.setdefault(settings.backend, (name, settings))
+                if (other[1].tokenizer, other[1].backend_options) != (
+                    settings.tokenizer,
+                    settings.backend_options,
+                ):
+                    raise ValueError(
+                        f"agents {other[0]!r} and {name!r} share backend {settings.backend!r} "
+                        "but set different tokenizer or backend_options; make them agree"
+                    )
             if settings.kind == "oracle" and task is None:
                 raise ValueError(f"agent {name!r} is an oracle and needs the task; pass task=")
             if settings.kind == "llm" and settings.backend == "policy" and policy_generator is None:
@@ -385,7 +400,11 @@ class AgentPool:
                     assert policy_generator is not None
                     generator = policy_generator
                 else:
-                    generator = make_backend(settings.backend, tokenizer=settings.tokenizer)
+                    generator = make_backend(
+                        settings.backend,
+                        tokenizer=settings.tokenizer,
+                        options=settings.backend_options,
+                    )
                     owned.append(generator)
                 backends[settings.backend] = generator
             shares = tokenizers_match(generator.tokenizer, policy_tokenizer)

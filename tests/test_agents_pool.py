@@ -337,7 +337,7 @@ async def test_from_config_reuses_a_named_backend_and_closes_it(tokenizer, monke
 
     built: list[tuple[str, CountingGenerator]] = []
 
-    def fake_backend(spec: str, *, tokenizer: str | None = None) -> CountingGenerator:
+    def fake_backend(spec: str, *, tokenizer: Any = None, options: Any = None) -> CountingGenerator:
         generator = CountingGenerator(tokenizer_fixture)
         built.append((spec, generator))
         return generator
@@ -370,6 +370,18 @@ def test_from_config_refuses_what_it_cannot_build(tokenizer) -> None:
         AgentPool.from_config(AgentPoolConfig(agents={"verify": AgentConfig(kind="oracle")}))
     with pytest.raises(ValueError, match="uses backend 'policy' but no policy_generator"):
         AgentPool.from_config(AgentPoolConfig())
+    clash = AgentPoolConfig(
+        agents={
+            "verify": AgentConfig(backend="sglang://127.0.0.1:1", tokenizer="a"),
+            "knowledge": AgentConfig(backend="sglang://127.0.0.1:1", tokenizer="b"),
+        }
+    )
+    with pytest.raises(ValueError, match="'verify' and 'knowledge' share backend"):
+        AgentPool.from_config(clash)
+    with pytest.raises(ValueError, match="needs the tokenizer of the served model"):
+        AgentPool.from_config(
+            AgentPoolConfig(agents={"verify": AgentConfig(backend="sglang://127.0.0.1:1")})
+        )
 
 
 def test_tokenizers_match_compares_vocabularies(tokenizer) -> None:
