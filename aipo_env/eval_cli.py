@@ -1,0 +1,143 @@
+"""``aipo eval``: judge a policy alone on benchmarks with pass@k, or compare two runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--k {text!r} must be comma-separated integers, e.g. 1,4,16"
+        ) from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k {text!r} must list integers >= 1")
+    return ks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``aipo eval``."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="HF id, local checkpoint dir, 'default' (embedded SmolLM2) or sglang://host:port[,...]",
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer of an sglang:// model (the served model's path or HF id)"
+    )
+    parser.add_argument(
+        "--tasks",
+        help="comma-separated task names: math500, aime2024, aime2025, gpqa_diamond, "
+        "livecodebench, gsm8k, rg:<reasoning-gym name>, ...",
+    )
+    parser.add_argument(
+        "--task-arg",
+        action="append",
+        default=[],
+        metavar="TASK.KEY=VALUE",
+        help="a task factory argument, e.g. math500.path=data.jsonl (repeatable)",
+    )
+    parser.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
+    parser.add_argument(
+        "--k", type=_ks, help="pass@k values, e.g. 1,4,16 (default: 1,2,4,... up to n, and n)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--max-context", type=int, help="prompt plus response cap (default: the model's)"
+    )
+    parser.add_argument(
+        "--consult",
+        choices=("off", "on"),
+        default="off",
+        help="off (default): independent mode, the policy alone; on: agents answer consults",
+    )
+    parser.add_argument(
+        "--agents", help="YAML agent pool config for --consult on (default: the three agents)"
+    )
+    parser.add_argument("--limit", type=int, help="only the first LIMIT problems of each task")
+    parser.add_argument("--concurrency", type=int, default=8, help="episodes in flight at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="eval_out", help="output directory")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the samples in OUTPUT already"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print B minus A per task and metric with paired bootstrap CIs, then exit",
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"aipo eval: {message}", file=sys.stderr)
+    return 2
+
+
+def _compare(path_a: str, path_b: str, ks: list[int] | None, seed: int) -> int:
+    from aipo_env.evaluation.results import load_results
+    from aipo_env.passk import compare, format_comparison
+
+    try:
+        a, b = load_results(path_a), load_results(path_b)
+        diffs = compare(a, b, ks=ks, seed=seed)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"A = {path_a}\nB = {path_b}")
+    print(format_comparison(diffs))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``aipo eval``; 0 on success, 2 on bad input (message on stderr)."""
+    if args.compare:
+        return _compare(args.compare[0], args.compare[1], args.k, args.seed)
+    if not args.tasks:
+        return _fail("--tasks is required (e.g. --tasks math500,gsm8k)")
+    from pydantic import ValidationError
+
+    from aipo_env.evaluation.runner import EvalConfig, EvalInputError, evaluate, parse_task_args
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        config = EvalConfig(
+            model=args.model,
+            tokenizer=args.tokenizer,
+            tasks=tasks,
+            task_args=parse_task_args(args.task_arg, tasks),
+            n=args.n,
+            ks=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            max_context=args.max_context,
+            consult=args.consult == "on",
+            agents=args.agents,
+            limit=args.limit,
+            concurrency=args.concurrency,
+            seed=args.seed,
+        )
+        config.resolved_ks()
+        results = asyncio.run(
+            evaluate(config, args.output, resume=args.resume, progress=not args.no_progress)
+        )
+    except EvalInputError as exc:
+        return _fail(str(exc))
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return _fail(errors)
+    from aipo_env.evaluation.results import to_markdown
+
+    print(to_markdown(results), end="")
+    print(f"results in {args.output}/ (results.json, results.md, passk.png, trajectories.jsonl)")
+    return 0
