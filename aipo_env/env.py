@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -323,7 +322,8 @@ class ConsultEnv(gymnasium.Env):
         options = dict(options or {})
         problem = self._pick_problem(options)
         ids = self.prompt_ids(problem)
-        tid = str(options.get("trajectory_id") or uuid.uuid4().hex)
+        # Drawn from the seeded generator so a seeded reset is reproducible.
+        tid = str(options.get("trajectory_id") or self.np_random.bytes(16).hex())
         max_consults = options.get("max_consults")
         episode = _Episode(
             problem=problem,
