@@ -1,0 +1,250 @@
+"""ppo_update: exact gradient accumulation, the non-finite guard, old log-probs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from aipo_env.batch import SOURCE_POLICY, SOURCE_PROMPT, TrajectoryBatch
+from trainers.logprobs import token_logprobs
+from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
+
+VOCAB = 89
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def ppo_token_mean_loss(
+    *,
+    logprobs,
+    old_logprobs,
+    advantages,
+    loss_mask,
+    agent_mask,
+    behavior_logprobs=None,
+    ref_logprobs=None,
+    entropy=None,
+):
+    """A plain clipped PPO surrogate, token-mean over the trained tokens."""
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages
+    ratio = torch.exp(logprobs - old_logprobs)
+    surrogate = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    loss = (surrogate * loss_mask).sum() / loss_mask.sum()
+    clipped = ((ratio - 1).abs() > 0.2).float()
+    return loss, {"clip_frac": float((clipped * loss_mask).sum() / loss_mask.sum())}
+
+
+def trajectory_batch(rows: int = 6, width: int = 12, seed: int = 0) -> TrajectoryBatch:
+    """Right-padded rows of different lengths, prompts of 3 tokens, some agent tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (rows, width), generator=gen)
+    attention_mask = torch.zeros(rows, width, dtype=torch.long)
+    source = torch.full((rows, width), -1)
+    for r in range(rows):
+        length = 5 + (r * 3) % (width - 4)
+        attention_mask[r, :length] = 1
+        source[r, :3] = SOURCE_PROMPT
+        source[r, 3:length] = SOURCE_POLICY
+    input_ids = input_ids * attention_mask
+    agent_mask = torch.zeros(rows, width, dtype=torch.bool)
+    agent_mask[::2, 4] = True
+    loss_mask = (source == SOURCE_POLICY).float()
+    behavior = torch.where(loss_mask.bool(), -torch.rand(rows, width, generator=gen), torch.nan)
+    return TrajectoryBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        agent_mask=agent_mask,
+        source_ids=source,
+        behavior_logprobs=behavior,
+        prompt_lens=torch.full((rows,), 3),
+        rewards=torch.arange(rows, dtype=torch.float),
+        group_ids=[f"g{r // 2}" for r in range(rows)],
+        agent_names=("verify",),
+    )
+
+
+def update_batch(model, seed: int = 0) -> UpdateBatch:
+    batch = trajectory_batch(seed=seed)
+    advantages = torch.linspace(-1.0, 1.5, len(batch))
+    old = compute_old_logprobs(model, batch, micro_batch_size=4)
+    # Perturb the old log-probs so ratios differ from 1 and some clip.
+    old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(9))
+    return UpdateBatch.from_trajectory_batch(batch, advantages, old)
+
+
+def run_update(model, batch, loss_fn, **kwargs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    args = dict(ppo_epochs=2, minibatch_size=4, micro_batch_size=4, max_grad_norm=None, seed=3)
+    args.update(kwargs)
+    return ppo_update(model, optimizer, None, batch, loss_fn, **args)
+
+
+def max_param_diff(a, b) -> float:
+    return max(
+        (p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
+
+
+def test_micro_batches_give_the_same_weights_as_whole_minibatches_token_mean():
+    base = tiny_llama()
+    batch = update_batch(base)
+    whole, micro, naive = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    stats_whole = run_update(whole, batch, ppo_token_mean_loss, micro_batch_size=4)
+    stats_micro = run_update(micro, batch, ppo_token_mean_loss, micro_batch_size=1)
+    # Weighting micro losses by rows is wrong for a token mean when rows differ in length.
+    run_update(naive, batch, ppo_token_mean_loss, micro_batch_size=1, accumulation="rows")
+
+    assert stats_whole.optimizer_steps == stats_micro.optimizer_steps == 4
+    assert max_param_diff(whole, base) > 1e-3  # the update moved the weights
+    assert max_param_diff(whole, micro) < 1e-5
+    assert max_param_diff(whole, naive) > 1e-4
+    assert stats_micro.loss == pytest.approx(stats_whole.loss, abs=1e-5)
+    assert stats_micro.loss_metrics["clip_frac"] == pytest.approx(
+        stats_whole.loss_metrics["clip_frac"], abs=1e-6
+    )
+    assert 0 < stats_whole.loss_metrics["clip_frac"] < 1
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "accumulation"),
+    [("token_mean", "tokens"), ("seq_mean_token_mean", "rows"), ("seq_sum_norm", "rows")],
+)
+def test_accumulation_is_exact_with_the_aipo_loss(aggregation, accumulation):
+    losses = pytest.importorskip("trainers.losses")
+    loss_fn = losses.AIPOLoss(losses.LossConfig(aggregation=aggregation))
+    base = tiny_llama(seed=1)
+    batch = update_batch(base, seed=1)
+    whole, micro = copy.deepcopy(base), copy.deepcopy(base)
+    run_update(whole, batch, loss_fn, micro_batch_size=4, accumulation=accumulation)
+    run_update(micro, batch, loss_fn, micro_batch_size=1, accumulation=accumulation)
+    assert max_param_diff(whole, base) > 1e-3
+    assert max_param_diff(whole, micro) < 1e-5
+
+
+def test_non_finite_loss_leaves_weights_bit_identical_and_dumps_the_batch(tmp_path):
+    model = tiny_llama()
+    batch = update_batch(model)
+    batch.advantages[:] = torch.nan
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    stats = ppo_update(
+        model,
+        optimizer,
+        scheduler,
+        batch,
+        ppo_token_mean_loss,
+        ppo_epochs=1,
+        minibatch_size=3,
+        micro_batch_size=2,
+        max_grad_norm=1.0,
+        dump_dir=tmp_path / "dumps",
+        update_index=7,
+    )
+    assert stats.skipped_steps == 2 and stats.optimizer_steps == 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert optimizer.state_dict()["state"] == {}  # Adam moments never saw a NaN
+    assert scheduler.last_epoch == 0
+    assert all(p.grad is None for p in model.parameters())
+    dumps = sorted((tmp_path / "dumps").glob("nonfinite_u000007_*.pt"))
+    assert len(dumps) == 2
+    dumped = [torch.load(d, weights_only=True) for d in dumps]
+    assert dumped[0]["reason"] == "loss"
+    rows = torch.cat([d["input_ids"] for d in dumped])
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, batch.input_ids.tolist()))
+    assert sorted(torch.cat([d["rewards"] for d in dumped]).tolist()) == batch.rewards.tolist()
+    assert {"attention_mask", "loss_mask", "agent_mask"} <= dumped[0].keys()
+
+
+def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path):
+    def infinite_gradient_loss(*, logprobs, loss_mask, **_):
+        delta = ((logprobs - logprobs.detach()) * loss_mask).sum()
+        return torch.sqrt(delta.abs()), {}  # value 0, gradient 1 / (2 sqrt(0)) = inf
+
+    model = tiny_llama()
+    batch = update_batch(model)
+    before = copy.deepcopy(model.state_dict())
+    stats = run_update(model, batch, infinite_gradient_loss, ppo_epochs=1, dump_dir=tmp_path)
+    assert stats.skipped_steps == 2 and stats.optimizer_steps == 0
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    reasons = {torch.load(p, weights_only=True)["reason"] for p in tmp_path.glob("*.pt")}
+    assert reasons == {"grad_norm"}
+
+
+def test_one_bad_minibatch_is_skipped_and_the_others_applied(tmp_path):
+    model = tiny_llama()
+    batch = update_batch(model)
+    batch.advantages[5] = torch.nan
+    stats = run_update(
+        model, batch, ppo_token_mean_loss, ppo_epochs=1, minibatch_size=2, dump_dir=tmp_path
+    )
+    assert (stats.optimizer_steps, stats.skipped_steps) == (2, 1)
+    (dump,) = tmp_path.glob("*.pt")
+    bad_row = batch.input_ids[5].tolist()
+    assert bad_row in torch.load(dump, weights_only=True)["input_ids"].tolist()
+
+
+def test_scheduler_steps_once_per_applied_optimizer_step_and_grad_is_clipped():
+    model = tiny_llama()
+    batch = update_batch(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    stats = ppo_update(
+        model,
+        optimizer,
+        scheduler,
+        batch,
+        ppo_token_mean_loss,
+        ppo_epochs=3,
+        minibatch_size=4,
+        micro_batch_size=2,
+        max_grad_norm=1e-3,
+    )
+    assert stats.optimizer_steps == 6 and scheduler.last_epoch == 6
+    assert stats.lr == pytest.approx(0.5**5)
+    assert stats.grad_norm > 1e-3  # measured before clipping
+
+
+def test_compute_old_logprobs_matches_token_logprobs_and_keeps_train_mode():
+    model = tiny_llama()
+    model.train()
+    batch = trajectory_batch()
+    old = compute_old_logprobs(model, batch, micro_batch_size=4)
+    assert model.training and not old.requires_grad
+    with torch.no_grad():
+        want, _ = token_logprobs(model.eval(), batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(old, want, rtol=1e-5, atol=1e-6)
+
+
+def test_update_batch_rejects_misaligned_tensors():
+    batch = trajectory_batch()
+    with pytest.raises(ValueError, match="old_logprobs"):
+        UpdateBatch.from_trajectory_batch(batch, torch.zeros(len(batch)), torch.zeros(2, 3))
