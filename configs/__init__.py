@@ -1,0 +1,1 @@
+"""Experiment configs (YAML) and prompt templates, shipped as package data."""
