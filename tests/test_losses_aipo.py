@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from trainers.losses import AIPOLoss, LossConfig, aipo_policy_loss
+from trainers.losses import AIPOLoss, LossConfig, aipo_policy_loss, trained_token_masks
 
 NAN = float("nan")
 LN = math.log
@@ -324,3 +324,39 @@ def test_missing_inputs_and_bad_shapes_raise_clear_errors() -> None:
         aipo_policy_loss(LossConfig(), **{**inputs, "advantages": torch.zeros(3)})
     with pytest.raises(ValueError, match="old_logprobs has shape"):
         aipo_policy_loss(LossConfig(), **{**inputs, "old_logprobs": torch.zeros(2, 3)})
+
+
+@pytest.mark.parametrize(
+    "config",
+    [_config(), _config(agent_mode="mask"), _config(agent_positive_only=True)],
+    ids=["shaped", "mask", "positive_only"],
+)
+def test_micro_batches_weighted_by_trained_token_share_reproduce_token_mean(
+    config: LossConfig,
+) -> None:
+    inputs = _inputs()
+    full, _ = aipo_policy_loss(config, **inputs)
+    policy, agent = trained_token_masks(
+        config, inputs["loss_mask"], inputs["agent_mask"], inputs["advantages"]
+    )
+    total = (policy | agent).sum()
+    accumulated = 0.0
+    for row in range(2):
+        micro = {k: v[row : row + 1] for k, v in inputs.items()}
+        share = (policy | agent)[row].sum().double() / total.double()
+        loss, _ = aipo_policy_loss(config, **micro)
+        accumulated += share.item() * loss.item()
+    assert accumulated == pytest.approx(full.item(), rel=1e-12)
+
+
+def test_trained_token_masks_follow_the_agent_mode() -> None:
+    inputs = _inputs()
+    args = (inputs["loss_mask"], inputs["agent_mask"], inputs["advantages"])
+    policy, agent = trained_token_masks(_config(), *args)
+    assert policy.sum() == 4 and agent.tolist() == [
+        [False, False, True, False],
+        [False, True, True, False],
+    ]
+    assert trained_token_masks(_config(agent_mode="mask"), *args)[1].sum() == 0
+    positive = trained_token_masks(_config(agent_positive_only=True), *args)[1]
+    assert positive.tolist() == [[False, False, True, False], [False] * 4]

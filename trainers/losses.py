@@ -232,6 +232,33 @@ def _fraction(flags: torch.Tensor, mask: torch.Tensor) -> float:
     return float((flags & mask).sum()) / count if count else 0.0
 
 
+def trained_token_masks(
+    config: LossConfig,
+    loss_mask: torch.Tensor,
+    agent_mask: torch.Tensor,
+    advantages: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(policy, agent)`` bool ``[B, T]`` masks of the tokens the loss trains and counts.
+
+    ``policy = loss_mask & ~agent_mask``; ``agent = loss_mask & agent_mask`` unless
+    ``agent_mode`` is ``mask`` (then empty) or ``agent_positive_only`` (then only where
+    ``A > 0``). Their union is the normaliser of ``token_mean``: a trainer that splits a
+    minibatch into micro-batches weights each by its share of ``(policy | agent).sum()``.
+    ``advantages`` is ``[B]`` or ``[B, T]``.
+    """
+    in_loss = loss_mask.bool()
+    agent_mask = agent_mask.bool()
+    policy = in_loss & ~agent_mask
+    if config.agent_mode == "mask":
+        return policy, torch.zeros_like(policy)
+    agent = in_loss & agent_mask
+    if config.agent_positive_only:
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        # NaN advantages compare False, so they never select a token.
+        agent = agent & (adv > 0)
+    return policy, agent
+
+
 def aipo_policy_loss(
     config: LossConfig,
     logprobs: torch.Tensor,
@@ -297,17 +324,10 @@ def aipo_policy_loss(
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy")
 
-    in_loss = loss_mask.bool() if loss_mask.dtype != torch.bool else loss_mask
-    agent_mask = agent_mask.bool()
-    policy = in_loss & ~agent_mask
-    agent_all = in_loss & agent_mask
+    policy, agent = trained_token_masks(config, loss_mask, agent_mask, advantages)
+    in_loss = loss_mask.bool()
+    agent_all = in_loss & agent_mask.bool()
     adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))
-    if config.agent_mode == "mask":
-        agent = torch.zeros_like(agent_all)
-    elif config.agent_positive_only:
-        agent = agent_all & (adv > 0)
-    else:
-        agent = agent_all
     trained = policy | agent
     logp = _zeros_where(trained, logprobs)
     aggregate = _Aggregator(trained, config.aggregation, config.seq_sum_norm_constant, logp.dtype)
