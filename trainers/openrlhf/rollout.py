@@ -1,0 +1,146 @@
+"""OpenRLHF's vLLM engine as our :class:`Generator`, and a :class:`Trajectory` as OpenRLHF's result.
+
+:class:`OpenRLHFEngineGenerator` wraps the ``llm_engine`` OpenRLHF hands to an agent
+executor (``await llm_engine.generate(ids, vllm_sampling_params)`` returning a vLLM
+``RequestOutput``). :func:`trajectory_to_openrlhf` maps a finished trajectory onto
+the dict ``MultiTurnAgentExecutor.execute`` returns, with the ids untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from aipo_env.trajectory import Trajectory
+from policies.base import Generation, GenerationError, Generator, SamplingParams
+from trainers.openrlhf.loss import encode_agent_logprob
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class OpenRLHFEngineGenerator(Generator):
+    """A :class:`Generator` over OpenRLHF's rollout engine (vLLM), token ids in and out.
+
+    Temperature, top-p and top-k come from OpenRLHF's sampling params (the trainer's
+    settings); stops, the token budget and the seed from the environment's request.
+    """
+
+    def __init__(self, llm_engine: Any, tokenizer: Any, base_params: Any, max_length: int) -> None:
+        self.engine = llm_engine
+        self._tokenizer = tokenizer
+        self.base_params = base_params
+        self._max_context = int(max_length)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The policy's tokenizer (OpenRLHF's ``hf_tokenizer``)."""
+        return self._tokenizer
+
+    @property
+    def max_context(self) -> int:
+        """OpenRLHF's ``max_length`` (``--data.max_len``)."""
+        return self._max_context
+
+    def vllm_params(self, params: SamplingParams, prompt_len: int) -> Any:
+        """A fresh engine sampling-params object (built, not mutated, so vLLM derives its stop sets)."""
+        base = self.base_params
+        max_tokens = min(params.max_new_tokens, self._max_context - prompt_len)
+        return type(base)(
+            temperature=getattr(base, "temperature", params.temperature),
+            top_p=getattr(base, "top_p", params.top_p),
+            top_k=getattr(base, "top_k", params.top_k),
+            max_tokens=max_tokens,
+            min_tokens=min(getattr(base, "min_tokens", 0) or 0, max_tokens),
+            stop=list(params.stop) or None,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            include_stop_str_in_output=True,
+            skip_special_tokens=getattr(base, "skip_special_tokens", False),
+            logprobs=1,
+            seed=params.seed,
+        )
+
+    async def generate(
+        self, input_ids: Sequence[int], params: SamplingParams, *, session_id: str | None = None
+    ) -> Generation:
+        """One continuation from the engine; the sampled ids are returned verbatim."""
+        self.check_context(input_ids)
+        ids = list(input_ids)
+        output = await self.engine.generate(ids, self.vllm_params(params, len(ids)))
+        try:
+            out = output.outputs[0]
+            tokens = list(out.token_ids)
+            logprobs = [
+                float(step[tok].logprob) for step, tok in zip(out.logprobs, tokens, strict=True)
+            ]
+            finish = _FINISH[out.finish_reason]
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise GenerationError(
+                f"engine returned an output this adapter cannot read: {exc!r}"
+            ) from exc
+        stop_match = getattr(out, "stop_reason", None) if finish == "stop" else None
+        return Generation(
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=finish,
+            stop_match=stop_match if isinstance(stop_match, str | int) else None,
+            prompt_tokens=len(ids),
+            cached_tokens=int(getattr(output, "num_cached_tokens", 0) or 0),
+        )
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    start = None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            ranges.append((start, i))
+            start = None
+    return ranges
+
+
+def trajectory_to_openrlhf(
+    trajectory: Trajectory, *, prompt: str, label: Any, train_agent_tokens: bool
+) -> dict[str, Any]:
+    """The dict OpenRLHF expects from ``AgentExecutorBase.execute`` for one trajectory.
+
+    ``action_ranges`` cover the tokens with ``loss_mask == 1``: policy tokens, plus
+    agent tokens when ``train_agent_tokens``. ``rollout_log_probs`` holds the engine's
+    log-prob on policy tokens, the encoded behaviour log-prob on trained agent tokens
+    (see :mod:`trainers.openrlhf.loss`) and 0.0 elsewhere.
+    """
+    trained: list[bool] = []
+    rollout: list[float] = []
+    for src, mask, lp in zip(
+        trajectory.source, trajectory.loss_mask, trajectory.behavior_logprobs, strict=True
+    ):
+        is_agent = src.startswith("agent:")
+        keep = bool(mask) and (src == "policy" or (is_agent and train_agent_tokens))
+        trained.append(keep)
+        if keep and is_agent:
+            rollout.append(encode_agent_logprob(lp))
+        elif src == "policy" and lp is not None and lp == lp:
+            rollout.append(float(lp))
+        else:
+            rollout.append(0.0)
+    agent_tokens = sum(1 for s in trajectory.source if s.startswith("agent:"))
+    return {
+        "prompt": prompt,
+        "label": label,
+        "images": None,
+        "mm_train_inputs": None,
+        "reward": float(trajectory.reward),
+        "scores": float(trajectory.reward),
+        "observation_tokens": list(trajectory.token_ids),
+        "action_ranges": _runs(trained),
+        "rollout_log_probs": rollout,
+        "truncated": trajectory.finish_reason != "eos",
+        "extra_logs": {
+            "consults": float(trajectory.consults),
+            "consult_errors": float(trajectory.consult_errors),
+            "agent_tokens": float(agent_tokens),
+            "tokenization_drift": float(trajectory.tokenization_drift),
+            "finished_eos": float(trajectory.finish_reason == "eos"),
+        },
+    }
