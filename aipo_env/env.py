@@ -373,7 +373,7 @@ class ConsultEnv(gymnasium.Env):
         reason: str | None = None
         if gen_finish == "abort":
             reason = "error:abort"
-        elif self.config.mode == "train" and not ended_by_eos and protocol.ends_with_consult(text):
+        elif self.config.mode == "train" and not ended_by_eos and self._ends_with_request(text):
             episode.attempts += 1
             if len(episode.turns) >= self.config.max_turns:
                 reason = "max_turns"
@@ -400,6 +400,25 @@ class ConsultEnv(gymnasium.Env):
         terminated = reason == "eos"
         info = {"sources": [], "turn": turn, "trajectory": trajectory, "finish_reason": reason}
         return np.zeros(0, dtype=np.int64), trajectory.reward, terminated, not terminated, info
+
+    # -- protocol hooks: override these to build another agentic environment ---
+
+    def _ends_with_request(self, text: str) -> bool:
+        """Whether a policy segment ends with a request the env must answer."""
+        return protocol.ends_with_consult(text)
+
+    def _parse_request(self, text: str) -> tuple[str | None, str, str | None]:
+        """(agent, question, error) of the request ending ``text``."""
+        parsed = protocol.parse_last_consult(text, self.config.agent_names)
+        return parsed.agent, parsed.question, parsed.error
+
+    def _feedback_texts(self, agent: str | None) -> tuple[str, str]:
+        """The ``env`` markup around an agent's reply."""
+        return protocol.feedback_open(agent or "env"), protocol.feedback_close()
+
+    def _error_text(self, agent: str | None, message: str) -> str:
+        """A whole error feedback segment."""
+        return protocol.error_feedback(agent, message)
 
     async def _call_agent(
         self, request: ConsultRequest
@@ -440,10 +459,9 @@ class ConsultEnv(gymnasium.Env):
         self, episode: _Episode, text: str, turn: Turn
     ) -> tuple[list[int], list[str]] | None:
         """Inject the feedback for the consult ending ``text``; None when it would overflow."""
-        parsed = protocol.parse_last_consult(text, self.config.agent_names)
-        record = ConsultRecord(agent=parsed.agent, question=parsed.question)
+        agent, question, error = self._parse_request(text)
+        record = ConsultRecord(agent=agent, question=question)
         reply: AgentReply | None = None
-        error = parsed.error
         if error is None and not episode.allow_consult:
             error = "consulting is not available in this episode; continue on your own"
         elif error is None and episode.calls >= episode.max_consults:
@@ -453,8 +471,8 @@ class ConsultEnv(gymnasium.Env):
         elif error is None:
             episode.calls += 1
             request = ConsultRequest(
-                agent=parsed.agent,
-                question=parsed.question,
+                agent=agent,
+                question=question,
                 problem=episode.problem,
                 transcript=self._decode(episode.token_ids[episode.prompt_len :]),
                 episode_id=episode.trajectory_id,
@@ -464,9 +482,7 @@ class ConsultEnv(gymnasium.Env):
             if reply is not None:
                 record.cached_tokens, record.cache_hit = reply.cached_tokens, reply.cache_hit
         record.error = error
-        pieces = self._feedback_pieces(
-            parsed.agent, reply if error is None else None, error, record
-        )
+        pieces = self._feedback_pieces(agent, reply if error is None else None, error, record)
         new_ids = [i for ids, _, _ in pieces for i in ids]
         turn.consult = record
         # Room for the feedback and at least one more policy token.
@@ -496,7 +512,7 @@ class ConsultEnv(gymnasium.Env):
 
         if reply is None:
             body_piece = None
-            open_text = protocol.error_feedback(agent, error or "no reply")
+            open_text = self._error_text(agent, error or "no reply")
             close_text = ""
         else:
             if (
@@ -516,7 +532,7 @@ class ConsultEnv(gymnasium.Env):
                 record.reply_truncated = True
             record.reply_truncated = record.reply_truncated or reply.truncated
             body_piece = (body, agent_source(reply.agent or agent or "unknown"), body_lps)
-            open_text, close_text = protocol.feedback_open(agent), protocol.feedback_close()
+            open_text, close_text = self._feedback_texts(agent)
         if self.config.format == "inline":
             pieces = [env(open_text)]
             if body_piece is not None:

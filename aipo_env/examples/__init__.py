@@ -1,0 +1,1 @@
+"""Other agentic environments built on the consult machinery (see docs/environment.md)."""
