@@ -165,6 +165,9 @@ def _reword(model_cls: type[BaseModel], exc: ValidationError) -> list[str]:
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
+            if not loc:  # a whole-model check: its message names the fields itself
+                messages[field] = msg
+                continue
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             messages[field] = f"{field}: {msg}{shown}"
     return list(messages.values())

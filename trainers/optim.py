@@ -6,7 +6,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 
@@ -59,11 +59,16 @@ class OptimConfig(BaseModel):
         description="Clip the global gradient norm to this before each step; null: no clipping.",
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> OptimConfig:
-        for name, beta in zip(("beta1", "beta2"), self.betas, strict=True):
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        for name, beta in zip(("beta1", "beta2"), betas, strict=True):
             if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas: {name}={beta} is out of range; expected 0 <= beta < 1")
+                raise ValueError(f"{name}={beta} is out of range; expected 0 <= beta < 1")
+        return betas
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> OptimConfig:
         if self.schedule == "cosine" and self.total_steps is None:
             raise ValueError("schedule 'cosine' needs total_steps (the run's optimizer steps)")
         return self
