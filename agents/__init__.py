@@ -1,9 +1,10 @@
 """The collaborative agents (verify, knowledge, reasoning), their prompts and the agent pool."""
 
 from agents.base import DEFAULT_AGENT_NAMES, Agent, AgentReply, ConsultRequest, ConsultService
+from agents.config import AgentConfig, AgentPoolConfig, tokenizers_match
 from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent, render_prompt
 from agents.oracle import OracleVerifyAgent, find_candidate
-from agents.pool import AgentConfig, AgentPool, AgentPoolConfig, tokenizers_match
+from agents.pool import AgentPool
 from agents.templates import PromptTemplate, load_template
 
 __all__ = [

@@ -10,19 +10,17 @@ backends from an :class:`AgentPoolConfig`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from agents.base import DEFAULT_AGENT_NAMES, Agent, AgentReply, ConsultRequest
+from agents.base import Agent, AgentReply, ConsultRequest
+from agents.config import AgentConfig, AgentPoolConfig, tokenizers_match
 from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent
 from agents.oracle import OracleVerifyAgent
-from policies.base import Generator, SamplingParams
+from policies.base import Generator
 from tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -33,118 +31,6 @@ _LLM_AGENT_CLASSES: dict[str, type[LLMAgent]] = {
     "reasoning": ReasoningAgent,
 }
 SGLANG_SCHEME = "sglang://"
-
-
-class AgentConfig(BaseModel):
-    """How one agent is built and served."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: str = Field(
-        default="policy",
-        description=(
-            "Where the agent's model runs: 'policy' shares the policy's generator; 'default' the "
-            "embedded SmolLM2-135M-Instruct; a Hugging Face path or id loads it in-process; "
-            "'sglang://host:port[,host:port]' talks to SGLang servers. Agents naming the same "
-            "backend share one generator."
-        ),
-    )
-    kind: Literal["llm", "oracle"] = Field(
-        default="llm",
-        description="'llm' samples replies from the backend; 'oracle' (verify only) checks the candidate answer with the task's verifier, no model.",
-    )
-    template: str | None = Field(
-        default=None,
-        description="Prompt template: a packaged name (verify, knowledge, reasoning) or a YAML path; None uses the agent's own.",
-    )
-    tokenizer: str | None = Field(
-        default=None,
-        description="Tokenizer path or id for an sglang:// backend (the model the servers run); ignored otherwise.",
-    )
-    backend_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Keyword options for the backend's generator when the pool creates it (device, max_retries, ...); agents naming the same backend must agree on them.",
-    )
-    temperature: float = Field(
-        default=0.7, ge=0.0, description="Sampling temperature of replies; 0 is greedy."
-    )
-    top_p: float = Field(default=0.8, gt=0.0, le=1.0, description="Nucleus mass of replies.")
-    max_reply_tokens: int = Field(
-        default=256,
-        ge=1,
-        description="Most tokens a reply may have: sampling stops there and longer replies are cut (truncated=True).",
-    )
-    timeout_s: float = Field(
-        default=60.0,
-        gt=0.0,
-        description="Most seconds one attempt may take, waiting for a concurrency slot included.",
-    )
-    retries: int = Field(
-        default=1, ge=0, description="Extra attempts after an error reply (a timeout included)."
-    )
-    max_concurrency: int = Field(
-        default=8, ge=1, description="Most consults of this agent in flight at once."
-    )
-    include_solution: bool = Field(
-        default=False,
-        description="Show the agent the problem's reference solution when the dataset has one (the reasoning template tells it to hint, not reveal).",
-    )
-    max_transcript_chars: int = Field(
-        default=4000,
-        ge=0,
-        description="Most characters of the policy's reasoning shown to agents whose template uses it (the tail is kept).",
-    )
-
-    def sampling(self) -> SamplingParams:
-        """The sampling parameters of this agent's replies."""
-        return SamplingParams(
-            max_new_tokens=self.max_reply_tokens, temperature=self.temperature, top_p=self.top_p
-        )
-
-
-def _default_agents() -> dict[str, AgentConfig]:
-    return {name: AgentConfig() for name in DEFAULT_AGENT_NAMES}
-
-
-class AgentPoolConfig(BaseModel):
-    """The agents the policy may consult and the pool's shared settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    agents: dict[str, AgentConfig] = Field(
-        default_factory=_default_agents,
-        description="Agent name (as written in the consult tag) -> its settings. Defaults: verify, knowledge, reasoning on the policy's backend.",
-    )
-    cache_size: int = Field(
-        default=1024,
-        ge=0,
-        description="Most replies kept in the cache of identical requests (agent, question, problem); 0 disables it.",
-    )
-
-
-_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A digest of ``tokenizer``'s vocabulary (every token and its id)."""
-    cached = _FINGERPRINTS.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    digest = hashlib.sha256()
-    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        digest.update(f"{index}\t{token}\n".encode())
-    fingerprint = digest.hexdigest()
-    _FINGERPRINTS[id(tokenizer)] = (tokenizer, fingerprint)
-    return fingerprint
-
-
-def tokenizers_match(a: Any, b: Any) -> bool:
-    """Whether two tokenizers map the same tokens to the same ids (names are not compared)."""
-    if a is b:
-        return True
-    if a is None or b is None:
-        return False
-    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
 
 
 def make_backend(
