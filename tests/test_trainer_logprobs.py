@@ -94,3 +94,19 @@ def test_response_mask_starts_at_prompt_len_and_stops_at_padding():
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     got = response_mask(torch.tensor([2, 1]), mask)
     assert got.tolist() == [[False, False, True, True, False], [False, True, True, True, True]]
+
+
+def test_chunked_gradients_equal_unchunked_gradients():
+    model = tiny_llama()
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for chunk_size in (None, 2):
+        model.zero_grad()
+        logprobs, entropy = token_logprobs(
+            model, ids, torch.ones_like(ids), with_entropy=True, chunk_size=chunk_size
+        )
+        ((logprobs + 0.1 * entropy) * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for whole, chunked in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from the model's logits chunk by chunk (``chunk_size`` positions at a time).
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -26,6 +27,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (correct for left or right padding)."""
     positions = attention_mask.long().cumsum(dim=-1) - 1
     return positions.clamp(min=0)
+
+
+def _chunk_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = logits.float()
+    log_normalizer = torch.logsumexp(chunk, dim=-1)
+    picked = chunk.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return picked - log_normalizer, log_normalizer.new_zeros(())
+    # H = logsumexp(z) - sum softmax(z) * z
+    probs = torch.softmax(chunk, dim=-1)
+    return picked - log_normalizer, log_normalizer - (probs * chunk).sum(dim=-1)
 
 
 def logprobs_from_logits(
@@ -42,7 +56,8 @@ def logprobs_from_logits(
         targets: ``[B, L]`` token ids.
         with_entropy: also return the entropy of each predictive distribution.
         chunk_size: positions processed at a time (``None``: all ``L`` at once). Only a
-            ``[B, chunk_size, V]`` float32 copy of the logits exists at any moment.
+            ``[B, chunk_size, V]`` float32 copy of the logits exists at any moment; under
+            autograd each chunk is recomputed in backward instead of kept.
 
     Returns:
         ``(logprobs [B, L] float32, entropy [B, L] float32 or None)``.
@@ -58,15 +73,18 @@ def logprobs_from_logits(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     logprob_chunks: list[torch.Tensor] = []
     entropy_chunks: list[torch.Tensor] = []
+    # With gradients and chunking, each chunk is recomputed in backward (activation
+    # checkpointing), so autograd keeps only the model-dtype logits, never the float32 copies.
+    recompute = chunk_size is not None and torch.is_grad_enabled() and logits.requires_grad
     for start in range(0, length, max(step, 1)):
-        chunk = logits[:, start : start + step].float()
-        log_normalizer = torch.logsumexp(chunk, dim=-1)
-        picked = chunk.gather(-1, targets[:, start : start + step].unsqueeze(-1)).squeeze(-1)
-        logprob_chunks.append(picked - log_normalizer)
+        args = (logits[:, start : start + step], targets[:, start : start + step], with_entropy)
+        if recompute:
+            lp, h = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, h = _chunk_logprobs(*args)
+        logprob_chunks.append(lp)
         if with_entropy:
-            # H = logsumexp(z) - sum softmax(z) * z
-            probs = torch.softmax(chunk, dim=-1)
-            entropy_chunks.append(log_normalizer - (probs * chunk).sum(dim=-1))
+            entropy_chunks.append(h)
     batch = targets.shape[0]
     empty = logits.new_zeros((batch, 0), dtype=torch.float32)
     logprobs = torch.cat(logprob_chunks, dim=1) if logprob_chunks else empty
