@@ -259,6 +259,63 @@ def trained_token_masks(
     return policy, agent
 
 
+def agent_token_terms(
+    config: LossConfig,
+    logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    agent_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The agent-token part of the AIPO loss, per token: ``(loss, coefficient, clipped)``.
+
+    The one definition of the agent-token formula (module docstring, ``agent_mode``
+    ``shaped`` or ``ratio``), shared by the embedded trainer and the OpenRLHF loss.
+
+    Args:
+        config: the loss config; only the agent-token fields are read.
+        logprobs: ``[B, T]`` current-policy log-probs (with grad).
+        behavior_logprobs: ``[B, T]`` the agent model's log-probs, NaN/inf where unknown
+            (then ``mu = 1``); None means unknown everywhere.
+        advantages: ``[B]`` or ``[B, T]`` advantages.
+        agent_mask: ``[B, T]`` the agent tokens to train (as :func:`trained_token_masks`
+            returns them: ``agent_positive_only`` is not applied again here).
+
+    Returns:
+        ``loss``: ``[B, T]`` ``-c A * agent_loss_weight`` with the gradient-preserving clip,
+        0 (and no gradient) off ``agent_mask``; ``coefficient``: ``[B, T]`` the detached value
+        ``c`` (``clamp(f, w_min, w_max)`` or ``min(w, C)``); ``clipped``: ``[B, T]`` bool,
+        True where the clip changed the value. Mode ``mask`` gives zeros and no clipped token.
+    """
+    agent = agent_mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand(logprobs.shape)
+    logp = _zeros_where(agent, logprobs)
+    if config.agent_mode == "mask":
+        zeros = torch.zeros_like(logp)
+        return zeros, zeros.detach(), torch.zeros_like(agent)
+    if behavior_logprobs is None:
+        beh = torch.zeros_like(logp)
+    else:
+        beh = torch.where(agent & torch.isfinite(behavior_logprobs), behavior_logprobs, 0.0)
+    adv = _zeros_where(agent, advantages.to(logp.dtype))
+    w = _zeros_where(agent, logp - beh.to(logp.dtype))
+    w = w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    if config.agent_mode == "shaped":
+        raw = w / (w + config.shaped_gamma)
+        coef = raw.clamp(config.agent_w_min, config.agent_w_max)
+    elif config.agent_mode == "ratio":
+        raw = w
+        coef = w.clamp(max=config.ratio_cap)
+    else:
+        raise ValueError(
+            f"unknown agent_mode {config.agent_mode!r}; expected one of mask, shaped, ratio"
+        )
+    # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
+    preserved = raw * (coef / raw).detach()
+    loss = _zeros_where(agent, -preserved * adv * config.agent_loss_weight)
+    return loss, coef.detach(), (coef != raw).detach() & agent
+
+
 def aipo_policy_loss(
     config: LossConfig,
     logprobs: torch.Tensor,
@@ -362,26 +419,14 @@ def aipo_policy_loss(
     policy_loss = _zeros_where(policy, policy_loss)
 
     # Agent tokens: off-policy IS coefficient with a gradient-preserving clip.
-    agent_loss = torch.zeros_like(policy_loss)
+    agent_loss, coef, clipped = agent_token_terms(
+        config, logprobs, behavior_logprobs, advantages, agent
+    )
+    agent_loss = agent_loss.to(policy_loss.dtype)
     if config.agent_mode != "mask":
-        if behavior_logprobs is None:
-            beh = torch.zeros_like(logp)
-        else:
-            beh = torch.where(agent & torch.isfinite(behavior_logprobs), behavior_logprobs, 0.0)
-        w = _zeros_where(agent, logp - beh.to(logp.dtype))
-        w = w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-        if config.agent_mode == "shaped":
-            raw = w / (w + config.shaped_gamma)
-            coef = raw.clamp(config.agent_w_min, config.agent_w_max)
-        else:  # ratio
-            raw = w
-            coef = w.clamp(max=config.ratio_cap)
-        # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
-        preserved = raw * (coef / raw).detach()
-        agent_loss = _zeros_where(agent, -preserved * adv * config.agent_loss_weight)
         with torch.no_grad():
             metrics.update(_masked_stats(coef, agent, "agent/coef"))
-            metrics["agent/clip_frac"] = _fraction(coef != raw, agent)
+            metrics["agent/clip_frac"] = _fraction(clipped, agent)
     else:
         metrics.update({f"agent/coef_{k}": 0.0 for k in ("mean", "std", "min", "max")})
         metrics["agent/clip_frac"] = 0.0
