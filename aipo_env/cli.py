@@ -17,9 +17,16 @@ from aipo_env import __version__
 
 #: subcommand -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "trainers.cli",
+        "train a policy with AIPO (embedded default, or OpenRLHF with --engine openrlhf)",
+    ),
     "tasks": ("tasks.cli", "list the registered tasks with their source and size"),
     "envs": ("aipo_env.envs_cli", "list the registered gymnasium environment ids"),
-    "eval": ("aipo_env.eval_cli", "evaluate a policy alone (or with agents): avg@n, pass@k, comparisons"),
+    "eval": (
+        "aipo_env.eval_cli",
+        "evaluate a policy alone (or with agents): avg@n, pass@k, comparisons",
+    ),
     "show": ("aipo_env.show_cli", "render trajectories from a JSONL file, coloured by source"),
 }
 

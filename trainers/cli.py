@@ -1,0 +1,90 @@
+"""``aipo train``: the embedded trainer by default, OpenRLHF on a Ray cluster with ``--engine openrlhf``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``aipo train``."""
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides with dotted keys, e.g. train.steps=4 rollout.n_samples=8 loss.agent_mode=mask",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (default: the packaged configs/default.yaml; configs/openrlhf/*.yaml with --engine openrlhf)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("embedded", "openrlhf"),
+        default="embedded",
+        help="where to train (default: embedded)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in run_dir from its last checkpoint"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config (and print the OpenRLHF command) without training",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _fail(message: str) -> int:
+    print(f"aipo train: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the config before loading anything heavy, then train."""
+    from trainers.config_io import ConfigError, apply_override
+
+    if args.engine == "openrlhf":
+        if args.config is None:
+            return _fail("--engine openrlhf needs --config configs/openrlhf/<recipe>.yaml")
+        from trainers.openrlhf.launcher import run_openrlhf
+
+        overrides: dict = {}
+        try:
+            for item in args.overrides:
+                apply_override(overrides, item)
+            return run_openrlhf(args.config, dry_run=args.dry_run, overrides=overrides)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            return _fail(str(exc))
+
+    from trainers.config import TrainConfig, default_config_path
+    from trainers.config_io import load_config
+
+    path = args.config or default_config_path()
+    try:
+        config = load_config(TrainConfig, path, list(args.overrides))
+    except (ConfigError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if args.dry_run:
+        print(config.model_dump_json(indent=2))
+        return 0
+
+    from trainers.embedded import EmbeddedTrainer, RunDirError
+
+    trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = trainer.run()
+    except RunDirError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print(
+            f"\naipo train: interrupted; finished trajectories and checkpoints are in {config.run_dir}. "
+            "Continue with: aipo train --resume"
+            + (f" --config {args.config}" if args.config else "")
+            + "".join(f" {o}" for o in args.overrides),
+            file=sys.stderr,
+        )
+        return 130
+    print(summary.render())
+    return 0

