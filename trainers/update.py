@@ -196,6 +196,60 @@ def _dump_nonfinite(
     return path
 
 
+def _accumulate_gradients(
+    model: nn.Module,
+    minibatch: UpdateBatch,
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    accumulation: str,
+    with_entropy: bool,
+    chunk_size: int | None,
+) -> tuple[float, dict[str, float], bool]:
+    """Backward every micro-batch's share of the minibatch loss (module docstring).
+
+    Returns the minibatch loss, its loss metrics (weighted like the loss) and whether
+    every micro loss was finite; stops at the first non-finite one.
+    """
+    mb_tokens = minibatch.trained_tokens()
+    mb_loss = 0.0
+    mb_metrics: dict[str, float] = defaultdict(float)
+    for rows in _chunks(
+        torch.arange(len(minibatch), device=minibatch.input_ids.device), micro_batch_size
+    ):
+        micro = minibatch.select(rows)
+        if accumulation == "tokens":
+            micro_tokens = micro.trained_tokens()
+            if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
+                continue
+            weight = micro_tokens / mb_tokens
+        else:
+            weight = len(micro) / len(minibatch)
+        logprobs, entropy = token_logprobs(
+            model,
+            micro.input_ids,
+            micro.attention_mask,
+            with_entropy=with_entropy,
+            chunk_size=chunk_size,
+        )
+        loss, metrics = loss_fn(
+            logprobs=logprobs,
+            old_logprobs=micro.old_logprobs,
+            advantages=micro.advantages,
+            loss_mask=micro.loss_mask,
+            agent_mask=micro.agent_mask,
+            behavior_logprobs=micro.behavior_logprobs,
+            ref_logprobs=micro.ref_logprobs,
+            entropy=entropy,
+        )
+        if not torch.isfinite(loss.detach()).all():
+            return float(loss.detach()), dict(mb_metrics), False
+        (loss * weight).backward()
+        mb_loss += float(loss.detach()) * weight
+        for key, value in metrics.items():
+            mb_metrics[key] += float(value) * weight
+    return mb_loss, dict(mb_metrics), True
+
+
 def ppo_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -264,55 +318,18 @@ def ppo_update(
         order = torch.randperm(len(batch), generator=generator).to(batch.input_ids.device)
         for mb_index, mb_rows in enumerate(_chunks(order, minibatch_size)):
             minibatch = batch.select(mb_rows)
-            mb_tokens = minibatch.trained_tokens()
-            if mb_tokens == 0:
+            if minibatch.trained_tokens() == 0:
                 stats.empty_minibatches += 1
                 continue
-            mb_loss = 0.0
-            mb_metrics: dict[str, float] = defaultdict(float)
-            finite = True
-            reason = ""
-            for micro_rows in _chunks(torch.arange(len(minibatch)), micro_batch_size):
-                micro = minibatch.select(micro_rows.to(batch.input_ids.device))
-                micro_tokens = micro.trained_tokens()
-                if accumulation == "tokens":
-                    if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
-                        continue
-                    weight = micro_tokens / mb_tokens
-                else:
-                    weight = len(micro) / len(minibatch)
-                logprobs, entropy = token_logprobs(
-                    model,
-                    micro.input_ids,
-                    micro.attention_mask,
-                    with_entropy=with_entropy,
-                    chunk_size=chunk_size,
-                )
-                loss, metrics = loss_fn(
-                    logprobs=logprobs,
-                    old_logprobs=micro.old_logprobs,
-                    advantages=micro.advantages,
-                    loss_mask=micro.loss_mask,
-                    agent_mask=micro.agent_mask,
-                    behavior_logprobs=micro.behavior_logprobs,
-                    ref_logprobs=micro.ref_logprobs,
-                    entropy=entropy,
-                )
-                if not torch.isfinite(loss.detach()).all():
-                    finite, reason = False, "loss"
-                    mb_loss = float(loss.detach())
-                    break
-                (loss * weight).backward()
-                mb_loss += float(loss.detach()) * weight
-                for key, value in metrics.items():
-                    mb_metrics[key] += float(value) * weight
-
+            mb_loss, mb_metrics, finite = _accumulate_gradients(
+                model, minibatch, loss_fn, micro_batch_size, accumulation, with_entropy, chunk_size
+            )
+            reason = None if finite else "loss"  # why this step is skipped, if it is
             grad_norm = float("nan")
-            if finite:
+            if reason is None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_to))
-                finite = math.isfinite(grad_norm)
-                reason = "" if finite else "grad_norm"
-            if not finite:
+                reason = None if math.isfinite(grad_norm) else "grad_norm"
+            if reason is not None:
                 # Drop the gradient: the optimizer (and its moment estimates) never see it.
                 optimizer.zero_grad(set_to_none=True)
                 stats.skipped_steps += 1
