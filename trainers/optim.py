@@ -1,13 +1,19 @@
-"""The optimizer and learning-rate schedule: AdamW, linear warmup, then constant or cosine."""
+"""The optimizer and learning-rate schedule: AdamW, linear warmup, then constant or cosine.
+
+Importing this module does not import torch, so a run config that nests
+:class:`OptimConfig` validates before anything heavy loads.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class OptimConfig(BaseModel):
@@ -87,13 +93,15 @@ def lr_multiplier(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
-def _decays(name: str, param: nn.Parameter) -> bool:
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
     # Biases and norm scales (1-D) are not decayed: decay would pull norms towards zero.
     return param.ndim >= 2 and not name.endswith(".bias")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters, with weight decay only on matrices."""
+    import torch
+
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -110,4 +118,6 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` following :func:`lr_multiplier`; call ``.step()`` after each optimizer step."""
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
