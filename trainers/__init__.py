@@ -12,6 +12,23 @@ _LAZY_EXPORTS = {
     "compute_advantages": "trainers.advantages",
     "filter_uniform_groups": "trainers.advantages",
     "overlong_penalty": "trainers.advantages",
+    "token_logprobs": "trainers.logprobs",
+    "UpdateBatch": "trainers.update",
+    "UpdateStats": "trainers.update",
+    "compute_old_logprobs": "trainers.update",
+    "ppo_update": "trainers.update",
+    "OptimConfig": "trainers.optim",
+    "build_optimizer": "trainers.optim",
+    "build_scheduler": "trainers.optim",
+    "CheckpointState": "trainers.checkpoint",
+    "save_checkpoint": "trainers.checkpoint",
+    "load_latest": "trainers.checkpoint",
+    "restore": "trainers.checkpoint",
+    "MetricsLogger": "trainers.metrics",
+    "plot_curves": "trainers.metrics",
+    "ConfigError": "trainers.config_io",
+    "load_config": "trainers.config_io",
+    "dump_config": "trainers.config_io",
 }
 
 
