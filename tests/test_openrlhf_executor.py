@@ -69,7 +69,7 @@ SCRIPT = [
 
 
 async def _run(tokenizer, mode: str, monkeypatch):
-    monkeypatch.setenv(LOSS_CONFIG_ENV, f'{{"mode": "{mode}"}}')
+    monkeypatch.setenv(LOSS_CONFIG_ENV, f'{{"agent_mode": "{mode}"}}')
     task = AdditionTask(n=1)
     problem = task.problems[0]
     script = [s.replace("REF", problem.reference) for s in SCRIPT]

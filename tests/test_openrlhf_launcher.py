@@ -47,7 +47,10 @@ def test_every_recipe_dry_run_parses_with_openrlhf(recipe_path, tmp_path, capsys
     assert args.algo.advantage.estimator == recipe.openrlhf["algo.advantage.estimator"]
     runtime = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime["worker_process_setup_hook"] == SETUP_HOOK
-    assert json.loads(runtime["env_vars"][LOSS_CONFIG_ENV])["mode"] == recipe.agent_loss.mode
+    assert (
+        json.loads(runtime["env_vars"][LOSS_CONFIG_ENV])["agent_mode"]
+        == recipe.agent_loss.agent_mode
+    )
     executor = json.loads(runtime["env_vars"][EXECUTOR_CONFIG_ENV])
     assert executor["endpoints"]["agents"]["verify"]["backend"] == "sglang://10.0.0.3:30000"
     assert executor["task"] == recipe.executor.task

@@ -13,12 +13,14 @@ pytest.importorskip(
 
 from openrlhf.models.loss import PolicyLoss  # noqa: E402
 
+from trainers.losses import LossConfig, aipo_policy_loss  # noqa: E402
 from trainers.openrlhf.loss import (  # noqa: E402
     AGENT_FLAG_OFFSET,
     LOSS_CONFIG_ENV,
-    AgentTokenLossConfig,
     decode_rollout_log_probs,
     encode_agent_logprob,
+    loss_config_from_env,
+    loss_config_to_env,
     make_aipo_policy_loss_class,
 )
 
@@ -61,7 +63,7 @@ def test_mask_mode_reproduces_stock_loss_and_gradient(settings, batch_info):
     stock_out = _call(STOCK_POLICY_LOSS(**settings), logp, old, adv, mask, rollout, **batch_info)
     (stock_grad,) = torch.autograd.grad(stock_out[0], logp)
     ours_out = _call(
-        aipo_cls(**settings, agent_loss=AgentTokenLossConfig(mode="mask")),
+        aipo_cls(**settings, agent_loss=LossConfig(agent_mode="mask")),
         logp, old, adv, mask, rollout, **batch_info,
     )  # fmt: skip
     (ours_grad,) = torch.autograd.grad(ours_out[0], logp)
@@ -78,14 +80,14 @@ def test_shaped_mode_without_agent_tokens_equals_stock(settings):
         STOCK_POLICY_LOSS(**settings), logp, old, adv, mask, rollout, batch_num_tokens=30.0
     )
     ours = _call(
-        make_aipo_policy_loss_class()(**settings, agent_loss=AgentTokenLossConfig()),
+        make_aipo_policy_loss_class()(**settings, agent_loss=LossConfig()),
         logp, old, adv, mask, rollout, batch_num_tokens=30.0,
     )  # fmt: skip
     assert torch.allclose(ours[0], stock[0], atol=0, rtol=0)
 
 
 def test_agent_tokens_get_the_shaped_coefficient_and_gradient():
-    cfg = AgentTokenLossConfig(mode="shaped", gamma=0.1, w_min=0.0, w_max=1.0)
+    cfg = LossConfig(agent_mode="shaped", shaped_gamma=0.1, agent_w_min=0.0, agent_w_max=1.0)
     logp, old, adv, mask, rollout = _batch(seed=2)
     agent = torch.zeros_like(mask, dtype=torch.bool)
     agent[1, 2:5] = True
@@ -115,7 +117,7 @@ def test_agent_tokens_get_the_shaped_coefficient_and_gradient():
 
 
 def test_clipped_agent_coefficient_keeps_its_gradient():
-    cfg = AgentTokenLossConfig(mode="shaped", gamma=0.1, w_min=0.0, w_max=0.5)
+    cfg = LossConfig(agent_mode="shaped", shaped_gamma=0.1, agent_w_min=0.0, agent_w_max=0.5)
     logp = torch.tensor([[-0.01]], requires_grad=True)  # f(w) ~ 0.9 > w_max
     rollout = torch.tensor([[encode_agent_logprob(None)]])
     adv = torch.tensor([[1.0]])
@@ -127,15 +129,16 @@ def test_clipped_agent_coefficient_keeps_its_gradient():
     assert grad.item() < 0  # still pushes the agent token's probability up
 
 
-def test_ratio_mode_truncates_and_positive_only_drops_negative_advantages():
-    cfg = AgentTokenLossConfig(mode="ratio", ratio_cap=0.5, positive_advantage_only=True)
+def test_ratio_mode_truncates_and_positive_only_drops_nonpositive_advantages():
+    cfg = LossConfig(agent_mode="ratio", ratio_cap=0.5, agent_positive_only=True)
     logp = torch.tensor([[-0.1, -3.0, -0.1]])
     rollout = torch.tensor([[encode_agent_logprob(0.0)] * 3])
     adv = torch.tensor([[2.0, 2.0, -2.0]])
     loss = make_aipo_policy_loss_class()(agent_loss=cfg)(
         logp, logp, adv, action_mask=torch.ones(1, 3), rollout_log_probs=rollout
     )[0]
-    expected = (-(0.5 * 2.0) - torch.tensor(-3.0).exp() * 2.0 + 0.0) / 3
+    # The A <= 0 agent token is neither trained nor counted, as in the embedded trainer.
+    expected = (-(0.5 * 2.0) - torch.tensor(-3.0).exp() * 2.0) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -164,7 +167,7 @@ def test_signature_matches_stock_policy_loss():
 
 def test_gspo_with_trained_agent_tokens_is_refused():
     with pytest.raises(ValueError, match="policy_loss_type 'ppo'"):
-        make_aipo_policy_loss_class()(policy_loss_type="gspo", agent_loss=AgentTokenLossConfig())
+        make_aipo_policy_loss_class()(policy_loss_type="gspo", agent_loss=LossConfig())
 
 
 def test_install_rebinds_policy_loss_and_reads_config_from_env(monkeypatch):
@@ -173,7 +176,9 @@ def test_install_rebinds_policy_loss_and_reads_config_from_env(monkeypatch):
 
     from trainers.openrlhf import patch
 
-    monkeypatch.setenv(LOSS_CONFIG_ENV, AgentTokenLossConfig(mode="ratio", ratio_cap=2.0).to_env())
+    monkeypatch.setenv(
+        LOSS_CONFIG_ENV, loss_config_to_env(LossConfig(agent_mode="ratio", ratio_cap=2.0))
+    )
     try:
         assert patch.install()
         assert openrlhf.models.PolicyLoss is make_aipo_policy_loss_class()
@@ -183,7 +188,7 @@ def test_install_rebinds_policy_loss_and_reads_config_from_env(monkeypatch):
             policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
             is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0),
         )  # fmt: skip
-        assert built.agent_loss.mode == "ratio" and built.agent_loss.ratio_cap == 2.0
+        assert built.agent_loss.agent_mode == "ratio" and built.agent_loss.ratio_cap == 2.0
     finally:
         patch.uninstall()
     assert openrlhf.models.PolicyLoss is STOCK_POLICY_LOSS
@@ -191,6 +196,93 @@ def test_install_rebinds_policy_loss_and_reads_config_from_env(monkeypatch):
 
 
 def test_bad_env_config_names_the_variable(monkeypatch):
-    monkeypatch.setenv(LOSS_CONFIG_ENV, '{"mode": "sometimes"}')
+    monkeypatch.setenv(LOSS_CONFIG_ENV, '{"agent_mode": "sometimes"}')
     with pytest.raises(ValueError, match=LOSS_CONFIG_ENV):
-        AgentTokenLossConfig.from_env()
+        loss_config_from_env()
+
+
+def _shared_batch(seed: int):
+    """float64 tensors for both trainers: policy and agent tokens, known and unknown mu."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = 4, 12
+    logp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 8 - 0.01
+    old = (logp + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)).clamp(max=0)
+    mask = (torch.rand(b, t, generator=g) < 0.9).to(torch.float64)
+    mask[:, 0] = 1.0
+    agent = torch.rand(b, t, generator=g) < 0.4
+    agent[:, 0] = False
+    mu = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4
+    known = torch.rand(b, t, generator=g) < 0.6
+    adv = torch.tensor([1.3, -0.7, 0.4, -2.0], dtype=torch.float64)
+    return logp, old, mask, agent, mu, known, adv
+
+
+AGENT_CONFIGS = [
+    LossConfig(agent_mode="shaped"),  # default floor w_min = 0.1 clips rare tokens
+    LossConfig(agent_mode="shaped", shaped_gamma=0.5, agent_w_min=0.2, agent_w_max=0.6),
+    LossConfig(agent_mode="ratio", ratio_cap=0.3, agent_loss_weight=0.5),
+    LossConfig(agent_mode="shaped", agent_positive_only=True),
+    LossConfig(agent_mode="ratio", ratio_cap=2.0, agent_positive_only=True),
+]
+
+
+@pytest.mark.parametrize("config", AGENT_CONFIGS, ids=lambda c: c.agent_mode)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_openrlhf_path_equals_embedded_loss_and_gradient(config, seed):
+    logp, old, mask, agent, mu, known, adv = _shared_batch(seed)
+
+    embedded_logp = logp.clone().requires_grad_()
+    embedded, metrics = aipo_policy_loss(
+        config, embedded_logp, old, adv, mask, agent,
+        behavior_logprobs=torch.where(known, mu, torch.nan),
+    )  # fmt: skip
+    embedded.backward()
+
+    encoded = torch.where(known, AGENT_FLAG_OFFSET - mu, torch.full_like(mu, AGENT_FLAG_OFFSET))
+    rollout = torch.where(agent, encoded, old)
+    ours_logp = logp.clone().requires_grad_()
+    ours = make_aipo_policy_loss_class()(agent_loss=config)(
+        ours_logp, old, adv[:, None].expand_as(logp), action_mask=mask, rollout_log_probs=rollout
+    )[0]
+    ours.backward()
+
+    # Both sides train agent tokens, and some coefficients are clipped: the comparison
+    # covers the gradient-preserving clip, not only the unclipped formula.
+    assert metrics["tokens/agent_trained"] > 0
+    assert metrics["agent/clip_frac"] > 0
+    assert torch.allclose(ours, embedded, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ours_logp.grad, embedded_logp.grad, rtol=1e-12, atol=1e-12)
+    trained_agent = agent & mask.bool()
+    assert (ours_logp.grad[trained_agent] != 0).any()
+
+    # The agent-token part alone: ours minus the stock loss with agent tokens at zero advantage.
+    policy_only = LossConfig(**{**config.model_dump(), "agent_mode": "mask"})
+    stock_part, _ = aipo_policy_loss(policy_only, logp, old, adv, mask, agent)
+    n_policy = float((mask.bool() & ~agent).sum())
+    n_trained = metrics["tokens/policy"] + metrics["tokens/agent_trained"]
+    assert n_policy == metrics["tokens/policy"]
+    agent_part = ours.detach() - stock_part * n_policy / n_trained
+    assert agent_part.item() == pytest.approx(metrics["loss/agent"], rel=1e-10, abs=1e-12)
+
+
+def test_loss_config_round_trips_through_the_environment():
+    config = LossConfig(
+        agent_mode="ratio", ratio_cap=3.0, agent_w_min=0.0, agent_positive_only=True,
+        agent_loss_weight=0.25,
+    )  # fmt: skip
+    back = loss_config_from_env({LOSS_CONFIG_ENV: loss_config_to_env(config)})
+    for name in ("agent_mode", "ratio_cap", "agent_w_min", "agent_positive_only"):
+        assert getattr(back, name) == getattr(config, name)
+    assert back.agent_loss_weight == 0.25
+    assert loss_config_from_env({}).agent_mode == "mask"
+
+
+def test_policy_token_fields_are_refused_where_openrlhf_would_ignore_them():
+    from trainers.openrlhf.config import OpenRLHFRecipe
+
+    with pytest.raises(ValueError, match="eps_clip_low"):
+        OpenRLHFRecipe.model_validate({"agent_loss": {"agent_mode": "shaped", "eps_clip_low": 0.3}})
+    with pytest.raises(ValueError, match="kl_coef"):
+        loss_config_from_env({LOSS_CONFIG_ENV: '{"agent_mode": "shaped", "kl_coef": 0.1}'})
+    recipe = OpenRLHFRecipe.model_validate({"agent_loss": {"agent_mode": "ratio", "ratio_cap": 2}})
+    assert recipe.agent_loss.agent_mode == "ratio" and recipe.agent_loss.ratio_cap == 2.0

@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from trainers.losses import LossConfig
 from trainers.openrlhf.flags import OPENRLHF_VERSION
-from trainers.openrlhf.loss import AgentTokenLossConfig
+from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, check_agent_token_fields
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
 
@@ -72,8 +73,13 @@ class OpenRLHFRecipe(BaseModel):
     executor: ExecutorConfig = Field(
         default_factory=ExecutorConfig, description="The agent executor's task, env and agents."
     )
-    agent_loss: AgentTokenLossConfig = Field(
-        default_factory=AgentTokenLossConfig, description="How agent tokens are trained."
+    agent_loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description=(
+            "How agent tokens are trained: the agent-token fields of trainers.losses.LossConfig ("
+            + ", ".join(AGENT_TOKEN_FIELDS)
+            + "), the embedded trainer's own; policy-token settings are OpenRLHF flags."
+        ),
     )
     openrlhf: dict[str, FlagValue] = Field(
         default_factory=dict,
@@ -87,6 +93,13 @@ class OpenRLHFRecipe(BaseModel):
             raise ValueError(
                 f"recipe targets OpenRLHF {value}; this launcher writes flags for {OPENRLHF_VERSION}"
             )
+        return value
+
+    @field_validator("agent_loss", mode="before")
+    @classmethod
+    def _agent_fields_only(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return check_agent_token_fields(value)
         return value
 
     @field_validator("openrlhf")

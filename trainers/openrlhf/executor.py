@@ -65,10 +65,10 @@ class AgentExecutor(AgentExecutorBase):
         agents: ConsultService | None = None,
         task: Task | None = None,
     ) -> None:
-        from trainers.openrlhf.loss import AgentTokenLossConfig
+        from trainers.openrlhf.loss import loss_config_from_env
 
         self.config = _executor_config() if config is None else dict(config)
-        self.loss = AgentTokenLossConfig.from_env()
+        self.loss = loss_config_from_env()
         self._agents = agents
         self._task = task
 
@@ -103,7 +103,7 @@ class AgentExecutor(AgentExecutorBase):
         from policies.base import ContextOverflowError, SamplingParams
         from trainers.openrlhf.rollout import OpenRLHFEngineGenerator, trajectory_to_openrlhf
 
-        train_agents = self.loss.trains_agent_tokens
+        train_agents = self.loss.agent_mode != "mask"
         env_fields = {**(self.config.get("env") or {}), "train_agent_tokens": train_agents}
         env_fields.setdefault("max_total_tokens", int(max_length))
         problem_id = hashlib.sha1(f"{prompt}\x00{label}".encode()).hexdigest()[:16]

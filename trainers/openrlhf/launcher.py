@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.openrlhf.config import ExecutorConfig, OpenRLHFRecipe, load_recipe
-from trainers.openrlhf.loss import LOSS_CONFIG_ENV
+from trainers.openrlhf.loss import LOSS_CONFIG_ENV, loss_config_to_env
 from trainers.openrlhf.patch import SETUP_HOOK
 
 #: Environment variable holding the executor's JSON config on every worker.
@@ -63,7 +63,7 @@ def runtime_env(recipe: OpenRLHFRecipe) -> dict[str, Any]:
     """The Ray runtime env of the job."""
     env_vars = {
         **recipe.ray.env_vars,
-        LOSS_CONFIG_ENV: recipe.agent_loss.to_env(),
+        LOSS_CONFIG_ENV: loss_config_to_env(recipe.agent_loss),
         EXECUTOR_CONFIG_ENV: json.dumps(executor_payload(recipe.executor)),
         HOOK_MARKER_ENV: "1",
     }

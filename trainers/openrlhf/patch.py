@@ -31,7 +31,7 @@ def install() -> bool:
     """
     if importlib.util.find_spec("openrlhf") is None:
         return False
-    from trainers.openrlhf.loss import AgentTokenLossConfig, make_aipo_policy_loss_class
+    from trainers.openrlhf.loss import loss_config_from_env, make_aipo_policy_loss_class
 
     aipo_cls = make_aipo_policy_loss_class()
     import openrlhf.models
@@ -44,9 +44,7 @@ def install() -> bool:
     ):
         if module is not None:
             module.PolicyLoss = aipo_cls
-    logger.info(
-        "AIPO policy loss installed (agent tokens: %s)", AgentTokenLossConfig.from_env().mode
-    )
+    logger.info("AIPO policy loss installed (agent tokens: %s)", loss_config_from_env().agent_mode)
     return True
 
 
