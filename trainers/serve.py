@@ -1,0 +1,399 @@
+"""``aipo serve``: start the agents' SGLang servers, write the endpoints file, stop them cleanly.
+
+One process per configured server, each in its own process group (so a server's
+workers, e.g. its tensor-parallel ranks, go down with it) and with its output in a
+log file. :class:`AgentServers` waits for every server's ``GET /health``; a server
+that exits or is not healthy within the timeout stops the start-up with its log
+tail, and the servers already started are stopped. Once all are healthy it writes
+the endpoints file that ``ExecutorConfig.endpoints_file`` (OpenRLHF) names::
+
+    {"agents": {"knowledge": {"backend": "sglang://host:30000,host:30001",
+                              "tokenizer": "Qwen/Qwen3-32B"}, ...}}
+
+(fields of :class:`agents.config.AgentConfig`; an agent served by several servers
+gets them all, and the SGLang client routes each trajectory to one of them). On stop
+every group gets SIGTERM, then SIGKILL after a grace period, and the endpoints file
+is removed, so a stale file never points at servers that are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
+
+#: SGLang's own launcher; ``{python}`` is the interpreter running ``aipo serve``.
+DEFAULT_COMMAND = [
+    "{python}", "-m", "sglang.launch_server",
+    "--model-path", "{model}", "--port", "{port}", "--tp", "{tp}",
+    "--mem-fraction-static", "{mem_fraction}", "--host", "{host}",
+]  # fmt: skip
+#: Placeholders a command template may use.
+PLACEHOLDERS = ("python", "model", "port", "tp", "mem_fraction", "host", "name")
+
+
+class ServerConfig(BaseModel):
+    """One SGLang server and the agents it serves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="Name of the server, used for its log file and in messages.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    model: str = Field(description="Model path or Hugging Face id the server loads.")
+    port: int = Field(ge=1, le=65535, description="Port the server listens on.")
+    tp: int = Field(default=1, ge=1, description="Tensor-parallel size (GPUs). Default 1.")
+    mem_fraction: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="GPU memory fraction for weights and KV cache (--mem-fraction-static). Default 0.85.",
+    )
+    agents: list[str] = Field(
+        min_length=1,
+        description="Agents (names as in the consult tag) this server answers; an agent on several servers is spread over them.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer written into the endpoints file for these agents; None uses model.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="Arguments appended to the command, e.g. ['--base-gpu-id', '4'].",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of the server process, e.g. CUDA_VISIBLE_DEVICES.",
+    )
+
+    @property
+    def served_tokenizer(self) -> str:
+        """The tokenizer the agents on this server use."""
+        return self.tokenizer or self.model
+
+
+class ServeConfig(BaseModel):
+    """The agents' SGLang servers of one machine, and where their endpoints are written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    servers: list[ServerConfig] = Field(
+        min_length=1, description="The servers to start, one process (group) each."
+    )
+    command: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_COMMAND),
+        description="Command template of one server; placeholders {python}, {model}, {port}, {tp}, {mem_fraction}, {host}, {name}. Default: python -m sglang.launch_server with those flags.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the servers bind ({host}); 0.0.0.0 to serve other nodes. Default 127.0.0.1.",
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host written into the endpoints file (how trainers reach the servers); None uses host, or this machine's hostname when host is 0.0.0.0.",
+    )
+    endpoints_file: str = Field(
+        default="runs/agents_endpoints.json",
+        description="Where the endpoints JSON is written once every server is healthy; removed on shutdown.",
+    )
+    log_dir: str = Field(
+        default="runs/serve_logs",
+        description="Directory of the servers' log files (<name>.log).",
+    )
+    health_timeout_s: float = Field(
+        default=1800.0,
+        gt=0.0,
+        description="Most seconds to wait for all servers to answer GET /health (loading a 32B model takes minutes). Default 1800.",
+    )
+    health_poll_s: float = Field(
+        default=2.0, gt=0.0, description="Seconds between health checks. Default 2."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Seconds between SIGTERM and SIGKILL of a server's process group. Default 30.",
+    )
+    log_tail_lines: int = Field(
+        default=40, ge=0, description="Lines of a failed server's log shown in the error."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        names: set[str] = set()
+        ports: dict[int, str] = {}
+        for server in self.servers:
+            if server.name in names:
+                raise ValueError(f"server name {server.name!r} is used twice; names must differ")
+            names.add(server.name)
+            owner = ports.setdefault(server.port, server.name)
+            if owner != server.name:
+                raise ValueError(
+                    f"servers {owner!r} and {server.name!r} both use port {server.port}"
+                )
+        tokenizers: dict[str, tuple[str, str]] = {}
+        for server in self.servers:
+            for agent in server.agents:
+                first = tokenizers.setdefault(agent, (server.name, server.served_tokenizer))
+                if first[1] != server.served_tokenizer:
+                    raise ValueError(
+                        f"agent {agent!r} is served by {first[0]!r} ({first[1]}) and "
+                        f"{server.name!r} ({server.served_tokenizer}); one agent needs one model"
+                    )
+        fields = {
+            name for _, name, _, _ in string.Formatter().parse(" ".join(self.command)) if name
+        }
+        unknown = sorted(fields - set(PLACEHOLDERS))
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(unknown)} in command; expected some of {', '.join(PLACEHOLDERS)}"
+            )
+        return self
+
+    def public_host(self) -> str:
+        """The host name trainers use to reach the servers."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::"):
+            import socket
+
+            return socket.gethostname()
+        return self.host
+
+
+class ServeError(RuntimeError):
+    """A server could not be started or died; the message names it and quotes its log."""
+
+
+def server_command(config: ServeConfig, server: ServerConfig) -> list[str]:
+    """The argv of one server: the template filled in, then its extra arguments."""
+    values = {
+        "python": sys.executable,
+        "model": server.model,
+        "port": server.port,
+        "tp": server.tp,
+        "mem_fraction": server.mem_fraction,
+        "host": config.host,
+        "name": server.name,
+    }
+    return [part.format(**values) for part in config.command] + list(server.extra_args)
+
+
+def endpoints(config: ServeConfig) -> dict[str, Any]:
+    """The endpoints file's content: agent -> ``sglang://`` backend of its servers and tokenizer."""
+    host = config.public_host()
+    agents: dict[str, dict[str, str]] = {}
+    for server in config.servers:
+        for agent in server.agents:
+            entry = agents.setdefault(
+                agent, {"backend": "sglang://", "tokenizer": server.served_tokenizer}
+            )
+            sep = "" if entry["backend"] == "sglang://" else ","
+            entry["backend"] += f"{sep}{host}:{server.port}"
+    return {"agents": agents}
+
+
+def load_endpoints(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Agent name -> :class:`agents.config.AgentConfig` fields, from an endpoints file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"endpoints file {path} not found; start the agents with 'aipo serve' first"
+        )
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("agents"), dict):
+        raise ValueError(f'endpoints file {path} must hold {{"agents": {{name: {{...}}}}}}')
+    return data["agents"]
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file ('' if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) if lines else ""
+
+
+def _health_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class _Running:
+    """A started server: its process, log file handle and health state."""
+
+    def __init__(self, server: ServerConfig, process: subprocess.Popen, log: IO, log_path: Path):
+        self.server = server
+        self.process = process
+        self.log = log
+        self.log_path = log_path
+        self.healthy = False
+
+
+class AgentServers:
+    """Start, health-check, watch and stop the servers of a :class:`ServeConfig`.
+
+    ``start()`` returns once every server answers ``/health`` and the endpoints file
+    is written; ``wait()`` blocks until ``stop_event`` is set or a server exits;
+    ``stop()`` (also on leaving a ``with`` block) stops every server and removes the file.
+    """
+
+    def __init__(self, config: ServeConfig, stop_event: threading.Event | None = None) -> None:
+        self.config = config
+        self.stop_event = stop_event or threading.Event()
+        self._running: list[_Running] = []
+        self._wrote_endpoints = False
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the started servers (each leads its own process group)."""
+        return [r.process.pid for r in self._running]
+
+    @property
+    def endpoints_path(self) -> Path:
+        """Where the endpoints file is written."""
+        return Path(self.config.endpoints_file)
+
+    def commands(self) -> list[list[str]]:
+        """Every server's argv, in config order."""
+        return [server_command(self.config, s) for s in self.config.servers]
+
+    def start(self) -> dict[str, Any]:
+        """Launch all servers, wait until healthy, write the endpoints file; returns its content.
+
+        Raises :class:`ServeError` (after stopping whatever started) when a server
+        exits, is not healthy within ``health_timeout_s``, or ``stop_event`` is set.
+        """
+        try:
+            log_dir = Path(self.config.log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for server, argv in zip(self.config.servers, self.commands(), strict=True):
+                log_path = log_dir / f"{server.name}.log"
+                log = log_path.open("w")
+                logger.info("starting %s: %s (log %s)", server.name, " ".join(argv), log_path)
+                try:
+                    process = subprocess.Popen(
+                        argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env={**os.environ, **server.env},
+                        start_new_session=True,  # its own process group, out of our terminal's
+                    )
+                except OSError as exc:
+                    log.close()
+                    raise ServeError(
+                        f"server {server.name!r} could not start {argv[0]!r}: {exc}"
+                    ) from exc
+                self._running.append(_Running(server, process, log, log_path))
+            self._wait_healthy()
+            content = endpoints(self.config)
+            self._write_endpoints(content)
+            return content
+        except BaseException:
+            self.stop()
+            raise
+
+    def _failure(self, running: _Running, why: str) -> ServeError:
+        tail = log_tail(running.log_path, self.config.log_tail_lines)
+        return ServeError(
+            f"server {running.server.name!r} (port {running.server.port}) {why}; "
+            f"log {running.log_path}:\n{tail}"
+        )
+
+    def _wait_healthy(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.config.health_timeout_s
+        with httpx.Client(timeout=min(5.0, self.config.health_poll_s + 1.0)) as client:
+            while True:
+                for running in self._running:
+                    code = running.process.poll()
+                    if code is not None:
+                        raise self._failure(
+                            running, f"exited with code {code} before it was healthy"
+                        )
+                    if running.healthy:
+                        continue
+                    url = f"http://{_health_host(self.config.host)}:{running.server.port}/health"
+                    try:
+                        running.healthy = client.get(url).status_code == 200
+                    except httpx.HTTPError:
+                        running.healthy = False
+                if all(r.healthy for r in self._running):
+                    logger.info("all %d servers healthy", len(self._running))
+                    return
+                if time.monotonic() >= deadline:
+                    waiting = next(r for r in self._running if not r.healthy)
+                    raise self._failure(
+                        waiting,
+                        f"did not answer GET /health within {self.config.health_timeout_s} s",
+                    )
+                remaining = deadline - time.monotonic()
+                if self.stop_event.wait(max(0.0, min(self.config.health_poll_s, remaining))):
+                    raise ServeError("interrupted while waiting for the servers to become healthy")
+
+    def _write_endpoints(self, content: dict[str, Any]) -> None:
+        path = self.endpoints_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # readers never see a half-written file
+        self._wrote_endpoints = True
+        logger.info("endpoints written to %s", path)
+
+    def wait(self) -> int:
+        """Block until ``stop_event`` is set (0) or a server exits (1, with its log tail logged)."""
+        while not self.stop_event.wait(self.config.health_poll_s):
+            for running in self._running:
+                code = running.process.poll()
+                if code is not None:
+                    logger.error("%s", self._failure(running, f"exited with code {code}"))
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM every server's group, SIGKILL after the grace period; remove the endpoints file."""
+        if self._wrote_endpoints:
+            self.endpoints_path.unlink(missing_ok=True)
+            self._wrote_endpoints = False
+        for running in self._running:
+            _signal_group(running.process, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        for running in self._running:
+            try:
+                running.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("server %r ignored SIGTERM; killing it", running.server.name)
+            # The group may hold workers that outlive the leader: kill what is left.
+            _signal_group(running.process, signal.SIGKILL)
+            running.process.wait()
+            running.log.close()
+        self._running.clear()
+
+    def __enter__(self) -> AgentServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group ``process`` leads (it was started in a new session)."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
