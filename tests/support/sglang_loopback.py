@@ -271,3 +271,38 @@ class LoopbackSGLangServer:
         )
         writer.write(head.encode() + payload)
         await writer.drain()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a model as a standalone process until SIGTERM or SIGINT.
+
+    ``python tests/support/sglang_loopback.py --model PATH --port P`` (SGLang-style
+    ``--model-path`` also accepted; other SGLang flags such as ``--tp`` are ignored).
+    Binds 127.0.0.1 only.
+    """
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="SGLang-protocol loopback server (CPU)")
+    parser.add_argument("--model", "--model-path", dest="model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    args, _ = parser.parse_known_args(argv)
+    if args.host != "127.0.0.1":
+        parser.error(f"--host {args.host!r}: the loopback server binds 127.0.0.1 only")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = LoopbackSGLangServer(
+        TransformersGenerator(args.model, device="cpu"), model_path=args.model
+    )
+    server.port = args.port
+    server.start()
+    print(f"loopback SGLang server on {server.url}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
