@@ -253,6 +253,9 @@ class SGLangGenerator(Generator):
                 ) from exc
         raise GenerationError(f"{url} failed after {self.max_retries + 1} attempts; last: {last}")
 
+    def register_prefix(self, ids: Sequence[int]) -> None:
+        """Accepted for parity with the embedded backend: RadixAttention caches shared prefixes by itself."""
+
     async def health(self) -> dict[str, bool]:
         """``GET /health`` of every server: whether each answered 200."""
 

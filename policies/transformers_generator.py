@@ -356,7 +356,7 @@ class TransformersGenerator(Generator):
                 self._active += len(admitted)
             try:
                 with torch.inference_mode():
-                    new_rows = [self._prefill(req) for req in admitted]
+                    new_rows = self._prefill_all(admitted)
                     rows, kv, mask = self._merge(rows, kv, mask, new_rows)
                     finished = self._sample(rows)
                     if finished:
@@ -410,31 +410,73 @@ class TransformersGenerator(Generator):
             self.stats.prefill_forwards += 1
             self.prefix_cache.set_static_kv(ids, kv, epoch)
 
-    def _prefill(self, req: _Request) -> _Row:
+    def _prefill_all(self, reqs: list[_Request]) -> list[_Row]:
+        """Prefill admitted requests: cache hits one by one, fresh prompts in one padded batch."""
+        if not reqs:
+            return []
         self._ensure_static_prefixes()
         epoch = self.prefix_cache.epoch
-        cached, entry = self.prefix_cache.lookup(req.ids, req.session_id)
-        past = entry.sliced(cached) if entry is not None else []
+        lookups = [self.prefix_cache.lookup(req.ids, req.session_id) for req in reqs]
+        fresh = [i for i, (cached, _) in enumerate(lookups) if cached == 0]
+        results: dict[int, tuple[torch.Tensor, KV]] = {}
+        if len(fresh) > 1:
+            for i, (logits, kv) in zip(
+                fresh, self._prefill_fresh([reqs[i] for i in fresh]), strict=True
+            ):
+                results[i] = (logits, kv)
         device = self.device
-        suffix = torch.tensor([req.ids[cached:]], device=device)
-        positions = torch.arange(cached, len(req.ids), device=device)[None]
-        logits, kv = self._forward(suffix, positions, past, None)
-        self.stats.prefill_forwards += 1
-        self.stats.requests += 1
-        self.stats.cached_tokens += cached
-        seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
-        gen = row_generator(seed, logits.device) if req.params.temperature > 0 else None
-        row = _Row(
-            req=req,
-            stop=StopChecker(req.params, self.eos_token_ids, self._tokenizer),
-            gen=gen,
-            epoch=epoch,
-            cached_tokens=cached,
-            length=len(req.ids),
-            logits=logits[0],
-            kv=kv,
+        for i, (cached, entry) in enumerate(lookups):
+            if i in results:
+                continue
+            req = reqs[i]
+            past = entry.sliced(cached) if entry is not None else []
+            suffix = torch.tensor([req.ids[cached:]], device=device)
+            positions = torch.arange(cached, len(req.ids), device=device)[None]
+            logits, kv = self._forward(suffix, positions, past, None)
+            self.stats.prefill_forwards += 1
+            results[i] = (logits[0], kv)
+        rows = []
+        for i, req in enumerate(reqs):
+            cached = lookups[i][0]
+            logits, kv = results[i]
+            self.stats.requests += 1
+            self.stats.cached_tokens += cached
+            seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
+            gen = row_generator(seed, logits.device) if req.params.temperature > 0 else None
+            rows.append(
+                _Row(
+                    req=req,
+                    stop=StopChecker(req.params, self.eos_token_ids, self._tokenizer),
+                    gen=gen,
+                    epoch=epoch,
+                    cached_tokens=cached,
+                    length=len(req.ids),
+                    logits=logits,
+                    kv=kv,
+                )
+            )
+        return rows
+
+    def _prefill_fresh(self, reqs: list[_Request]) -> list[tuple[torch.Tensor, KV]]:
+        """One left-padded forward over prompts with nothing cached; per-row logits and keys/values.
+
+        Each row's keys/values are cut out of the padded batch, so the padding's
+        (meaningless) keys/values never reach the decode batch, which pads with zeros.
+        """
+        device = self.device
+        width = max(len(r.ids) for r in reqs)
+        pad = [width - len(r.ids) for r in reqs]
+        ids = torch.tensor([[0] * p + r.ids for p, r in zip(pad, reqs, strict=True)], device=device)
+        mask = torch.tensor(
+            [[0] * p + [1] * len(r.ids) for p, r in zip(pad, reqs, strict=True)], device=device
         )
-        return row
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, kv = self._forward(ids, positions, [], mask)
+        self.stats.prefill_forwards += 1
+        return [
+            (logits[i], [(k[i : i + 1, :, p:], v[i : i + 1, :, p:]) for k, v in kv])
+            for i, p in enumerate(pad)
+        ]
 
     def _merge(
         self, rows: list[_Row], kv: KV, mask: torch.Tensor, new_rows: list[_Row]

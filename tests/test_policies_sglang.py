@@ -231,3 +231,15 @@ async def test_make_generator_builds_an_sglang_client(backend):
         await client.aclose()
     with pytest.raises(ValueError, match="no servers"):
         make_generator("sglang://", tokenizer=backend.tokenizer)
+
+
+def test_importing_policies_loads_no_backend():
+    import subprocess
+    import sys
+
+    code = "import sys, policies; print(sorted(m for m in ('torch', 'transformers', 'httpx') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import policies
+
+    assert policies.SGLangGenerator is SGLangGenerator

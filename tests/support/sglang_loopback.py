@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from policies.base import ContextOverflowError, SamplingParams
+from policies.base import ContextOverflowError, GenerationError, SamplingParams
 from policies.transformers_generator import TransformersGenerator
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
@@ -209,6 +209,8 @@ class LoopbackSGLangServer:
             gen = await self.generator.generate(ids, params)
         except ContextOverflowError as exc:
             return 400, {"error": str(exc)}
+        except GenerationError as exc:
+            return 500, {"error": str(exc)}
         tokenizer = self.generator.tokenizer
         finish: dict[str, Any] = {"type": gen.finish_reason}
         if gen.finish_reason == "stop":
