@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a policy alone (or with agents): avg@n, pass@k, comparisons",
     ),
     "show": ("aipo_env.show_cli", "render trajectories from a JSONL file, coloured by source"),
+    "serve": (
+        "aipo_env.serve_cli",
+        "start the agents' SGLang servers, write the endpoints file, stop them on exit",
+    ),
 }
 
 

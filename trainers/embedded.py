@@ -40,7 +40,7 @@ from trainers.advantages import compute_advantages, filter_uniform_groups, overl
 from trainers.checkpoint import load_latest, restore, save_checkpoint, should_save
 from trainers.config import TrainConfig
 from trainers.config_io import dump_config
-from trainers.losses import AIPOLoss
+from trainers.losses import AIPOLoss, trained_token_masks
 from trainers.metrics import MetricsLogger, plot_curves
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
@@ -322,7 +322,12 @@ class EmbeddedTrainer:
             if ref_model is not None
             else None
         )
-        update = UpdateBatch.from_trajectory_batch(batch, advantages.to(device), old, ref).select(
+        advantages = advantages.to(device)
+        # Train exactly the tokens the loss counts, so that micro-batch weights in
+        # ppo_update (shares of loss_mask) match the loss's own normaliser.
+        policy, agent = trained_token_masks(cfg.loss, batch.loss_mask, batch.agent_mask, advantages)
+        batch.loss_mask = (policy | agent).to(batch.loss_mask.dtype)
+        update = UpdateBatch.from_trajectory_batch(batch, advantages, old, ref).select(
             rows.to(device)
         )
         if update.trained_tokens() == 0:

@@ -238,6 +238,9 @@ def _accumulate_gradients(
             loss_mask=micro.loss_mask,
             agent_mask=micro.agent_mask,
             behavior_logprobs=micro.behavior_logprobs,
+            # The rollout engine's log-prob of each policy token is its behaviour
+            # log-prob; the loss's rollout correction (TIS/ICEPOP) reads it.
+            rollout_logprobs=micro.behavior_logprobs,
             ref_logprobs=micro.ref_logprobs,
             entropy=entropy,
         )
