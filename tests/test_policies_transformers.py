@@ -54,7 +54,8 @@ async def test_concurrent_requests_share_decode_batches_and_match_single_runs(ge
     gen.resume()
     batched = await asyncio.gather(*tasks)
     assert gen.stats.max_batch_rows == len(prompts)
-    assert gen.stats.prefill_forwards == 1  # fresh prompts of different lengths, left-padded together
+    # Fresh prompts of different lengths are prefilled together, left-padded.
+    assert gen.stats.prefill_forwards == 1
     # One request at a time would take (max_new_tokens - 1) decode steps each.
     assert gen.stats.decode_forwards < len(prompts) * (GREEDY.max_new_tokens - 1)
     for single, row in zip(singles, batched, strict=True):

@@ -244,7 +244,10 @@ class LoopbackSGLangServer:
             new = AutoModelForCausalLM.from_pretrained(path)
             self.generator.pause()
             try:
-                self.generator.model.load_state_dict(new.state_dict())
+                # Tied weights (lm_head sharing the embeddings) may come back as meta
+                # tensors; the tie carries them over.
+                state = {k: v for k, v in new.state_dict().items() if not v.is_meta}
+                self.generator.model.load_state_dict(state, strict=False)
                 self.generator.weights_updated()
             finally:
                 self.generator.resume()
