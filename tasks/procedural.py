@@ -8,10 +8,14 @@ dataset's own ``score_answer`` can score it. Difficulty knobs (chain_sum's
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tasks.answers import answer_line, last_boxed, strip_markdown
 from tasks.base import Problem, RewardResult, Task
+
+#: A plain (optionally signed, decimal) number.
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 #: reasoning-gym gives 0.01 (sometimes 0.0) for a wrong answer; 1.0 for a right one.
 CORRECT_THRESHOLD = 0.99
@@ -98,18 +102,31 @@ class ProceduralTask(Task):
 
     def extract_answer(self, response: str) -> str | None:
         """``\\boxed{}`` content, else an ``Answer:`` line, else the last non-empty line."""
+        return self._extract(response)[0]
+
+    @staticmethod
+    def _extract(response: str) -> tuple[str | None, bool]:
+        """The answer and whether it is only the last-line fallback."""
         boxed = last_boxed(response)
         if boxed is not None:
-            return strip_markdown(boxed)
+            return strip_markdown(boxed), False
         line = answer_line(response)
         if line is not None:
-            return strip_markdown(line)
+            return strip_markdown(line), False
         lines = [ln.strip() for ln in response.strip().splitlines() if ln.strip()]
-        return strip_markdown(lines[-1]) if lines else None
+        return (strip_markdown(lines[-1]), True) if lines else (None, False)
 
     def score(self, problem: Problem, response: str) -> RewardResult:
-        """The dataset's own score; ``correct`` when it is at least 0.99."""
-        extracted = self.extract_answer(response)
+        """The dataset's own score; ``correct`` when it is at least 0.99.
+
+        Without a box or an ``Answer:`` line, the last line is the answer; when the
+        reference is a number, that line's last number is (``4 + 2 = 6`` answers 6),
+        since scoring the whole sentence would fail every unboxed correct answer.
+        """
+        extracted, fallback = self._extract(response)
+        if fallback and extracted is not None and _NUMBER.fullmatch(problem.reference.strip()):
+            numbers = _NUMBER.findall(extracted)
+            extracted = numbers[-1] if numbers else extracted
         if extracted is None:
             return RewardResult(score=0.0, correct=False, reason="no answer")
         entry = problem.metadata.get("entry") or {

@@ -54,3 +54,18 @@ def test_bad_difficulty_option_is_named() -> None:
     task = tasks.make_task("rg:chain_sum", size=2, no_such_knob=3)
     with pytest.raises((ValueError, TypeError), match="no_such_knob"):
         task.load()
+
+
+def test_unboxed_sentence_scores_its_last_number_for_numeric_references() -> None:
+    task = tasks.make_task("rg:chain_sum_easy", size=3, seed=0)
+    problem = task.problems[0]
+    answer = int(problem.reference)
+    right = task.score(problem, f"The final answer to the problem is {answer}.")
+    assert right.correct and right.score == 1.0 and right.extracted == str(answer)
+    equation = task.score(problem, f"{problem.question.split(':')[-1].strip()} {answer}")
+    assert equation.correct
+    wrong = task.score(problem, f"so it equals {answer + 1}")
+    assert not wrong.correct and wrong.score == 0.0
+    # A box still wins over the fallback, even when the sentence ends in the right number.
+    boxed = task.score(problem, f"\\boxed{{{answer + 2}}} ... {answer}")
+    assert boxed.extracted == str(answer + 2) and not boxed.correct
