@@ -13,18 +13,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.pool import AgentPoolConfig
 from aipo_env.env import EnvConfig
 from aipo_env.rollout import RolloutConfig
+from policies import SGLANG_SCHEME
 from trainers.advantages import ESTIMATORS
 from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
 
 
 class PolicySection(BaseModel):
-    """The policy model and how the embedded backend serves it."""
+    """The policy model and the backend that generates its rollouts."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +48,37 @@ class PolicySection(BaseModel):
         ge=16,
         description="Context of the policy's generator (prompt plus response), in tokens.",
     )
+    backend: str = Field(
+        default="embedded",
+        description=(
+            "Where rollouts are generated. 'embedded': in this process, on the very module the "
+            "optimizer updates. 'sglang://host:port[,host:port]': on SGLang servers that serve "
+            "policy.model; the trainer still trains its local copy and, after every update, saves "
+            "it to run_dir/weights/ (which the servers must be able to read), calls "
+            "/update_weights_from_disk and /flush_cache on every server."
+        ),
+    )
+    sglang_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Keyword options of the SGLang client in sglang mode (timeout_s, max_retries, "
+            "max_concurrency, cache_salt_by_version, ...); ignored by the embedded backend."
+        ),
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        if value.startswith(SGLANG_SCHEME) and any(
+            h.strip() for h in value[len(SGLANG_SCHEME) :].split(",")
+        ):
+            return value
+        raise ValueError(
+            f"policy.backend {value!r} is not a backend; expected 'embedded' or "
+            "'sglang://host:port[,host:port]'"
+        )
 
 
 class TaskSection(BaseModel):

@@ -10,8 +10,13 @@ One training step, as in the algorithm box:
 5. tell the generator its weights changed (cached prefixes are dropped);
 6. log metrics, checkpoint every ``save_every`` steps.
 
-The generator serves the very module the optimizer updates, so there is no weight
-copy; updates happen while generation is paused. ``--resume`` restores the weights,
+The embedded generator serves the very module the optimizer updates, so there is no
+weight copy; updates happen while generation is paused. With ``policy.backend:
+sglang://...`` rollouts run on SGLang servers instead: the trainer keeps training its
+local copy and after every update saves it to ``run_dir/weights/`` (safetensors,
+renamed into place only once complete), has every server load it with
+``/update_weights_from_disk`` and then flushes their prefix caches, so no rollout
+reuses keys/values computed under old weights. ``--resume`` restores the weights,
 optimizer, scheduler and RNG states of the last checkpoint and replays the step in
 progress, reusing the trajectories it had already written.
 """
@@ -19,11 +24,15 @@ progress, reusing the trajectories it had already written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,7 @@ import torch
 from agents.pool import AgentPool
 from aipo_env.rollout import RolloutConfig, RolloutDriver
 from aipo_env.trajectory import Trajectory, collate
+from policies.base import Generator
 from policies.default_model import resolve_model_path
 from tasks.base import Task
 from trainers.advantages import compute_advantages, filter_uniform_groups, overlong_penalty
@@ -349,6 +359,79 @@ class EmbeddedTrainer:
             update_index=step,
         )
 
+    # -- the policy's generator -------------------------------------------------------
+
+    def _make_generator(self, model: torch.nn.Module, tokenizer: Any) -> Generator:
+        """The embedded generator on ``model`` itself, or the SGLang client of ``policy.backend``."""
+        cfg = self.config.policy
+        if cfg.backend == "embedded":
+            from policies.transformers_generator import TransformersGenerator
+
+            return TransformersGenerator.from_model(
+                model,
+                tokenizer,
+                max_batch_size=cfg.max_batch_size,
+                max_context=cfg.max_context,
+                seed=self.config.seed,
+            )
+        from policies import make_generator
+
+        options = {"max_context": cfg.max_context, **cfg.sglang_options}
+        # The policy's own tokenizer: the servers serve policy.model, so the ids agree.
+        return make_generator(cfg.backend, tokenizer=tokenizer, **options)
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _generation_paused(generator: Generator) -> AsyncIterator[None]:
+        """Hold the embedded generator's decode loop while its module's weights change."""
+        paused = getattr(generator, "paused", None)
+        if paused is None:  # remote servers keep their own copy; nothing to hold
+            yield
+            return
+        async with paused():
+            yield
+
+    async def _weights_changed(
+        self, generator: Generator, model: torch.nn.Module, version: int
+    ) -> None:
+        """Make the generator serve ``model``'s current weights as ``version``."""
+        if self.config.policy.backend == "embedded":
+            generator.weights_updated(version)  # type: ignore[attr-defined]
+            return
+        await self._publish_weights(generator, model, version)
+
+    async def _publish_weights(
+        self, generator: Generator, model: torch.nn.Module, version: int
+    ) -> Path:
+        """Save the weights to ``run_dir/weights/step_<version>``, load them on every server, flush caches.
+
+        The directory is written under a temporary name and renamed once complete, so a
+        server never reads a half-written file; older versions are removed after every
+        server has loaded the new one.
+        """
+        root = self.run_dir / "weights"
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step_{version:06d}"
+        final = root / name
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # An absolute path: the servers' working directory is not ours.
+        await generator.update_weights_from_disk(str(final.resolve()), version)  # type: ignore[attr-defined]
+        # The servers' radix caches hold keys/values of the old weights; drop them.
+        await generator.flush_cache()  # type: ignore[attr-defined]
+        for old in root.iterdir():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
     # -- the run --------------------------------------------------------------------
 
     def run(self) -> TrainSummary:
@@ -357,8 +440,6 @@ class EmbeddedTrainer:
 
     async def arun(self) -> TrainSummary:
         """The asynchronous body of :meth:`run`."""
-        from policies.transformers_generator import TransformersGenerator
-
         cfg = self.config
         started = time.perf_counter()
         self._check_run_dir()
@@ -399,17 +480,17 @@ class EmbeddedTrainer:
             start_step = int(position.get("step", state.step))
             logger.info("resuming %s from step %d", self.run_dir, start_step)
 
-        generator = TransformersGenerator.from_model(
-            model,
-            tokenizer,
-            max_batch_size=cfg.policy.max_batch_size,
-            max_context=cfg.policy.max_context,
-            seed=cfg.seed,
-        )
-        generator.weights_updated(start_step)
-        agents = AgentPool.from_config(
-            cfg.agents, policy_generator=generator, policy_tokenizer=tokenizer, task=task
-        )
+        generator = self._make_generator(model, tokenizer)
+        try:
+            # Servers start from policy.model; a resumed run (or any run) must roll out
+            # with the trainer's weights, so they are published before the first step.
+            await self._weights_changed(generator, model, start_step)
+            agents = AgentPool.from_config(
+                cfg.agents, policy_generator=generator, policy_tokenizer=tokenizer, task=task
+            )
+        except BaseException:
+            await generator.aclose()
+            raise
         rollout_cfg = (
             cfg.rollout
             if cfg.rollout.seed is not None
@@ -455,7 +536,7 @@ class EmbeddedTrainer:
                 advantages, keep, adv_metrics = self._advantages(trajectories)
                 metrics.update(adv_metrics)
                 t1 = time.perf_counter()
-                async with generator.paused():
+                async with self._generation_paused(generator):
                     stats = self._update(
                         model,
                         optimizer,
@@ -468,7 +549,10 @@ class EmbeddedTrainer:
                         tokenizer,
                         step,
                     )
-                    generator.weights_updated(step + 1)
+                    if cfg.policy.backend == "embedded" or (
+                        stats is not None and stats.optimizer_steps > 0
+                    ):
+                        await self._weights_changed(generator, model, step + 1)
                 metrics["update_s"] = time.perf_counter() - t1
                 if stats is not None:
                     metrics.update(stats.as_dict("update/"))

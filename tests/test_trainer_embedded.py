@@ -1,0 +1,340 @@
+"""End-to-end runs of the embedded trainer on a tiny random model (CPU).
+
+Every run uses a task whose reward depends on the sampled text (the parity of its
+length), so groups have reward variance, advantages are non-zero and the policy
+loss has a gradient: a run whose weights do not move has a bug, not a flat reward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from scripted import AdditionTask, ScriptedGenerator
+
+import trainers.embedded as embedded
+from aipo_env.trajectory import read_jsonl
+from policies.transformers_generator import TransformersGenerator
+from tasks.base import Problem, RewardResult
+from tasks.registry import register_task, unregister_task
+from trainers.checkpoint import load_latest
+from trainers.config import TrainConfig
+from trainers.embedded import EmbeddedTrainer, problem_order
+from trainers.losses import AIPOLoss
+
+pytestmark = pytest.mark.slow
+
+TASK = "test:length-parity"
+
+
+class LengthParityTask(AdditionTask):
+    """Addition prompts rewarded 1.0 when the response has an even number of characters."""
+
+    name = TASK
+
+    def score(self, problem: Problem, response: str) -> RewardResult:
+        """A reward that varies between samples of a random model."""
+        even = len(response) % 2 == 0
+        return RewardResult(score=float(even), correct=even, reason="length parity")
+
+
+@pytest.fixture(autouse=True)
+def _parity_task():
+    register_task(
+        TASK,
+        lambda **kw: LengthParityTask(**kw),
+        description="test reward: parity of the response length",
+        source="tests",
+        overwrite=True,
+    )
+    yield
+    unregister_task(TASK)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(run_dir: Path, model_dir: str, **sections: Any) -> TrainConfig:
+    """Tiny budgets: 2 steps of 2 prompts x 2 samples, 8 tokens a turn, no evaluation."""
+    base: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "policy": {"model": model_dir, "device": "cpu", "max_context": 512},
+        "task": {"name": TASK, "kwargs": {"n": 6}, "eval_kwargs": {"seed": 1}, "eval_size": 0},
+        "env": {
+            "max_new_tokens_per_turn": 8,
+            "max_total_tokens": 512,
+            "max_reply_tokens": 8,
+            "max_turns": 2,
+        },
+        "agents": {
+            "agents": {
+                "verify": {"kind": "oracle"},
+                "knowledge": {"backend": "policy", "max_reply_tokens": 8},
+                "reasoning": {"backend": "policy", "max_reply_tokens": 8},
+            }
+        },
+        "rollout": {"n_samples": 2, "concurrency": 8},
+        "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "train": {
+            "steps": 2,
+            "prompts_per_step": 2,
+            "minibatch_size": 4,
+            "micro_batch_size": 4,
+            "plot": False,
+        },
+    }
+    return TrainConfig.model_validate(_merge(base, sections))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of the model saved in ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference over all parameters (same keys required)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_dir: str) -> None:
+    cfg = make_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        task={"eval_size": 2},
+        train={"plot": True, "save_every": 1, "keep_last": 2},
+    )
+    summary = EmbeddedTrainer(cfg, progress=False).run()
+    run = tmp_path / "run"
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("reward_mean", "consult_rate", "policy_tokens_per_s", "update/grad_norm"):
+            assert key in r, key
+        assert math.isfinite(r["update/loss"])
+        assert r["update/optimizer_steps"] == 1
+        assert r["update/tokens/policy"] > 0
+
+    # Every planned trajectory is written exactly once, in its own step's file.
+    for step in range(2):
+        stored = read_jsonl(run / "rollouts" / f"step_{step:06d}.jsonl")
+        ids = [t.trajectory_id for t in stored]
+        assert len(ids) == len(set(ids)) == 4
+        problems = problem_order(step, 2, 6, cfg.seed)
+        assert sorted({t.problem_id for t in stored}) == sorted(f"add-{i}" for i in problems)
+        assert {t.policy_version for t in stored} == {step}
+
+    # The weights moved, and each checkpoint loads on its own as a Hugging Face model.
+    before = load_weights(tiny_model_dir)
+    after_1 = load_weights(run / "checkpoints" / "step_000001")
+    after_2 = load_weights(summary.checkpoint)
+    assert Path(summary.checkpoint).name == "step_000002"
+    assert max_weight_diff(before, after_1) > 1e-3
+    assert max_weight_diff(after_1, after_2) > 1e-3
+
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["steps"] == 2 and saved["skipped_updates"] == 0
+    assert saved["eval_before"]["problems"] == 2 and saved["eval_after"]["problems"] == 2
+    assert len(read_jsonl(run / "eval" / "before.jsonl")) == 2
+    assert len(read_jsonl(run / "eval" / "after.jsonl")) == 2
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["train_reward_first"] == pytest.approx(records[0]["reward_mean"])
+
+
+class _Killed(Exception):
+    """Stands in for the process dying right after a checkpoint."""
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def config(run: str) -> TrainConfig:
+        return make_config(tmp_path / run, tiny_model_dir, train={"save_every": 1})
+
+    EmbeddedTrainer(config("straight"), progress=False).run()
+
+    # The same run, killed as soon as step 1's checkpoint is on disk.
+    real_save = embedded.save_checkpoint
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        path = real_save(*args, **kwargs)
+        raise _Killed(str(path))
+
+    monkeypatch.setattr(embedded, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        EmbeddedTrainer(config("killed"), progress=False).run()
+    monkeypatch.setattr(embedded, "save_checkpoint", real_save)
+    killed = tmp_path / "killed"
+    assert load_latest(killed).step == 1
+    assert not (killed / "rollouts" / "step_000001.jsonl").exists()
+
+    # Step 2 was in progress: two of its four trajectories had been written.
+    straight_step2 = (tmp_path / "straight" / "rollouts" / "step_000001.jsonl").read_text()
+    by_id = {
+        t.trajectory_id: t
+        for t in read_jsonl(tmp_path / "straight" / "rollouts" / "step_000001.jsonl")
+    }
+    lines = straight_step2.splitlines(keepends=True)
+    written = lines[:2]
+    (killed / "rollouts" / "step_000001.jsonl").write_text("".join(written))
+    written_ids = {json.loads(line)["trajectory_id"] for line in written}
+
+    sessions: list[str | None] = []
+    real_generate = TransformersGenerator.generate
+
+    async def counting_generate(self, input_ids, params, *, session_id=None):
+        sessions.append(session_id)
+        return await real_generate(self, input_ids, params, session_id=session_id)
+
+    monkeypatch.setattr(TransformersGenerator, "generate", counting_generate)
+    with pytest.raises(embedded.RunDirError):
+        EmbeddedTrainer(config("killed"), progress=False).run()  # no --resume: refused
+    EmbeddedTrainer(config("killed"), resume=True, progress=False).run()
+
+    # Only the two missing episodes were generated; the written ones were reused verbatim.
+    assert sessions, "the resumed run generated nothing"
+    assert not written_ids & set(sessions)
+    assert set(sessions) == set(by_id) - written_ids
+    resumed_lines = (killed / "rollouts" / "step_000001.jsonl").read_text().splitlines(True)
+    assert resumed_lines[:2] == written
+
+    # The resumed run saw the same problems, groups and trajectory ids, step by step.
+    for step in range(2):
+        a = read_jsonl(tmp_path / "straight" / "rollouts" / f"step_{step:06d}.jsonl")
+        b = read_jsonl(killed / "rollouts" / f"step_{step:06d}.jsonl")
+        key = lambda t: t.trajectory_id  # noqa: E731
+        a, b = sorted(a, key=key), sorted(b, key=key)
+        assert [(t.trajectory_id, t.group_id, t.problem_id) for t in a] == [
+            (t.trajectory_id, t.group_id, t.problem_id) for t in b
+        ]
+        # Sampling is seeded per request, so even the regenerated episodes match.
+        assert [t.token_ids for t in a] == [t.token_ids for t in b]
+
+    metrics_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    metrics_b = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in metrics_b] == [1, 2]
+    assert json.loads(metrics_a[1])["reward_mean"] == json.loads(metrics_b[1])["reward_mean"]
+
+    straight = load_weights(tmp_path / "straight" / "checkpoints" / "step_000002")
+    resumed = load_weights(killed / "checkpoints" / "step_000002")
+    assert max_weight_diff(straight, resumed) < 1e-5
+
+
+def test_nonfinite_loss_skips_the_update_and_training_continues(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real_forward = AIPOLoss.forward
+
+    def nan_on_first_call(self, **kwargs):
+        loss, metrics = real_forward(self, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), metrics) if calls["n"] == 1 else (loss, metrics)
+
+    monkeypatch.setattr(AIPOLoss, "forward", nan_on_first_call)
+    cfg = make_config(tmp_path / "run", tiny_model_dir, train={"save_every": 1, "keep_last": 2})
+    summary = EmbeddedTrainer(cfg, progress=False).run()
+    run = tmp_path / "run"
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update/skipped_steps"] for r in records] == [1, 0]
+    assert [r["update/optimizer_steps"] for r in records] == [0, 1]
+    assert summary.skipped_updates == 1
+
+    # Step 1 left the weights exactly as loaded; step 2 trained.
+    initial = load_weights(tiny_model_dir)
+    after_1 = load_weights(run / "checkpoints" / "step_000001")
+    after_2 = load_weights(run / "checkpoints" / "step_000002")
+    assert max_weight_diff(initial, after_1) == 0.0
+    assert max_weight_diff(after_1, after_2) > 1e-3
+
+    dumps = sorted((run / "nonfinite").glob("*.pt"))
+    assert [p.name for p in dumps] == ["nonfinite_u000000_e0_m0.pt"]
+    dump = torch.load(dumps[0], weights_only=True)
+    assert dump["reason"] == "loss"
+    assert dump["input_ids"].shape[0] == 4  # the whole minibatch of step 1
+    stored = read_jsonl(run / "rollouts" / "step_000000.jsonl")
+    assert {tuple(t.token_ids) for t in stored} == {
+        tuple(row[mask.bool()].tolist())
+        for row, mask in zip(dump["input_ids"], dump["attention_mask"], strict=True)
+    }
+
+
+class _ConsultingPolicy(ScriptedGenerator):
+    """A scripted policy that consults the verify agent, then answers; trains nothing itself."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, **_: Any) -> None:
+        script = [
+            '<consult agent="verify">Is the answer \\boxed{7}?</consult>',
+            "So it is \\boxed{7}." + tokenizer.eos_token,
+        ]
+        super().__init__(tokenizer, script, max_context=512)
+        self.versions: list[int | str | None] = []
+
+    def weights_updated(self, version: int | str | None = None) -> None:
+        """Record the versions the trainer announces."""
+        self.versions.append(version)
+
+    def paused(self) -> contextlib.nullcontext[None]:
+        """Nothing runs between calls; the trainer may update at any time."""
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("agent_mode", ["mask", "shaped"])
+def test_agent_tokens_are_trained_only_outside_mask_mode(
+    agent_mode: str, tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        TransformersGenerator,
+        "from_model",
+        classmethod(lambda cls, model, tokenizer, **kw: _ConsultingPolicy(model, tokenizer)),
+    )
+    cfg = make_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        loss={"agent_mode": agent_mode},
+        env={"max_new_tokens_per_turn": 24, "max_reply_tokens": 16},
+        train={"steps": 1},
+    )
+    EmbeddedTrainer(cfg, progress=False).run()
+
+    stored = read_jsonl(tmp_path / "run" / "rollouts" / "step_000000.jsonl")
+    assert all(t.consults == 1 for t in stored)
+    agent_tokens = sum(s.startswith("agent:") for t in stored for s in t.source)
+    trained_agent_tokens = sum(
+        m
+        for t in stored
+        for s, m in zip(t.source, t.loss_mask, strict=True)
+        if s.startswith("agent:")
+    )
+    (record,) = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert agent_tokens > 0
+    assert record["update/tokens/policy"] > 0
+    if agent_mode == "mask":
+        # Not in the loss mask, so not even counted among the loss's agent tokens.
+        assert trained_agent_tokens == 0
+        assert record["update/tokens/agent"] == 0
+        assert record["update/tokens/agent_trained"] == 0
+    else:
+        assert trained_agent_tokens == agent_tokens
+        assert record["update/tokens/agent"] == agent_tokens
+        assert record["update/tokens/agent_trained"] == agent_tokens
