@@ -76,8 +76,7 @@ class PolicySection(BaseModel):
         ):
             return value
         raise ValueError(
-            f"policy.backend {value!r} is not a backend; expected 'embedded' or "
-            "'sglang://host:port[,host:port]'"
+            "not a policy backend; expected 'embedded' or 'sglang://host:port[,host:port]'"
         )
 
 
