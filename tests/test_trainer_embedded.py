@@ -338,3 +338,91 @@ def test_agent_tokens_are_trained_only_outside_mask_mode(
         assert trained_agent_tokens == agent_tokens
         assert record["update/tokens/agent"] == agent_tokens
         assert record["update/tokens/agent_trained"] == agent_tokens
+
+
+# -- SGLang policy backend -------------------------------------------------------------
+
+
+def _greedy(server_url: str, tokenizer: Any, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """Greedy tokens and log-probs of ``prompt`` from an SGLang-protocol server."""
+    import asyncio
+
+    from policies.base import SamplingParams
+    from policies.sglang_generator import SGLangGenerator
+
+    async def go() -> tuple[list[int], list[float]]:
+        client = SGLangGenerator(server_url, tokenizer=tokenizer, max_context=512, max_retries=0)
+        try:
+            params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+            gen = await client.generate(prompt, params)
+        finally:
+            await client.aclose()
+        return gen.token_ids, gen.logprobs
+
+    return asyncio.run(go())
+
+
+def test_sglang_backend_rolls_out_on_the_server_and_serves_each_update(
+    tmp_path: Path, tiny_model_dir: str, tokenizer: Any
+) -> None:
+    from sglang_loopback import LoopbackSGLangServer
+
+    prompt = tokenizer.encode("What is 12 + 30? Answer:", add_special_tokens=False)
+    with LoopbackSGLangServer(
+        TransformersGenerator(tiny_model_dir, device="cpu", max_context=512)
+    ) as server:
+        initial = _greedy(server.url, tokenizer, prompt)
+        server.requests.clear()
+        cfg = make_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            policy={"backend": f"sglang://127.0.0.1:{server.port}"},
+            train={"steps": 1},
+        )
+        summary = EmbeddedTrainer(cfg, progress=False).run()
+        requests = list(server.requests)
+        served = _greedy(server.url, tokenizer, prompt)
+        server_weights = {
+            k: v.detach().clone() for k, v in server.generator.model.state_dict().items()
+        }
+
+    # Rollouts went through the server: every policy segment answers one /generate.
+    stored = read_jsonl(tmp_path / "run" / "rollouts" / "step_000000.jsonl")
+    prompts_sent = {tuple(body["input_ids"]) for route, body in requests if route == "/generate"}
+    segments = [tuple(t.token_ids[: turn.policy_start]) for t in stored for turn in t.turns]
+    assert len(stored) == 4 and len(segments) >= 4
+    assert set(segments) <= prompts_sent
+
+    # Weights are published before the first rollout and after the update, each load
+    # followed by a cache flush before any further generation.
+    routes = [route for route, _ in requests]
+    loads = [body["model_path"] for route, body in requests if route == "/update_weights_from_disk"]
+    weights_root = (tmp_path / "run" / "weights").resolve()
+    assert loads == [str(weights_root / "step_000000"), str(weights_root / "step_000001")]
+    for i, route in enumerate(routes):
+        if route == "/update_weights_from_disk":
+            assert routes[i + 1] == "/flush_cache"
+    assert routes.index("/generate") > routes.index("/flush_cache")
+    assert sorted(p.name for p in weights_root.iterdir()) == ["step_000001"]
+
+    # The server now holds exactly the trainer's updated weights and generates with them.
+    trained = load_weights(summary.checkpoint)
+    assert max_weight_diff(trained, load_weights(tmp_path / "run" / "weights" / "step_000001")) == 0
+    assert max_weight_diff(load_weights(tiny_model_dir), trained) > 1e-3
+    assert all(torch.equal(server_weights[k], trained[k]) for k in trained)
+    local = TransformersGenerator(summary.checkpoint, device="cpu", max_context=512)
+    try:
+        import asyncio
+
+        from policies.base import SamplingParams
+
+        expected = asyncio.run(
+            local.generate(
+                prompt, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+            )
+        )
+    finally:
+        asyncio.run(local.aclose())
+    assert served[0] == expected.token_ids
+    assert served[1] == pytest.approx(expected.logprobs, abs=1e-5)
+    assert served[1] != pytest.approx(initial[1], abs=1e-3)
