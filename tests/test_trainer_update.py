@@ -48,6 +48,7 @@ def ppo_token_mean_loss(
     loss_mask,
     agent_mask,
     behavior_logprobs=None,
+    rollout_logprobs=None,
     ref_logprobs=None,
     entropy=None,
 ):
@@ -248,3 +249,27 @@ def test_update_batch_rejects_misaligned_tensors():
     batch = trajectory_batch()
     with pytest.raises(ValueError, match="old_logprobs"):
         UpdateBatch.from_trajectory_batch(batch, torch.zeros(len(batch)), torch.zeros(2, 3))
+
+
+def test_the_loss_receives_the_rollout_log_probs_for_its_rollout_correction():
+    model = tiny_llama()
+    batch = update_batch(model)
+    seen = []
+
+    def recording_loss(**kwargs):
+        seen.append(kwargs["rollout_logprobs"])
+        return ppo_token_mean_loss(**kwargs)
+
+    run_update(
+        model,
+        batch,
+        recording_loss,
+        ppo_epochs=1,
+        minibatch_size=len(batch),
+        micro_batch_size=len(batch),
+    )
+    assert len(seen) == 1 and seen[0] is not None
+    # One minibatch of every row (shuffled): the rows' behaviour log-probs, as a multiset.
+    got = torch.sort(torch.nan_to_num(seen[0], nan=9.0).flatten()).values
+    want = torch.sort(torch.nan_to_num(batch.behavior_logprobs, nan=9.0).flatten()).values
+    assert torch.equal(got, want)

@@ -279,7 +279,7 @@ def ppo_update(
         scheduler: steps after each applied optimizer step (``None``: no schedule).
         batch: aligned tensors (see :class:`UpdateBatch`).
         loss_fn: called as ``loss_fn(logprobs=, old_logprobs=, advantages=, loss_mask=,
-            agent_mask=, behavior_logprobs=, ref_logprobs=, entropy=)`` on a micro-batch;
+            agent_mask=, behavior_logprobs=, rollout_logprobs=, ref_logprobs=, entropy=)`` on a micro-batch;
             returns ``(scalar loss, metrics dict)``.
         ppo_epochs: passes over the batch.
         minibatch_size: rows per optimizer step (the last minibatch may be smaller).
