@@ -39,6 +39,7 @@ def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         ("train.steps=0", "train.steps", "1 <= value"),
         ("rollout.temperature=-1", "rollout.temperature", "0.0 <= value"),
         ("policy.backend=http://127.0.0.1:1", "policy.backend", "sglang://host:port"),
+        ("policy.sglang_options={timeout: 3}", "policy.sglang_options", "timeout_s"),
     ],
 )
 def test_bad_override_is_rejected_by_name_before_any_model_loads(

@@ -79,6 +79,27 @@ class PolicySection(BaseModel):
             "not a policy backend; expected 'embedded' or 'sglang://host:port[,host:port]'"
         )
 
+    @field_validator("sglang_options")
+    @classmethod
+    def _known_sglang_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        from policies.sglang_generator import SGLangGenerator  # httpx only, no engine
+
+        # Checked here so a typo fails before any model loads, not at the first rollout.
+        accepted = set(inspect.signature(SGLangGenerator.__init__).parameters) - {
+            "self",
+            "base_urls",
+            "tokenizer",
+            "transport",
+        }
+        unknown = sorted(set(value) - accepted)
+        if unknown:
+            raise ValueError(
+                f"unknown SGLang client options {unknown}; expected some of {', '.join(sorted(accepted))}"
+            )
+        return value
+
 
 class TaskSection(BaseModel):
     """What the policy trains and is evaluated on."""
