@@ -1,4 +1,4 @@
-"""Per-row token sampling and stop conditions for the embedded generator's decode loop."""
+"""Token sampling for a whole decode batch, and per-row stop conditions, for the embedded generator."""
 
 from __future__ import annotations
 
@@ -9,31 +9,62 @@ import torch
 from policies.base import SamplingParams
 
 
-def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """Draw one token id from a row's raw next-token ``logits`` ([vocab], float32).
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> tuple[list[int], list[float]]:
+    """Draw every row's next token from raw ``logits`` ([rows, vocab], float32) at once.
 
-    Temperature 0 is greedy (argmax). Otherwise the logits are divided by the
-    temperature, restricted to the ``top_k`` most likely tokens and to the smallest
-    set holding ``top_p`` of the mass, then sampled with the row's own generator so a
-    seeded request draws the same tokens whatever else is in the batch.
+    Returns the token ids and their log-probs under the model's own distribution
+    (``log_softmax`` of the raw logits, temperature 1). Temperature 0 is greedy
+    (argmax). Otherwise a row's logits are divided by its temperature, restricted to
+    its ``top_k`` most likely tokens and to the smallest set holding ``top_p`` of the
+    mass, then sampled with the row's own generator, so a seeded request draws the
+    same tokens whatever else is in the batch. The filtering runs on all sampled rows
+    together; only the draw itself is per row. One transfer brings the results back.
     """
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    scores = logits / params.temperature
-    if params.top_k > 0 and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
+    rows = logits.shape[0]
+    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if len(greedy) == rows:
+        tokens = torch.argmax(logits, dim=-1)
+    elif greedy:
+        index = torch.tensor(greedy, device=logits.device)
+        tokens[index] = torch.argmax(logits.index_select(0, index), dim=-1)
+    if sampled:
+        probs = _filtered_probs(logits, [params[i] for i in sampled], sampled)
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), chosen.tolist()
+
+
+def _filtered_probs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[int]
+) -> torch.Tensor:
+    """Sampling probabilities of ``rows`` after temperature, top-k and top-p, per-row settings."""
+    device = logits.device
+    scores = logits if len(rows) == logits.shape[0] else logits[list(rows)]
+    vocab = scores.shape[-1]
+    scores = scores / torch.tensor([[p.temperature] for p in params], device=device)
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        top = torch.topk(scores, max(ks), dim=-1).values
+        k = torch.tensor(ks, device=device)
+        kth = top.gather(1, (k.clamp(min=1) - 1)[:, None])
+        kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = torch.softmax(sorted_scores, dim=-1)
         # Drop a token when the mass before it already reaches top_p; the first always stays.
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop = mass_before >= params.top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        top_p = torch.tensor([[p.top_p] for p in params], device=device)
+        drop = (mass_before >= top_p) & (top_p < 1.0)
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.softmax(scores, dim=-1)
 
 
 def row_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -2,11 +2,12 @@
 
 Concurrent ``generate`` calls are gathered by one background thread that runs a
 token-by-token decode loop over all admitted rows at once (continuous batching: new
-requests join between decode steps, finished rows leave). Each row's prompt is
-prefilled on its own, starting from the longest cached prefix it extends (its
-session's last sequence or a registered static prefix); the rows' keys/values are
-then left-padded to a common length for the batched decode, so no padding token
-ever runs through the model.
+requests join between decode steps, finished rows leave). Admitted prompts are
+prefilled together (:mod:`policies.prefill`), each starting from the longest cached
+prefix it extends (its session's last sequence or a registered static prefix). The
+rows' keys/values then live right-aligned in preallocated buffers
+(:mod:`policies.kv_slab`) that each decode step extends in place; sampling runs on
+all rows at once (:func:`policies.sampling.sample_batch`).
 
 Log-probs are those of the sampled tokens under the model's own distribution:
 ``log_softmax`` of the raw logits, at temperature 1 whatever temperature the row
@@ -28,8 +29,10 @@ from typing import Any
 import torch
 
 from policies.base import Generation, GenerationError, Generator, SamplingParams
+from policies.kv_slab import KVSlab
+from policies.prefill import PrefillItem, prefill
 from policies.prefix_cache import KV, PrefixCache
-from policies.sampling import StopChecker, row_generator, sample_token
+from policies.sampling import StopChecker, row_generator, sample_batch
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ class _Row:
     epoch: int
     cached_tokens: int
     length: int  # tokens whose keys/values are computed
-    logits: torch.Tensor | None = None
-    kv: KV | None = None  # the prefill's keys/values until merged into the batch
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
@@ -83,14 +84,6 @@ def _deliver(req: _Request, result: Generation | BaseException) -> None:
 
     with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
         req.loop.call_soon_threadsafe(_set)
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[2] = n
-    return torch.cat([t.new_zeros(shape), t], dim=2)
 
 
 class TransformersGenerator(Generator):
@@ -333,8 +326,8 @@ class TransformersGenerator(Generator):
 
     def _run(self) -> None:
         rows: list[_Row] = []
-        kv: KV = []
-        mask = torch.zeros(0, 0, dtype=torch.long)
+        slab = KVSlab.empty()
+        logits: torch.Tensor | None = None
         while True:
             with self._cond:
                 self._cond.wait_for(
@@ -354,25 +347,33 @@ class TransformersGenerator(Generator):
                 ):
                     admitted.append(self._queue.popleft())
                 self._active += len(admitted)
+            joined: list[_Request] = []
             try:
                 with torch.inference_mode():
-                    new_rows = self._prefill_all(admitted)
-                    rows, kv, mask = self._merge(rows, kv, mask, new_rows)
-                    finished = self._sample(rows)
+                    if admitted:
+                        new_rows, new_logits, sources = self._prefill_all(admitted)
+                        slab = KVSlab.build(slab if rows else None, sources)
+                        logits = torch.cat([logits, new_logits]) if rows else new_logits
+                        rows = rows + new_rows
+                        joined = admitted
+                        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(rows))
+                    assert logits is not None
+                    finished = self._sample(rows, logits)
                     if finished:
-                        rows, kv, mask = self._drop(rows, kv, mask, finished)
-                    if rows:
-                        kv, mask = self._decode(rows, kv, mask)
+                        rows, slab = self._drop(rows, slab, finished)
+                    logits = self._decode(rows, slab) if rows else None
             except Exception as exc:  # a failed forward fails its rows, not the worker
                 logger.exception("generation step failed")
                 error = GenerationError(f"embedded generation failed: {exc!r}")
-                batch_reqs = {id(r.req) for r in rows}
-                for req in [r.req for r in rows] + [q for q in admitted if id(q) not in batch_reqs]:
+                in_rows = {id(r.req) for r in rows}
+                failed_reqs = [r.req for r in rows] + [
+                    q for q in admitted if id(q) not in in_rows and q not in joined
+                ]
+                for req in failed_reqs:
                     _deliver(req, error)
-                finished_count = len(rows) + len([q for q in admitted if id(q) not in batch_reqs])
-                rows, kv, mask = [], [], torch.zeros(0, 0, dtype=torch.long)
+                rows, slab, logits = [], KVSlab.empty(), None
                 with self._cond:
-                    self._active -= finished_count
+                    self._active -= len(failed_reqs)
                     self._cond.notify_all()
         for req in failed:
             _deliver(req, GenerationError("the generator was closed before this request finished"))
@@ -381,13 +382,21 @@ class TransformersGenerator(Generator):
             self._cond.notify_all()
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, past: KV, mask: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        past: KV | object,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KV]:
+        """One forward; ``past`` is per-layer keys/values or a ready transformers cache."""
         from transformers import DynamicCache
 
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(past):
-            cache.update(k, v, layer)
+        if isinstance(past, list):
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(past):
+                cache.update(k, v, layer)
+        else:
+            cache = past
         with self.weights_lock:
             out = self.model(
                 input_ids=ids,
@@ -410,118 +419,44 @@ class TransformersGenerator(Generator):
             self.stats.prefill_forwards += 1
             self.prefix_cache.set_static_kv(ids, kv, epoch)
 
-    def _prefill_all(self, reqs: list[_Request]) -> list[_Row]:
-        """Prefill admitted requests: cache hits one by one, fresh prompts in one padded batch."""
-        if not reqs:
-            return []
+    def _prefill_all(self, reqs: list[_Request]) -> tuple[list[_Row], torch.Tensor, list]:
+        """Prefill admitted requests in padded groups; their rows, logits and keys/values."""
         self._ensure_static_prefixes()
         epoch = self.prefix_cache.epoch
-        lookups = [self.prefix_cache.lookup(req.ids, req.session_id) for req in reqs]
-        fresh = [i for i, (cached, _) in enumerate(lookups) if cached == 0]
-        results: dict[int, tuple[torch.Tensor, KV]] = {}
-        if len(fresh) > 1:
-            for i, (logits, kv) in zip(
-                fresh, self._prefill_fresh([reqs[i] for i in fresh]), strict=True
-            ):
-                results[i] = (logits, kv)
-        device = self.device
-        for i, (cached, entry) in enumerate(lookups):
-            if i in results:
-                continue
-            req = reqs[i]
-            past = entry.sliced(cached) if entry is not None else []
-            suffix = torch.tensor([req.ids[cached:]], device=device)
-            positions = torch.arange(cached, len(req.ids), device=device)[None]
-            logits, kv = self._forward(suffix, positions, past, None)
-            self.stats.prefill_forwards += 1
-            results[i] = (logits[0], kv)
+        items = []
+        for req in reqs:
+            cached, entry = self.prefix_cache.lookup(req.ids, req.session_id)
+            items.append(PrefillItem(tuple(req.ids), cached, entry))
+        logits, sources, forwards = prefill(self._forward, items, self.device)
+        self.stats.prefill_forwards += forwards
         rows = []
-        for i, req in enumerate(reqs):
-            cached = lookups[i][0]
-            logits, kv = results[i]
+        for req, item in zip(reqs, items, strict=True):
             self.stats.requests += 1
-            self.stats.cached_tokens += cached
+            self.stats.cached_tokens += item.cached
             seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
-            gen = row_generator(seed, logits.device) if req.params.temperature > 0 else None
+            gen = row_generator(seed, logits[0].device) if req.params.temperature > 0 else None
             rows.append(
                 _Row(
                     req=req,
                     stop=StopChecker(req.params, self.eos_token_ids, self._tokenizer),
                     gen=gen,
                     epoch=epoch,
-                    cached_tokens=cached,
+                    cached_tokens=item.cached,
                     length=len(req.ids),
-                    logits=logits,
-                    kv=kv,
                 )
             )
-        return rows
+        return rows, torch.stack(logits), sources
 
-    def _prefill_fresh(self, reqs: list[_Request]) -> list[tuple[torch.Tensor, KV]]:
-        """One left-padded forward over prompts with nothing cached; per-row logits and keys/values.
-
-        Each row's keys/values are cut out of the padded batch, so the padding's
-        (meaningless) keys/values never reach the decode batch, which pads with zeros.
-        """
-        device = self.device
-        width = max(len(r.ids) for r in reqs)
-        pad = [width - len(r.ids) for r in reqs]
-        ids = torch.tensor([[0] * p + r.ids for p, r in zip(pad, reqs, strict=True)], device=device)
-        mask = torch.tensor(
-            [[0] * p + [1] * len(r.ids) for p, r in zip(pad, reqs, strict=True)], device=device
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, positions, [], mask)
-        self.stats.prefill_forwards += 1
-        return [
-            (logits[i], [(k[i : i + 1, :, p:], v[i : i + 1, :, p:]) for k, v in kv])
-            for i, p in enumerate(pad)
-        ]
-
-    def _merge(
-        self, rows: list[_Row], kv: KV, mask: torch.Tensor, new_rows: list[_Row]
-    ) -> tuple[list[_Row], KV, torch.Tensor]:
-        if not new_rows:
-            return rows, kv, mask
-        width = max([mask.shape[1]] + [r.length for r in new_rows])
-        device = self.device
-        parts_kv: list[KV] = []
-        parts_mask: list[torch.Tensor] = []
-        if rows:
-            pad = width - mask.shape[1]
-            parts_kv.append([(_pad_left(k, pad), _pad_left(v, pad)) for k, v in kv])
-            parts_mask.append(torch.cat([mask.new_zeros(len(rows), pad), mask], dim=1))
-        for row in new_rows:
-            row_kv, row.kv = row.kv or [], None
-            pad = width - row.length
-            parts_kv.append([(_pad_left(k, pad), _pad_left(v, pad)) for k, v in row_kv])
-            m = torch.zeros(1, width, dtype=torch.long, device=device)
-            m[:, pad:] = 1
-            parts_mask.append(m)
-        layers = len(parts_kv[0])
-        merged = [
-            (
-                torch.cat([p[layer][0] for p in parts_kv], dim=0),
-                torch.cat([p[layer][1] for p in parts_kv], dim=0),
-            )
-            for layer in range(layers)
-        ]
-        rows = rows + new_rows
-        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(rows))
-        return rows, merged, torch.cat(parts_mask, dim=0)
-
-    def _sample(self, rows: list[_Row]) -> list[int]:
-        """Sample each row's next token; return the indices of rows that are done."""
-        logits = torch.stack([r.logits for r in rows])  # type: ignore[misc]
-        logprobs = torch.log_softmax(logits, dim=-1)
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Sample every row's next token; return the indices of rows that are done."""
+        tokens, logprobs = sample_batch(logits, [r.req.params for r in rows], [r.gen for r in rows])
         finished: list[int] = []
         for i, row in enumerate(rows):
             if row.req.cancelled:
                 finished.append(i)
                 continue
-            token = sample_token(logits[i], row.req.params, row.gen)
-            row.out.append(token)
-            row.logprobs.append(float(logprobs[i, token]))
+            row.out.append(tokens[i])
+            row.logprobs.append(logprobs[i])
             match = row.stop.check(row.out)
             if match is not None:
                 self._finish(row, "stop", match)
@@ -543,48 +478,31 @@ class TransformersGenerator(Generator):
         _deliver(row.req, generation)
 
     def _drop(
-        self, rows: list[_Row], kv: KV, mask: torch.Tensor, finished: list[int]
-    ) -> tuple[list[_Row], KV, torch.Tensor]:
+        self, rows: list[_Row], slab: KVSlab, finished: list[int]
+    ) -> tuple[list[_Row], KVSlab]:
         done = set(finished)
-        width = mask.shape[1]
         for i in finished:
             row = rows[i]
             if row.req.session_id is not None and not row.req.cancelled:
                 # Keys/values exist for every token but the last sampled one.
                 ids = (row.req.ids + row.out)[: row.length]
-                row_kv = [
-                    (
-                        k[i : i + 1, :, width - row.length :].clone(),
-                        v[i : i + 1, :, width - row.length :].clone(),
-                    )
-                    for k, v in kv
-                ]
+                row_kv = slab.row_kv(i, row.length)
                 self.prefix_cache.store_session(row.req.session_id, ids, row_kv, row.epoch)
         keep = [i for i in range(len(rows)) if i not in done]
         with self._cond:
             self._active -= len(done)
             self._cond.notify_all()
-        if not keep:
-            return [], [], mask.new_zeros(0, 0)
-        index = torch.tensor(keep, device=mask.device)
-        mask = mask.index_select(0, index)
-        # Trim the columns that are padding in every remaining row.
-        start = width - max(rows[i].length for i in keep)
-        mask = mask[:, start:]
-        kv = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in kv
-        ]
-        return [rows[i] for i in keep], kv, mask
+        return [rows[i] for i in keep], slab.keep(keep)
 
-    def _decode(self, rows: list[_Row], kv: KV, mask: torch.Tensor) -> tuple[KV, torch.Tensor]:
+    def _decode(self, rows: list[_Row], slab: KVSlab) -> torch.Tensor:
+        """One decode step over every row; the next-token logits ([rows, vocab])."""
         device = self.device
         ids = torch.tensor([[r.out[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.length] for r in rows], device=device)
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        logits, kv = self._forward(ids, positions, kv, mask)
+        mask = slab.attention_mask(1)
+        logits, _ = self._forward(ids, positions, slab.cache(1), mask)
+        slab.advance(1)
         self.stats.decode_forwards += 1
-        for i, row in enumerate(rows):
+        for row in rows:
             row.length += 1
-            row.logits = logits[i]
-        return kv, mask
+        return logits
