@@ -16,7 +16,7 @@ table, writes ``learning.json`` (per-step curves, summaries, the exact configs) 
 ``learning.png`` (reward and accuracy per step for each arm, consult rate of the
 consulting arms).
 
-    python benchmarks/learning.py --steps 12 --prompts 4 --samples 4 --lr 3e-5
+    python benchmarks/learning.py --steps 5 --prompts 4 --samples 4 --lr 5e-5
 """
 
 from __future__ import annotations
@@ -219,10 +219,10 @@ def run_arm(config: TrainConfig, progress: bool) -> tuple[list[dict[str, Any]], 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12, help="training steps per arm")
+    p.add_argument("--steps", type=int, default=5, help="training steps per arm")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--samples", type=int, default=4, help="samples per prompt (group size)")
-    p.add_argument("--lr", type=float, default=3e-5, help="learning rate")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed shared by every arm")
     p.add_argument(
         "--arms",
