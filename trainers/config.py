@@ -156,7 +156,7 @@ class TrainSection(BaseModel):
     overlong_buffer: int = Field(
         default=0,
         ge=0,
-        description="DAPO overlong shaping: penalise responses within this many tokens of the limit (0: off).",
+        description="DAPO overlong shaping: penalise responses within this many tokens of the most the context allows after the prompt (env.max_total_tokens - prompt length; 0: off).",
     )
     overlong_factor: float = Field(
         default=1.0, ge=0.0, description="Largest overlong penalty (subtracted from the reward)."

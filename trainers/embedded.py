@@ -281,10 +281,19 @@ class EmbeddedTrainer:
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
         metrics: dict[str, float] = {}
         if cfg.overlong_buffer:
-            budget = self.config.env.max_new_tokens_per_turn
-            lengths = [t.policy_token_count() for t in trajectories]
-            penalty = overlong_penalty(
-                lengths, budget, min(cfg.overlong_buffer, budget), cfg.overlong_factor
+            # DAPO measures the response against the longest it could have been: the
+            # context left after the prompt (policy, agent and env tokens all count).
+            penalty = torch.cat(
+                [
+                    overlong_penalty(
+                        [len(t.token_ids) - t.prompt_len],
+                        budget,
+                        min(cfg.overlong_buffer, budget),
+                        cfg.overlong_factor,
+                    )
+                    for t in trajectories
+                    for budget in [max(1, self.config.env.max_total_tokens - t.prompt_len)]
+                ]
             )
             rewards = rewards + penalty
             metrics["overlong_penalty_mean"] = float(penalty.mean())
