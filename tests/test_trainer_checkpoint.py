@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_model import random_llama
 
 import trainers.checkpoint as checkpoint
 from trainers.checkpoint import load_latest, restore, save_checkpoint, should_save
@@ -26,20 +26,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        tie_word_embeddings=True,
+def tiny_llama(seed: int):
+    return random_llama(
+        VOCAB, seed=seed, hidden_size=16, layers=1, heads=2, kv_heads=1, max_positions=32
     )
-    return LlamaForCausalLM(config)
 
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine", total_steps=6, weight_decay=0.01)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_model import random_llama
 
 from trainers.logprobs import logprobs_from_logits, response_mask, token_logprobs
 
@@ -20,20 +20,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(seed: int = 0):
+    return random_llama(VOCAB, seed=seed).eval()
 
 
 def direct(model, input_ids, attention_mask):

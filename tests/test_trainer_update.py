@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_model import random_llama
 
 from aipo_env.batch import SOURCE_POLICY, SOURCE_PROMPT, TrajectoryBatch
 from trainers.logprobs import token_logprobs
@@ -24,20 +24,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+def tiny_llama(seed: int = 0):
+    return random_llama(VOCAB, seed=seed, layers=1)
 
 
 def ppo_token_mean_loss(
