@@ -95,9 +95,10 @@ class KVSlab:
 
     @classmethod
     def build(
-        cls, old: KVSlab | None, sources: Sequence[RowSource], headroom: int = HEADROOM
+        cls, old: KVSlab | None, sources: Sequence[RowSource], headroom: int | None = None
     ) -> KVSlab:
         """A new slab holding ``old``'s rows (if any) followed by one row per source."""
+        headroom = HEADROOM if headroom is None else headroom
         lengths = (list(old.lengths) if old is not None else []) + [s.length for s in sources]
         width = max(lengths)
         template = old.layers if old is not None and old.layers else sources[0].kv
@@ -109,19 +110,27 @@ class KVSlab:
                 shift = width - old.width  # type: ignore[union-attr]
                 k[:n_old, :, shift:width].copy_(ok[:, :, : old.width])  # type: ignore[union-attr]
                 v[:n_old, :, shift:width].copy_(ov[:, :, : old.width])  # type: ignore[union-attr]
-            for r, src in enumerate(sources, start=n_old):
+            for first, count, step in _runs(sources):
+                src = sources[first]
                 sk, sv = src.kv[layer]
+                rows = slice(n_old + first, n_old + first + count)
                 col = width - src.length
                 for start, end in src.spans:
-                    k[r, :, col : col + end - start].copy_(sk[src.index, :, start:end])
-                    v[r, :, col : col + end - start].copy_(sv[src.index, :, start:end])
+                    if step:
+                        picked = slice(src.index, src.index + count)
+                        k[rows, :, col : col + end - start].copy_(sk[picked, :, start:end])
+                        v[rows, :, col : col + end - start].copy_(sv[picked, :, start:end])
+                    else:  # one prefill shared by identical prompts
+                        k[rows, :, col : col + end - start].copy_(sk[src.index, :, start:end])
+                        v[rows, :, col : col + end - start].copy_(sv[src.index, :, start:end])
                     col += end - start
         return out
 
-    def keep(self, rows: Sequence[int], headroom: int = HEADROOM) -> KVSlab:
+    def keep(self, rows: Sequence[int], headroom: int | None = None) -> KVSlab:
         """A new slab of only ``rows`` (in that order), trimmed of all-padding columns."""
         if not rows:
             return KVSlab.empty()
+        headroom = HEADROOM if headroom is None else headroom
         lengths = [self.lengths[r] for r in rows]
         width = max(lengths)
         start = self.width - width
@@ -173,6 +182,32 @@ class KVSlab:
         """Record that every row gained ``extra`` computed tokens."""
         self.width += extra
         self.lengths = [n + extra for n in self.lengths]
+
+
+def _runs(sources: Sequence[RowSource]) -> list[tuple[int, int, int]]:
+    """Consecutive sources copyable as one block: (first, count, index step 0 or 1).
+
+    Sources from the same prefill forward with the same spans form a run when their
+    batch indices go up by one (distinct prompts) or stay put (one shared prompt),
+    so a whole group lands in the slab with one copy per layer instead of one per row.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for i, src in enumerate(sources):
+        if runs:
+            first, count, step = runs[-1]
+            head = sources[first]
+            last = sources[i - 1]
+            delta = src.index - last.index
+            if (
+                src.kv is head.kv
+                and src.spans == head.spans
+                and delta in (0, 1)
+                and (count == 1 or delta == step)
+            ):
+                runs[-1] = (first, count + 1, delta)
+                continue
+        runs.append((i, 1, 1))
+    return runs
 
 
 def _allocate(template: KV, rows: int, zeroed: int, capacity: int) -> KV:

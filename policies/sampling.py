@@ -57,14 +57,45 @@ def _filtered_probs(
         kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the first always stays.
-        mass_before = torch.cumsum(probs, dim=-1) - probs
         top_p = torch.tensor([[p.top_p] for p in params], device=device)
-        drop = (mass_before >= top_p) & (top_p < 1.0)
-        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        scores = _nucleus(scores, top_p)
     return torch.softmax(scores, dim=-1)
+
+
+#: Candidates sorted first for top-p; a row whose nucleus is wider falls back to a full sort.
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``scores`` with every token outside each row's top-p nucleus set to -inf.
+
+    A token is dropped when the mass of the tokens ranked before it already reaches
+    ``top_p``; the first always stays. Sorting the whole vocabulary every step is the
+    costly part, so only the best :data:`NUCLEUS_CANDIDATES` are sorted (``topk``) and
+    the full sort runs only for rows whose nucleus is not inside them. The kept set
+    is the same either way: the cumulative mass of the first k sorted tokens does not
+    depend on how many more are sorted.
+    """
+    vocab = scores.shape[-1]
+    k = min(NUCLEUS_CANDIDATES, vocab)
+    top, order = torch.topk(scores, k, dim=-1)
+    total = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(top - total)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    inside = (mass_before[:, -1:] + probs[:, -1:] >= top_p) | (top_p >= 1.0)
+    out = torch.full_like(scores, float("-inf"))
+    keep = top.masked_fill((mass_before >= top_p) & (top_p < 1.0), float("-inf"))
+    out.scatter_(1, order, keep)
+    wide = (~inside[:, 0]).nonzero()[:, 0].tolist()
+    for row in wide:
+        sorted_scores, full_order = torch.sort(scores[row], descending=True)
+        row_probs = torch.softmax(sorted_scores, dim=-1)
+        drop = torch.cumsum(row_probs, dim=-1) - row_probs >= top_p[row, 0]
+        out[row] = scores[row].scatter(
+            0, full_order, sorted_scores.masked_fill(drop, float("-inf"))
+        )
+    # Rows without top-p keep every score.
+    return torch.where(top_p >= 1.0, scores, out)
 
 
 def row_generator(seed: int, device: torch.device) -> torch.Generator:
