@@ -23,67 +23,27 @@ import random
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from policies.base import Generation, GenerationError, Generator, SamplingParams
+from policies.decode_rows import (
+    GeneratorStats,
+    Request,
+    Row,
+    append_tokens,
+    deliver,
+    eos_token_ids,
+)
 from policies.kv_slab import KVSlab
-from policies.prefill import PrefillItem, prefill
+from policies.prefill import PrefillItem, forward_with_cache, prefill
 from policies.prefix_cache import KV, PrefixCache
 from policies.sampling import StopChecker, row_generator, sample_batch
 
+__all__ = ["GeneratorStats", "TransformersGenerator"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GeneratorStats:
-    """Counters of the work done, for tests and benchmarks."""
-
-    requests: int = 0
-    prefill_forwards: int = 0
-    decode_forwards: int = 0
-    max_batch_rows: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass
-class _Request:
-    ids: list[int]
-    params: SamplingParams
-    max_new: int
-    session_id: str | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Generation]
-    cancelled: bool = False
-
-
-@dataclass
-class _Row:
-    req: _Request
-    stop: StopChecker
-    gen: torch.Generator | None
-    epoch: int
-    cached_tokens: int
-    length: int  # tokens whose keys/values are computed
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-
-
-def _deliver(req: _Request, result: Generation | BaseException) -> None:
-    """Hand a result to the awaiting coroutine from the worker thread."""
-
-    def _set() -> None:
-        if req.future.done():
-            return
-        if isinstance(result, BaseException):
-            req.future.set_exception(result)
-        else:
-            req.future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-        req.loop.call_soon_threadsafe(_set)
 
 
 class TransformersGenerator(Generator):
@@ -188,19 +148,7 @@ class TransformersGenerator(Generator):
             )
         self._max_context = int(max_context)
         self.max_batch_size = max_batch_size
-        eos: set[int] = set()
-        for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-            if isinstance(source, int):
-                eos.add(source)
-            elif isinstance(source, (list, tuple)):
-                eos.update(int(t) for t in source)
-        gen_config = getattr(model, "generation_config", None)
-        gen_eos = getattr(gen_config, "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            eos.add(gen_eos)
-        elif isinstance(gen_eos, (list, tuple)):
-            eos.update(int(t) for t in gen_eos)
-        self.eos_token_ids = sorted(eos)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.prefix_cache = PrefixCache(
             max_sessions=max_cached_sessions, max_tokens=max_cached_tokens
         )
@@ -210,7 +158,7 @@ class TransformersGenerator(Generator):
         self.weights_lock = threading.Lock()
         self._rng = random.Random(seed)
         self._cond = threading.Condition()
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self._active = 0
         self._pauses = 0
         self._stopping = False
@@ -246,7 +194,7 @@ class TransformersGenerator(Generator):
         if not ids:
             raise ValueError("input_ids is empty; expected at least one prompt token")
         loop = asyncio.get_running_loop()
-        req = _Request(
+        req = Request(
             ids=ids,
             params=params,
             max_new=min(params.max_new_tokens, self._max_context - len(ids)),
@@ -325,7 +273,7 @@ class TransformersGenerator(Generator):
     # -- the worker ----------------------------------------------------------
 
     def _run(self) -> None:
-        rows: list[_Row] = []
+        rows: list[Row] = []
         slab = KVSlab.empty()
         logits: torch.Tensor | None = None
         while True:
@@ -339,7 +287,7 @@ class TransformersGenerator(Generator):
                     failed = [r.req for r in rows] + list(self._queue)
                     self._queue.clear()
                     break
-                admitted: list[_Request] = []
+                admitted: list[Request] = []
                 while (
                     self._queue
                     and not self._pauses
@@ -347,7 +295,7 @@ class TransformersGenerator(Generator):
                 ):
                     admitted.append(self._queue.popleft())
                 self._active += len(admitted)
-            joined: list[_Request] = []
+            joined: list[Request] = []
             try:
                 with torch.inference_mode():
                     if admitted:
@@ -370,44 +318,22 @@ class TransformersGenerator(Generator):
                     q for q in admitted if id(q) not in in_rows and q not in joined
                 ]
                 for req in failed_reqs:
-                    _deliver(req, error)
+                    deliver(req, error)
                 rows, slab, logits = [], KVSlab.empty(), None
                 with self._cond:
                     self._active -= len(failed_reqs)
                     self._cond.notify_all()
         for req in failed:
-            _deliver(req, GenerationError("the generator was closed before this request finished"))
+            deliver(req, GenerationError("the generator was closed before this request finished"))
         with self._cond:
             self._active = 0
             self._cond.notify_all()
 
     def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        past: KV | object,
-        mask: torch.Tensor | None,
+        self, ids: torch.Tensor, positions: torch.Tensor, past: object, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, KV]:
-        """One forward; ``past`` is per-layer keys/values or a ready transformers cache."""
-        from transformers import DynamicCache
-
-        if isinstance(past, list):
-            cache = DynamicCache()
-            for layer, (k, v) in enumerate(past):
-                cache.update(k, v, layer)
-        else:
-            cache = past
         with self.weights_lock:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        new_cache = out.past_key_values
-        return out.logits[:, -1].float(), [(lay.keys, lay.values) for lay in new_cache.layers]
+            return forward_with_cache(self.model, ids, positions, past, mask)
 
     def _ensure_static_prefixes(self) -> None:
         device = self.device
@@ -419,7 +345,7 @@ class TransformersGenerator(Generator):
             self.stats.prefill_forwards += 1
             self.prefix_cache.set_static_kv(ids, kv, epoch)
 
-    def _prefill_all(self, reqs: list[_Request]) -> tuple[list[_Row], torch.Tensor, list]:
+    def _prefill_all(self, reqs: list[Request]) -> tuple[list[Row], torch.Tensor, list]:
         """Prefill admitted requests in padded groups; their rows, logits and keys/values."""
         self._ensure_static_prefixes()
         epoch = self.prefix_cache.epoch
@@ -436,7 +362,7 @@ class TransformersGenerator(Generator):
             seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(63)
             gen = row_generator(seed, logits[0].device) if req.params.temperature > 0 else None
             rows.append(
-                _Row(
+                Row(
                     req=req,
                     stop=StopChecker(req.params, self.eos_token_ids, self._tokenizer),
                     gen=gen,
@@ -447,39 +373,12 @@ class TransformersGenerator(Generator):
             )
         return rows, torch.stack(logits), sources
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Sample every row's next token; return the indices of rows that are done."""
         tokens, logprobs = sample_batch(logits, [r.req.params for r in rows], [r.gen for r in rows])
-        finished: list[int] = []
-        for i, row in enumerate(rows):
-            if row.req.cancelled:
-                finished.append(i)
-                continue
-            row.out.append(tokens[i])
-            row.logprobs.append(logprobs[i])
-            match = row.stop.check(row.out)
-            if match is not None:
-                self._finish(row, "stop", match)
-                finished.append(i)
-            elif len(row.out) >= row.req.max_new:
-                self._finish(row, "length", None)
-                finished.append(i)
-        return finished
+        return append_tokens(rows, tokens, logprobs)
 
-    def _finish(self, row: _Row, reason: str, match: str | int | None) -> None:
-        generation = Generation(
-            token_ids=row.out,
-            logprobs=row.logprobs,
-            finish_reason=reason,  # type: ignore[arg-type]
-            stop_match=match,
-            prompt_tokens=len(row.req.ids),
-            cached_tokens=row.cached_tokens,
-        )
-        _deliver(row.req, generation)
-
-    def _drop(
-        self, rows: list[_Row], slab: KVSlab, finished: list[int]
-    ) -> tuple[list[_Row], KVSlab]:
+    def _drop(self, rows: list[Row], slab: KVSlab, finished: list[int]) -> tuple[list[Row], KVSlab]:
         done = set(finished)
         for i in finished:
             row = rows[i]
@@ -494,7 +393,7 @@ class TransformersGenerator(Generator):
             self._cond.notify_all()
         return [rows[i] for i in keep], slab.keep(keep)
 
-    def _decode(self, rows: list[_Row], slab: KVSlab) -> torch.Tensor:
+    def _decode(self, rows: list[Row], slab: KVSlab) -> torch.Tensor:
         """One decode step over every row; the next-token logits ([rows, vocab])."""
         device = self.device
         ids = torch.tensor([[r.out[-1]] for r in rows], device=device)
