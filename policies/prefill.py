@@ -75,23 +75,22 @@ def plan_groups(
 ) -> list[list[int]]:
     """Split prompts (by index) into forward groups of similar suffix length.
 
-    Longest first; a prompt joins the current group while the group's padded size
-    stays within 1.5 times its real tokens plus 64 and within ``max_tokens``.
+    Longest first; a prompt joins the current group while its padding (the group's
+    longest suffix minus its own) is at most a quarter of that longest suffix or at
+    most 32 tokens, and the group's padded size stays within ``max_tokens``.
     """
     order = sorted(range(len(suffix_lengths)), key=lambda i: -suffix_lengths[i])
     groups: list[list[int]] = []
-    real = 0
     for i in order:
         s = suffix_lengths[i]
         if groups:
             group = groups[-1]
-            padded = (len(group) + 1) * suffix_lengths[group[0]]
-            if padded <= 1.5 * (real + s) + 64 and padded <= max_tokens:
+            longest = suffix_lengths[group[0]]
+            similar = longest - s <= max(longest // 4, 32)
+            if similar and (len(group) + 1) * longest <= max_tokens:
                 group.append(i)
-                real += s
                 continue
         groups.append([i])
-        real = s
     return groups
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from policies.base import ContextOverflowError, GenerationError, SamplingParams
+from policies.prefill import PrefillItem, forward_with_cache, plan_groups, prefill
+from policies.sampling import _filtered_probs, sample_batch
 from policies.transformers_generator import GeneratorStats, TransformersGenerator
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
@@ -232,6 +234,134 @@ async def test_closed_generator_refuses_requests(gen):
     await other.aclose()
     with pytest.raises(GenerationError, match="closed"):
         await other.generate(encode(gen, TEXTS[0]), GREEDY)
+
+
+async def test_cache_hits_prefilled_in_one_batch_match_fresh_runs(gen):
+    prompts = [encode(gen, t) for t in TEXTS[:3]]
+    firsts = [await gen.generate(p, GREEDY, session_id=f"batch-{i}") for i, p in enumerate(prompts)]
+    feedback = encode(gen, " <feedback>check it</feedback>")
+    turns = [p + f.token_ids + feedback for p, f in zip(prompts, firsts, strict=True)]
+    turns.append(encode(gen, TEXTS[3]))  # a fresh prompt in the same admission
+    expected = [await gen.generate(t, GREEDY) for t in turns]
+    gen.stats = GeneratorStats()
+    gen.pause()
+    tasks = [
+        asyncio.create_task(gen.generate(t, GREEDY, session_id=f"batch-{i}"))
+        for i, t in enumerate(turns)
+    ]
+    await wait_until_queued(gen, len(turns))
+    gen.resume()
+    got = await asyncio.gather(*tasks)
+    assert gen.stats.prefill_forwards == 1
+    assert [g.cached_tokens for g in got[:3]] == [
+        len(p) + len(f.token_ids) - 1 for p, f in zip(prompts, firsts, strict=True)
+    ]
+    assert got[3].cached_tokens == 0
+    for g, e in zip(got, expected, strict=True):
+        assert g.token_ids == e.token_ids
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+
+
+def test_identical_prompts_share_one_prefill_row(gen):
+    prompt = tuple(encode(gen, TEXTS[1]))
+    other = tuple(encode(gen, TEXTS[2]))
+    widths: list[int] = []
+
+    def forward(ids, positions, past, mask):
+        widths.append(ids.shape[0])
+        return forward_with_cache(gen.model, ids, positions, past, mask)
+
+    items = [
+        PrefillItem(prompt, 0, None),
+        PrefillItem(other, 0, None),
+        PrefillItem(prompt, 0, None),
+    ]
+    with torch.inference_mode():
+        logits, sources, forwards = prefill(forward, items, gen.device)
+    assert (forwards, widths) == (1, [2])
+    assert torch.equal(logits[0], logits[2])
+    assert sources[0].index == sources[2].index != sources[1].index
+    assert [s.length for s in sources] == [len(prompt), len(other), len(prompt)]
+
+
+def test_prefill_groups_keep_padding_bounded():
+    lengths = [240, 10, 238, 12, 240, 600]
+    groups = plan_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert {frozenset(g) for g in groups} == {
+        frozenset({5}),
+        frozenset({0, 2, 4}),
+        frozenset({1, 3}),
+    }
+    assert plan_groups([100] * 10, max_tokens=300) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+async def test_rows_joining_and_leaving_mid_decode_match_single_runs(gen):
+    long_params = SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
+    long_prompt, short_prompt = encode(gen, TEXTS[0]), encode(gen, TEXTS[3])
+    long_single = await gen.generate(long_prompt, long_params)
+    short_single = await gen.generate(short_prompt, GREEDY)
+    gen.stats = GeneratorStats()
+    long_task = asyncio.create_task(gen.generate(long_prompt, long_params))
+    while gen.stats.decode_forwards < 2:  # the long row is decoding alone
+        await asyncio.sleep(0)
+    short = await gen.generate(short_prompt, GREEDY)
+    long = await long_task
+    assert gen.stats.max_batch_rows == 2
+    assert short.token_ids == short_single.token_ids
+    assert long.token_ids == long_single.token_ids
+    assert long.logprobs == pytest.approx(long_single.logprobs, abs=1e-4)
+
+
+async def test_keys_values_buffers_grow_without_changing_outputs(gen, monkeypatch):
+    prompt = encode(gen, TEXTS[2])
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    roomy = await gen.generate(prompt, params, session_id="grow")
+    monkeypatch.setattr("policies.kv_slab.HEADROOM", 1)  # every step outgrows the buffers
+    tight = await gen.generate(prompt, params)
+    assert tight.token_ids == roomy.token_ids
+    assert tight.logprobs == pytest.approx(roomy.logprobs, abs=1e-5)
+    turn2 = prompt + tight.token_ids + encode(gen, " ok")
+    reused = await gen.generate(turn2, GREEDY, session_id="grow")
+    assert reused.cached_tokens == len(prompt) + len(tight.token_ids) - 1
+    assert reused.token_ids == (await gen.generate(turn2, GREEDY)).token_ids
+
+
+def test_batched_sampling_matches_each_row_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_k=20, seed=1),
+        SamplingParams(temperature=1.2, top_p=0.9, seed=2),
+        SamplingParams(temperature=1.0, top_k=50, top_p=0.5, seed=3),
+    ]
+
+    def gens():
+        return [None] + [torch.Generator().manual_seed(p.seed) for p in params[1:]]
+
+    tokens, logprobs = sample_batch(logits, params, gens())
+    alone = [
+        sample_batch(logits[i : i + 1], [params[i]], [gens()[i]])[0][0] for i in range(len(params))
+    ]
+    assert tokens == alone
+    assert tokens[0] == int(logits[0].argmax())
+    expected = torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor(tokens)]
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.01])  # peaked: nucleus in the candidates; flat: not
+def test_top_p_keeps_exactly_the_full_sort_nucleus(scale):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 2000) * scale
+    params = [SamplingParams(top_p=p) for p in (0.3, 0.9, 1.0)]
+    probs = _filtered_probs(logits, params, [0, 1, 2])
+    for row, p in enumerate(params):
+        sorted_logits, order = torch.sort(logits[row], descending=True)
+        mass = torch.softmax(sorted_logits, -1)
+        keep = ((torch.cumsum(mass, -1) - mass) < p.top_p) | (p.top_p == 1.0)
+        expected = set(order[keep].tolist())
+        assert set(probs[row].nonzero()[:, 0].tolist()) == expected
 
 
 @pytest.mark.slow
