@@ -6,9 +6,14 @@ per second of: ``model.generate`` one prompt at a time and left-padded in one ba
 (gathered into one decode batch); and consult-like multi-turn trajectories (generate,
 append an injected feedback segment, generate again) with and without session
 prefix reuse. Every run is greedy with EOS ignored, so all produce the same number
-of tokens. Prints the figures and writes ``generation.json`` and ``generation.png``.
+of tokens. Prints the figures and writes ``generation.json`` and ``generation.png``
+(``--tag`` names them ``generation.<tag>.*``), with the load average of the machine
+before and after, since other processes sharing the CPU change every figure.
 
     python benchmarks/generation.py --prompts 8 --max-new-tokens 32 --turns 3
+    # the trainer's rollout shape: 32 distinct ~240-token prompts at once
+    python benchmarks/generation.py --prompts 32 --prompt-tokens 240 --turns 0 \
+        --no-sequential --tag batch32
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +48,19 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     """The chat-templated prompt ids of one question."""
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
+
+
+def long_chat_ids(tokenizer, question: str, index: int, tokens: int) -> list[int]:
+    """A distinct chat prompt of about ``tokens`` tokens: a numbered passage, then the question."""
+    sentence = f"Note {index}: a rollout prompt carries context the policy reads before answering. "
+    passage = ""
+    while len(tokenizer.encode(passage, add_special_tokens=False)) < tokens:
+        passage += sentence
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": passage}, {"role": "user", "content": question}],
+        add_generation_prompt=True,
     )
     return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
 
@@ -115,7 +134,14 @@ async def run(args: argparse.Namespace) -> dict:
     path = ensure_default_model()
     gen = TransformersGenerator(str(path), device="cpu", max_batch_size=args.prompts)
     model, tokenizer = gen.model, gen.tokenizer
-    prompts = [chat_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(args.prompts)]
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
+    if args.prompt_tokens:
+        prompts = [
+            long_chat_ids(tokenizer, q, i, args.prompt_tokens) for i, q in enumerate(questions)
+        ]
+    else:
+        prompts = [chat_ids(tokenizer, q) for q in questions]
+    load_before = os.getloadavg()
     total = args.prompts * args.max_new_tokens
     # Warm up kernels and allocators once so the first measurement is not penalised.
     await embedded(gen, prompts[:1], 4, concurrent=False)
@@ -132,21 +158,23 @@ async def run(args: argparse.Namespace) -> dict:
         }
         print(f"{name:38s} {tokens:6d} tokens {seconds:8.2f} s {tokens / seconds:9.1f} tok/s")
 
-    record(
-        "hf_generate_sequential",
-        hf_generate(model, tokenizer, prompts, args.max_new_tokens, batch=False),
-        total,
-    )
+    if args.sequential:
+        record(
+            "hf_generate_sequential",
+            hf_generate(model, tokenizer, prompts, args.max_new_tokens, batch=False),
+            total,
+        )
     record(
         "hf_generate_batched",
         hf_generate(model, tokenizer, prompts, args.max_new_tokens, batch=True),
         total,
     )
-    record(
-        "embedded_sequential",
-        await embedded(gen, prompts, args.max_new_tokens, concurrent=False),
-        total,
-    )
+    if args.sequential:
+        record(
+            "embedded_sequential",
+            await embedded(gen, prompts, args.max_new_tokens, concurrent=False),
+            total,
+        )
     gen.stats = GeneratorStats()
     seconds = await embedded(gen, prompts, args.max_new_tokens, concurrent=True)
     record(
@@ -157,7 +185,7 @@ async def run(args: argparse.Namespace) -> dict:
         max_batch_rows=gen.stats.max_batch_rows,
     )
     traj_tokens = total * args.turns
-    for reuse in (False, True):
+    for reuse in (False, True) if args.turns > 0 else ():
         gen.weights_updated()  # start each variant with empty caches
         r = await trajectories(gen, prompts, args.max_new_tokens, args.turns, reuse)
         record(
@@ -178,6 +206,8 @@ async def run(args: argparse.Namespace) -> dict:
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "turns": args.turns,
+        "prompt_tokens": [min(len(p) for p in prompts), max(len(p) for p in prompts)],
+        "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }
 
@@ -192,7 +222,8 @@ def plot(report: dict, out: Path) -> None:
     names = list(report["results"])
     values = [report["results"][n]["tokens_per_s"] for n in names]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh(names, values, color=["#999999", "#666666", "#4c72b0", "#2b5aa0", "#dd8452", "#c44e52"])
+    palette = ["#999999", "#666666", "#4c72b0", "#2b5aa0", "#dd8452", "#c44e52"]
+    ax.barh(names, values, color=palette[: len(names)])
     ax.invert_yaxis()
     ax.set_xlabel("new tokens per second (greedy, CPU)")
     ax.set_title(
@@ -216,7 +247,22 @@ def main() -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=32, help="tokens generated per request and turn"
     )
-    parser.add_argument("--turns", type=int, default=3, help="turns per multi-turn trajectory")
+    parser.add_argument(
+        "--turns", type=int, default=3, help="turns per multi-turn trajectory (0: skip them)"
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="pad each prompt with a distinct system passage to about this many tokens (0: none)",
+    )
+    parser.add_argument(
+        "--no-sequential",
+        dest="sequential",
+        action="store_false",
+        help="skip the one-prompt-at-a-time runs (slow for many prompts)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the output names: generation.<tag>.*")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results", help="output folder"
@@ -224,9 +270,11 @@ def main() -> None:
     args = parser.parse_args()
     report = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generation.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "generation.png")
-    print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")
+    stem = f"generation.{args.tag}" if args.tag else "generation"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"{stem}.png")
+    print(f"load average (1 min) before and after: {report['load_average_1m']}")
+    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
 
 
 if __name__ == "__main__":

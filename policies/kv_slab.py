@@ -152,8 +152,13 @@ class KVSlab:
             for k, v in self.layers
         ]
 
-    def attention_mask(self, extra: int) -> torch.Tensor:
-        """The ``[rows, width + extra]`` padding mask of a step that appends ``extra`` tokens per row."""
+    def attention_mask(self, extra: int) -> torch.Tensor | None:
+        """The ``[rows, width + extra]`` padding mask of a step appending ``extra`` tokens per row.
+
+        None when no row is padded, so attention needs no mask at all.
+        """
+        if all(n == self.width for n in self.lengths):
+            return None
         device = self.layers[0][0].device
         starts = self.width - torch.tensor(self.lengths, device=device)
         columns = torch.arange(self.width + extra, device=device)
