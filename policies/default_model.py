@@ -59,14 +59,14 @@ def ensure_default_model() -> Path:
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from policies.loading import load_causal_lm
 
     source = gguf_path()
     logger.info("converting %s to %s (once)", source, target)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
+    model = load_causal_lm(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is dropped;
     # the weights are already dequantized in memory.
     model.hf_quantizer = None

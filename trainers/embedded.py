@@ -207,7 +207,9 @@ class EmbeddedTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _load_policy(self) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from policies.loading import load_causal_lm
 
         cfg = self.config.policy
         path = resolve_model_path(cfg.model)
@@ -215,9 +217,7 @@ class EmbeddedTrainer:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype)).to(
-            device
-        )
+        model = load_causal_lm(path, dtype=getattr(torch, cfg.dtype)).to(device)
         return model, tokenizer
 
     def _make_tasks(self) -> tuple[Task, Task | None]:

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from policies.base import ContextOverflowError, GenerationError, SamplingParams
+from policies.loading import load_causal_lm
 from policies.transformers_generator import TransformersGenerator
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
@@ -239,15 +240,10 @@ class LoopbackSGLangServer:
             return 400, {"success": False, "message": "model_path is required"}
 
         def load() -> None:
-            from transformers import AutoModelForCausalLM
-
-            new = AutoModelForCausalLM.from_pretrained(path)
+            new = load_causal_lm(path)
             self.generator.pause()
             try:
-                # Tied weights (lm_head sharing the embeddings) may come back as meta
-                # tensors; the tie carries them over.
-                state = {k: v for k, v in new.state_dict().items() if not v.is_meta}
-                self.generator.model.load_state_dict(state, strict=False)
+                self.generator.model.load_state_dict(new.state_dict())
                 self.generator.weights_updated()
             finally:
                 self.generator.resume()
