@@ -173,19 +173,31 @@ def render_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_arms(curves: dict[str, list[dict[str, Any]]], out_png: str | Path) -> Path:
-    """Reward and accuracy per step for every arm, and consult rate for the consulting arms."""
+def plot_arms(
+    curves: dict[str, list[dict[str, Any]]],
+    out_png: str | Path,
+    consulting_arms: list[str] | None = None,
+) -> Path:
+    """Reward and accuracy per step for every arm, and consult rate for the consulting arms.
+
+    ``consulting_arms`` names the arms that were allowed to consult (their consult rate
+    is drawn even when it stayed 0); by default, the arms that consulted at all.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [("reward_mean", "train reward"), ("accuracy", "train accuracy")]
-    consulting = {
-        arm: recs for arm, recs in curves.items() if any(r.get("consult_rate") for r in recs)
-    }
+    if consulting_arms is None:
+        consulting_arms = [
+            a for a, recs in curves.items() if any(r.get("consult_rate") for r in recs)
+        ]
+    consulting = {arm: curves[arm] for arm in consulting_arms if arm in curves}
     if consulting:
         panels.append(("consult_rate", "consult rate"))
+    # One colour per arm in every panel.
+    colors = {arm: f"C{i}" for i, arm in enumerate(curves)}
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True)
     for ax, (key, label) in zip(axes, panels, strict=True):
         source = consulting if key == "consult_rate" else curves
@@ -193,7 +205,7 @@ def plot_arms(curves: dict[str, list[dict[str, Any]]], out_png: str | Path) -> P
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker=".", label=arm)
+                ax.plot(steps, values, marker=".", label=arm, color=colors[arm])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -204,6 +216,16 @@ def plot_arms(curves: dict[str, list[dict[str, Any]]], out_png: str | Path) -> P
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
     return out
+
+
+def consulting_arms(configs: dict[str, TrainConfig]) -> list[str]:
+    """The arms whose episodes may consult at some step."""
+    return [
+        arm
+        for arm, cfg in configs.items()
+        if cfg.env.max_consults > 0
+        and max(cfg.rollout.schedule.start_fraction, cfg.rollout.schedule.end_fraction) > 0
+    ]
 
 
 def run_arm(config: TrainConfig, progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -300,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
     }
     (out / "learning.json").write_text(json.dumps(result, indent=2, default=str))
-    plot = plot_arms(curves, out / "learning.png")
+    plot = plot_arms(curves, out / "learning.png", consulting_arms(configs))
     print(f"wrote {out / 'learning.json'} and {plot}")
     return 0
 

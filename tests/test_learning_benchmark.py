@@ -140,6 +140,13 @@ def test_plot_has_a_consult_panel_only_when_an_arm_consulted(tmp_path):
     three = learning.plot_arms({"grpo": flat, "aipo": consulted}, tmp_path / "three.png")
     h2, h3 = Image.open(two).size[1], Image.open(three).size[1]
     assert h3 > h2  # one more panel of the same height
+    # An arm allowed to consult gets its panel even when its rate stayed 0.
+    named = learning.plot_arms({"grpo": flat, "aipo": flat}, tmp_path / "named.png", ["aipo"])
+    assert Image.open(named).size[1] == h3
+
+
+def test_consulting_arms_are_those_allowed_to_consult(tmp_path):
+    assert learning.consulting_arms(_configs(tmp_path)) == ["aipo", "aipo_mask"]
 
 
 @pytest.mark.slow
