@@ -18,7 +18,7 @@ from typing import Any, Literal
 import gymnasium
 import numpy as np
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.base import DEFAULT_AGENT_NAMES, AgentReply, ConsultRequest, ConsultService
 from aipo_env import protocol
@@ -107,6 +107,32 @@ class EnvConfig(BaseModel):
     policy_version: int | str | None = Field(
         default=None, description="Weights version recorded on each trajectory."
     )
+    auto_consult: str | None = Field(
+        default=None,
+        description=(
+            "Open every episode that may consult with a consult to this agent, written by the "
+            "env (source env, never trained) and answered like the policy's own: small models "
+            "that never write a consult tag still receive agent guidance to learn from. "
+            "None (default): only the policy decides when to consult. Inline format, train mode."
+        ),
+    )
+    auto_consult_question: str = Field(
+        default="{question}",
+        description="The auto consult's question; {question} is the problem statement.",
+    )
+
+    @model_validator(mode="after")
+    def _auto_consult_fits(self) -> EnvConfig:
+        if self.auto_consult is not None:
+            if self.auto_consult not in self.agent_names:
+                raise ValueError(
+                    f"auto_consult agent {self.auto_consult!r} is not in agent_names {self.agent_names}"
+                )
+            if self.format != "inline":
+                raise ValueError(
+                    "auto_consult needs format 'inline' (a chat render has no place for it)"
+                )
+        return self
 
 
 @dataclass
@@ -348,7 +374,38 @@ class ConsultEnv(gymnasium.Env):
         }
         if len(ids) >= self.config.max_total_tokens:
             info["trajectory"] = await self._finish(episode, "context_overflow", score=False)
+        elif self._auto_consults(episode):
+            injected = await self._auto_consult(episode)
+            if injected is None:
+                info["trajectory"] = await self._finish(episode, "context_overflow", score=False)
+            else:
+                ids = ids + injected[0]
+                info["sources"] = info["sources"] + injected[1]
         return np.asarray(ids, dtype=np.int64), info
+
+    def _auto_consults(self, episode: _Episode) -> bool:
+        return (
+            self.config.auto_consult is not None
+            and self.config.mode == "train"
+            and episode.allow_consult
+            and episode.max_consults > 0
+            and self.agents is not None
+        )
+
+    async def _auto_consult(self, episode: _Episode) -> tuple[list[int], list[str]] | None:
+        """Write the opening consult as env tokens and inject its answer (None on overflow)."""
+        question = self.config.auto_consult_question.replace("{question}", episode.problem.question)
+        text = f'<consult agent="{self.config.auto_consult}">{question}</consult>'
+        tag = self._encode(text)
+        start = len(episode.token_ids)
+        episode.extend(tag, SOURCE_ENV_NAME, 0, [None] * len(tag))
+        # An empty policy segment: the env spoke for the policy this once.
+        turn = Turn(index=0, policy_start=start, policy_end=start, generation_finish="auto_consult")
+        episode.turns.append(turn)
+        injected = await self._answer(episode, text, turn)
+        if injected is None:
+            return None
+        return tag + injected[0], [SOURCE_ENV_NAME] * len(tag) + injected[1]
 
     async def astep(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Append one policy segment; answer its consult or end the episode."""
