@@ -70,9 +70,10 @@ class TransformersGenerator(Generator):
         max_cached_sessions: int = 64,
         max_cached_tokens: int = 65536,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from policies.default_model import resolve_model_path
+        from policies.loading import load_causal_lm
 
         path = resolve_model_path(model)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,7 +82,7 @@ class TransformersGenerator(Generator):
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev)
+        lm = load_causal_lm(path, dtype=dtype).to(dev)
         lm.eval()
         self._setup(
             lm,
@@ -295,7 +296,6 @@ class TransformersGenerator(Generator):
                 ):
                     admitted.append(self._queue.popleft())
                 self._active += len(admitted)
-            joined: list[Request] = []
             try:
                 with torch.inference_mode():
                     if admitted:
@@ -303,7 +303,6 @@ class TransformersGenerator(Generator):
                         slab = KVSlab.build(slab if rows else None, sources)
                         logits = torch.cat([logits, new_logits]) if rows else new_logits
                         rows = rows + new_rows
-                        joined = admitted
                         self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(rows))
                     assert logits is not None
                     finished = self._sample(rows, logits)
@@ -314,9 +313,7 @@ class TransformersGenerator(Generator):
                 logger.exception("generation step failed")
                 error = GenerationError(f"embedded generation failed: {exc!r}")
                 in_rows = {id(r.req) for r in rows}
-                failed_reqs = [r.req for r in rows] + [
-                    q for q in admitted if id(q) not in in_rows and q not in joined
-                ]
+                failed_reqs = [r.req for r in rows] + [q for q in admitted if id(q) not in in_rows]
                 for req in failed_reqs:
                     deliver(req, error)
                 rows, slab, logits = [], KVSlab.empty(), None
