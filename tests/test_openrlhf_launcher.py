@@ -107,3 +107,16 @@ def test_direct_driver_without_ray_submit_and_overrides(tmp_path):
     executor = Path(command[command.index("--train.agent_func_path") + 1])
     assert executor.is_absolute() and executor.name == "executor.py" and executor.is_file()
     assert parse_openrlhf_args(command[3:]).actor.adam.lr == pytest.approx(3e-7)
+
+
+def test_dry_run_before_serving_prints_the_command_and_a_note(tmp_path, capsys):
+    missing = str(tmp_path / "not-yet.json")
+    overrides = {"executor.endpoints_file": missing}
+    assert run_openrlhf(RECIPES[0], dry_run=True, overrides=overrides) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "trainers.openrlhf.entry" in out and f"endpoints file {missing} does not exist yet" in err
+    )
+    # A real launch still refuses to start without the agents' endpoints.
+    with pytest.raises(FileNotFoundError, match="start the agents with 'aipo serve' first"):
+        build_command(load_recipe(RECIPES[0], overrides))

@@ -44,13 +44,24 @@ def flag_argv(flags: dict[str, Any]) -> list[str]:
     return argv
 
 
-def executor_payload(config: ExecutorConfig) -> dict[str, Any]:
-    """The executor config as workers receive it, with the endpoints file inlined."""
+def executor_payload(config: ExecutorConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """The executor config as workers receive it, with the endpoints file inlined.
+
+    A dry run may be made before ``aipo serve`` has written the file: it then says so on
+    stderr and leaves the endpoints out of the printed command.
+    """
     payload = config.model_dump()
     path = payload.pop("endpoints_file")
     payload["endpoints"] = None
     if path:
         file = Path(path)
+        if not file.is_file() and dry_run:
+            print(
+                f"note: endpoints file {file} does not exist yet; a real launch inlines it "
+                "(start the agents with 'aipo serve' first)",
+                file=sys.stderr,
+            )
+            return payload
         if not file.is_file():
             raise FileNotFoundError(
                 f"endpoints file {file} not found; start the agents with 'aipo serve' first"
@@ -59,12 +70,12 @@ def executor_payload(config: ExecutorConfig) -> dict[str, Any]:
     return payload
 
 
-def runtime_env(recipe: OpenRLHFRecipe) -> dict[str, Any]:
+def runtime_env(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> dict[str, Any]:
     """The Ray runtime env of the job."""
     env_vars = {
         **recipe.ray.env_vars,
         LOSS_CONFIG_ENV: loss_config_to_env(recipe.agent_loss),
-        EXECUTOR_CONFIG_ENV: json.dumps(executor_payload(recipe.executor)),
+        EXECUTOR_CONFIG_ENV: json.dumps(executor_payload(recipe.executor, dry_run=dry_run)),
         HOOK_MARKER_ENV: "1",
     }
     env: dict[str, Any] = {"env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK}
@@ -83,15 +94,15 @@ def training_argv(recipe: OpenRLHFRecipe) -> list[str]:
     return ["--train.agent_func_path", executor, *flag_argv(recipe.openrlhf)]
 
 
-def build_command(recipe: OpenRLHFRecipe) -> list[str]:
-    """The full command line (a list, for subprocess)."""
+def build_command(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> list[str]:
+    """The full command line (a list, for subprocess); ``dry_run`` tolerates a missing endpoints file."""
     driver = ["python", "-m", "trainers.openrlhf.entry", *training_argv(recipe)]
     if not recipe.ray.submit:
         return driver
     return [
         "ray", "job", "submit",
         "--address", recipe.ray.address,
-        "--runtime-env-json", json.dumps(runtime_env(recipe), sort_keys=True),
+        "--runtime-env-json", json.dumps(runtime_env(recipe, dry_run=dry_run), sort_keys=True),
         "--", *driver,
     ]  # fmt: skip
 
@@ -124,7 +135,7 @@ def run_openrlhf(
     """``aipo train --engine openrlhf``: print (dry run) or run the launch command; returns the exit code."""
     recipe = load_recipe(config_path, overrides)
     check_flags(recipe)
-    command = build_command(recipe)
+    command = build_command(recipe, dry_run=dry_run)
     if dry_run:
         print(shlex.join(command))
         return 0
