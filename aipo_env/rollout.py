@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.base import ConsultService
-from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.config import EnvConfig
+from aipo_env.env import ConsultEnv
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
 from policies.base import ContextOverflowError, Generator, SamplingParams
 from tasks.base import Task

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 
-from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.config import EnvConfig
+from aipo_env.env import ConsultEnv
 from aipo_env.trajectory import Trajectory
 from policies.base import SamplingParams
 

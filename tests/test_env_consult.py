@@ -10,7 +10,8 @@ from gymnasium.utils.env_checker import check_env
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator, scripted_logprob
 
 from agents.base import AgentReply
-from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.config import EnvConfig
+from aipo_env.env import ConsultEnv
 from aipo_env.trajectory import Trajectory
 from policies.base import SamplingParams
 

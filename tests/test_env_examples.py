@@ -8,7 +8,8 @@ import gymnasium
 from scripted import AdditionTask, ScriptedGenerator
 
 import aipo_env
-from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.config import EnvConfig
+from aipo_env.env import ConsultEnv
 from aipo_env.envs_cli import run as envs_run
 from aipo_env.examples.python_tool import PythonRunner, PythonToolEnv
 from aipo_env.rollout import RolloutConfig, RolloutDriver

@@ -7,7 +7,7 @@ import json
 import pytest
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 
-from aipo_env.env import EnvConfig
+from aipo_env.config import EnvConfig
 from aipo_env.rollout import ConsultSchedule, RolloutConfig, RolloutDriver
 from aipo_env.trajectory import read_jsonl
 

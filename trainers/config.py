@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.pool import AgentPoolConfig
-from aipo_env.env import EnvConfig
+from aipo_env.config import EnvConfig
 from aipo_env.rollout import RolloutConfig
 from policies import SGLANG_SCHEME
 from trainers.advantages import ESTIMATORS

@@ -257,7 +257,7 @@ async def evaluate(
     ``generator`` overrides the one ``config.model`` names (tests, a shared engine).
     Raises :class:`EvalInputError` on bad input before any sampling starts.
     """
-    from aipo_env.env import EnvConfig
+    from aipo_env.config import EnvConfig
     from aipo_env.rollout import RolloutConfig, RolloutDriver
     from aipo_env.trajectory import TrajectoryWriter
 

@@ -21,7 +21,8 @@ import time
 from typing import Any
 
 from agents.base import AgentReply, ConsultRequest
-from aipo_env.env import ConsultEnv, EnvConfig
+from aipo_env.config import EnvConfig
+from aipo_env.env import ConsultEnv
 from tasks.base import Task
 
 PYTHON_CLOSE = "</python>"

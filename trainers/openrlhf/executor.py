@@ -99,7 +99,8 @@ class AgentExecutor(AgentExecutorBase):
         self, prompt, label, sampling_params, max_length: int, hf_tokenizer, llm_engine, images=None
     ):
         """One episode on ``prompt``; returns OpenRLHF's per-sample result dict."""
-        from aipo_env.env import ConsultEnv, EnvConfig
+        from aipo_env.config import EnvConfig
+        from aipo_env.env import ConsultEnv
         from policies.base import ContextOverflowError, SamplingParams
         from trainers.openrlhf.rollout import OpenRLHFEngineGenerator, trajectory_to_openrlhf
 
