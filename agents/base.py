@@ -19,6 +19,15 @@ from tasks.base import Problem
 #: The three collaborative agents of AIPO, in the order prompts list them.
 DEFAULT_AGENT_NAMES: tuple[str, ...] = ("verify", "knowledge", "reasoning")
 
+#: What each agent is for: the one description, shown to the policy in the consult
+#: instructions. Each agent's own prompt (``configs/agents/NAME.yaml``) tells its model
+#: how to play that role.
+AGENT_ROLES: dict[str, str] = {
+    "verify": "checks a claim, a step or a candidate answer you show it and says whether and where it is wrong",
+    "knowledge": "supplies domain knowledge: definitions, theorems, formulas and facts",
+    "reasoning": "gives strategic guidance: a plan, the next step, or a way out of a dead end",
+}
+
 
 class ConsultRequest(BaseModel):
     """What the policy asked, and the context an agent may use to answer."""

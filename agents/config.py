@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.base import DEFAULT_AGENT_NAMES
 from policies.base import SamplingParams
 
+#: Reply cap of an agent that sets none, in a pool built without the env's
+#: ``max_reply_tokens`` (the env's own default is the same).
+DEFAULT_MAX_REPLY_TOKENS = 256
+#: Per-attempt timeout of an agent that sets none, in a pool built without the env's
+#: ``agent_timeout_s`` (the env's own default is the same).
+DEFAULT_TIMEOUT_S = 60.0
+
 
 class AgentConfig(BaseModel):
     """How one agent is built and served."""
@@ -50,15 +57,23 @@ class AgentConfig(BaseModel):
         default=0.7, ge=0.0, description="Sampling temperature of replies; 0 is greedy."
     )
     top_p: float = Field(default=0.8, gt=0.0, le=1.0, description="Nucleus mass of replies.")
-    max_reply_tokens: int = Field(
-        default=256,
+    max_reply_tokens: int | None = Field(
+        default=None,
         ge=1,
-        description="Most tokens a reply may have: sampling stops there and longer replies are cut (truncated=True).",
+        description=(
+            "Most tokens a reply of this agent may have: sampling stops there and longer replies "
+            "are cut (truncated=True). None (default) follows env.max_reply_tokens; a value may "
+            "only be lower than the env's."
+        ),
     )
-    timeout_s: float = Field(
-        default=60.0,
+    timeout_s: float | None = Field(
+        default=None,
         gt=0.0,
-        description="Most seconds one attempt may take, waiting for a concurrency slot included.",
+        description=(
+            "Most seconds one attempt may take, waiting for a concurrency slot included. None "
+            "(default) follows env.agent_timeout_s, the whole consult's deadline; a value may only "
+            "be lower than the env's."
+        ),
     )
     retries: int = Field(
         default=1, ge=0, description="Extra attempts after an error reply (a timeout included)."
@@ -76,11 +91,26 @@ class AgentConfig(BaseModel):
         description="Most characters of the policy's reasoning shown to agents whose template uses it (the tail is kept).",
     )
 
-    def sampling(self) -> SamplingParams:
-        """The sampling parameters of this agent's replies."""
-        return SamplingParams(
-            max_new_tokens=self.max_reply_tokens, temperature=self.temperature, top_p=self.top_p
+    def with_defaults(
+        self,
+        *,
+        max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> AgentConfig:
+        """These settings with the pool's values (the env's) where this agent sets none."""
+        return self.model_copy(
+            update={
+                "max_reply_tokens": (
+                    max_reply_tokens if self.max_reply_tokens is None else self.max_reply_tokens
+                ),
+                "timeout_s": timeout_s if self.timeout_s is None else self.timeout_s,
+            }
         )
+
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters of this agent's replies (unset cap: the package default)."""
+        cap = DEFAULT_MAX_REPLY_TOKENS if self.max_reply_tokens is None else self.max_reply_tokens
+        return SamplingParams(max_new_tokens=cap, temperature=self.temperature, top_p=self.top_p)
 
 
 def _default_agents() -> dict[str, AgentConfig]:

@@ -219,7 +219,7 @@ class LLMAgent(Agent):
 
 
 class VerifyAgent(LLMAgent):
-    """Checks a claim, step or candidate answer; says whether and where it is wrong."""
+    """The Verify agent (its role: ``AGENT_ROLES["verify"]``; its prompt: ``configs/agents/verify.yaml``)."""
 
     default_template = "verify"
 
@@ -228,7 +228,7 @@ class VerifyAgent(LLMAgent):
 
 
 class KnowledgeAgent(LLMAgent):
-    """Supplies definitions, theorems, formulas and facts."""
+    """The Knowledge agent (its role: ``AGENT_ROLES["knowledge"]``; its prompt: ``configs/agents/knowledge.yaml``)."""
 
     default_template = "knowledge"
 
@@ -237,7 +237,7 @@ class KnowledgeAgent(LLMAgent):
 
 
 class ReasoningAgent(LLMAgent):
-    """Gives strategic guidance (a plan, the next step, a way out), never the final answer.
+    """The Reasoning agent (its role: ``AGENT_ROLES["reasoning"]``; its prompt: ``configs/agents/reasoning.yaml``).
 
     With ``include_solution=True`` the prompt carries the problem's reference
     solution when the dataset has one, and the template tells the agent to hint

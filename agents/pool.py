@@ -4,7 +4,9 @@
 agent it bounds concurrency with a semaphore, enforces a timeout per attempt,
 retries error replies, caps the reply length in tokens and caches identical
 requests. :meth:`AgentPool.from_config` builds the agents and their generation
-backends from an :class:`AgentPoolConfig`.
+backends from an :class:`AgentPoolConfig`. The reply cap and the timeout of an agent
+that sets neither come from the pool's builder, who passes the env's
+(``env.max_reply_tokens``, ``env.agent_timeout_s``): the env owns those limits.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agents.base import Agent, AgentReply, ConsultRequest
-from agents.config import AgentConfig, AgentPoolConfig, tokenizers_match
+from agents.config import (
+    DEFAULT_MAX_REPLY_TOKENS,
+    DEFAULT_TIMEOUT_S,
+    AgentConfig,
+    AgentPoolConfig,
+    tokenizers_match,
+)
 from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent
 from agents.oracle import OracleVerifyAgent
 from policies.base import Generator
@@ -30,7 +38,6 @@ _LLM_AGENT_CLASSES: dict[str, type[LLMAgent]] = {
     "knowledge": KnowledgeAgent,
     "reasoning": ReasoningAgent,
 }
-SGLANG_SCHEME = "sglang://"
 
 
 def make_backend(
@@ -40,9 +47,9 @@ def make_backend(
 
     ``options`` go to the generator's constructor (``device``, ``max_retries``, ...).
     """
-    from policies import make_generator
+    from policies import make_generator, sglang_hosts
 
-    if spec.startswith(SGLANG_SCHEME):
+    if sglang_hosts(spec) is not None:
         if tokenizer is None:
             # Guessing would silently pair ids with the wrong vocabulary.
             raise ValueError(
@@ -60,8 +67,11 @@ class AgentPool:
     """Named agents behind one :meth:`consult` that never raises (a ``ConsultService``).
 
     ``config.agents`` gives each agent's timeout, retries, concurrency and reply cap;
-    an agent it does not list gets :class:`AgentConfig`'s defaults. ``tokenizer`` is
-    the policy's: it decodes capped token ids and counts tokens of text-only replies.
+    an agent it does not list gets :class:`AgentConfig`'s defaults. An agent that sets
+    no ``max_reply_tokens`` or ``timeout_s`` gets ``max_reply_tokens`` and
+    ``timeout_s`` here: pass the env's ``max_reply_tokens`` and ``agent_timeout_s``
+    (the defaults are the env's defaults). ``tokenizer`` is the policy's: it decodes
+    capped token ids and counts tokens of text-only replies.
     """
 
     def __init__(
@@ -71,12 +81,19 @@ class AgentPool:
         *,
         tokenizer: Any = None,
         owned: Sequence[Generator] = (),
+        max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if not agents:
             raise ValueError("an agent pool needs at least one agent; got none")
         self.config = config or AgentPoolConfig(agents={name: AgentConfig() for name in agents})
         self._agents = dict(agents)
-        self._settings = {name: self.config.agents.get(name, AgentConfig()) for name in agents}
+        self._settings = {
+            name: self.config.agents.get(name, AgentConfig()).with_defaults(
+                max_reply_tokens=max_reply_tokens, timeout_s=timeout_s
+            )
+            for name in agents
+        }
         self._semaphores = {
             name: asyncio.Semaphore(s.max_concurrency) for name, s in self._settings.items()
         }
@@ -244,12 +261,16 @@ class AgentPool:
         policy_generator: Generator | None = None,
         policy_tokenizer: Any = None,
         task: Task | None = None,
+        max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> AgentPool:
         """Build the agents and their backends.
 
         Agents naming the same backend share one generator; the pool closes the
         generators it created (not the policy's). An agent's ids and log-probs are
         recorded only when its tokenizer has the policy's vocabulary.
+        ``max_reply_tokens`` and ``timeout_s`` are the env's ``max_reply_tokens`` and
+        ``agent_timeout_s``, followed by every agent that sets neither of its own.
         """
         if policy_tokenizer is None and policy_generator is not None:
             policy_tokenizer = policy_generator.tokenizer
@@ -294,9 +315,12 @@ class AgentPool:
                     owned.append(generator)
                 backends[settings.backend] = generator
             shares = tokenizers_match(generator.tokenizer, policy_tokenizer)
+            resolved = settings.with_defaults(
+                max_reply_tokens=max_reply_tokens, timeout_s=timeout_s
+            )
             options: dict[str, Any] = {
                 "template": settings.template,
-                "sampling": settings.sampling(),
+                "sampling": resolved.sampling(),
                 "shares_policy_tokenizer": shares,
                 "include_solution": settings.include_solution,
                 "max_transcript_chars": settings.max_transcript_chars,
@@ -306,7 +330,14 @@ class AgentPool:
                 agents[name] = agent_class(generator, name=name, **options)
             else:
                 agents[name] = LLMAgent(name, generator, options.pop("template") or name, **options)
-        return cls(agents, config, tokenizer=policy_tokenizer, owned=owned)
+        return cls(
+            agents,
+            config,
+            tokenizer=policy_tokenizer,
+            owned=owned,
+            max_reply_tokens=max_reply_tokens,
+            timeout_s=timeout_s,
+        )
 
     async def aclose(self) -> None:
         """Close the agents and the generators this pool created (idempotent)."""

@@ -14,6 +14,10 @@ class EnvConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    protocol: str = Field(
+        default="consult",
+        description="The interaction protocol (aipo_env/protocols): consult (AIPO's consult tags) or python_tool (<python> code runs).",
+    )
     agent_names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_AGENT_NAMES),
         description="Agents the policy may name in a consult tag (default verify, knowledge, reasoning).",
@@ -55,24 +59,20 @@ class EnvConfig(BaseModel):
     agent_timeout_s: float = Field(
         default=60.0, gt=0, description="A consult that takes longer gets a timeout error feedback."
     )
-    train_agent_tokens: bool = Field(
-        default=False,
-        description="Set loss_mask 1 on agent tokens (AIPO's shaped/ratio modes train them; mask mode does not).",
-    )
     check_drift: bool = Field(
         default=True,
         description="Compare incremental ids with a full render in chat format; a mismatch sets tokenization_drift.",
     )
     mask_on_drift: bool = Field(
         default=False,
-        description="Zero the whole loss mask of a trajectory with tokenization drift.",
+        description="Train nothing of a trajectory with tokenization drift (aipo_env/masks.py applies it).",
     )
     system_prompt: str | None = Field(
         default=None, description="System message; None keeps the chat template's default."
     )
     instructions: str | None = Field(
         default=None,
-        description="Replaces the generated consult instructions (train mode); may use {max_consults}.",
+        description="Replaces the protocol's generated instructions (train mode); may use {max_consults}.",
     )
     agent_roles: dict[str, str] = Field(
         default_factory=dict,
@@ -97,6 +97,12 @@ class EnvConfig(BaseModel):
 
     @model_validator(mode="after")
     def _auto_consult_fits(self) -> EnvConfig:
+        from aipo_env.protocols import PROTOCOLS
+
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
+            )
         if self.auto_consult is not None:
             if self.auto_consult not in self.agent_names:
                 raise ValueError(

@@ -53,7 +53,7 @@ def env_table() -> list[tuple[str, str, str]]:
     return rows
 
 
-def _register(env_id: str, task: str, description: str) -> None:
+def _register(env_id: str, task: str) -> None:
     import gymnasium
 
     if env_id in gymnasium.registry:
@@ -69,8 +69,8 @@ def _register(env_id: str, task: str, description: str) -> None:
 
 def register_envs() -> None:
     """Register every id of :func:`env_table` (idempotent)."""
-    for env_id, task, text in env_table():
-        _register(env_id, task, text)
+    for env_id, task, _ in env_table():
+        _register(env_id, task)
 
 
 def ensure_registered(env_id: str) -> None:
@@ -78,14 +78,14 @@ def ensure_registered(env_id: str) -> None:
     register_envs()
     match = _RG_ID.match(env_id)
     if match is not None:
-        _register(env_id, f"rg:{match['name']}", f"reasoning-gym {match['name']}")
+        _register(env_id, f"rg:{match['name']}")
 
 
 def make(env_id: str, **overrides: Any) -> Any:
     """Make a :class:`~aipo_env.env.ConsultEnv` from a gymnasium id.
 
     ``overrides`` go to :func:`aipo_env.env.make_consult_env` (``agents``, ``tokenizer``,
-    ``config``, ``task_kwargs`` or any :class:`~aipo_env.env.EnvConfig` field). Returns the
+    ``config``, ``task_kwargs`` or any :class:`~aipo_env.config.EnvConfig` field). Returns the
     unwrapped env, whose async ``areset``/``astep`` gymnasium's wrappers do not forward.
     """
     import gymnasium

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.base import ConsultService
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
+from aipo_env.episode import run_episode
+from aipo_env.masks import MaskRule
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
-from policies.base import ContextOverflowError, Generator, SamplingParams
+from policies.base import Generator, SamplingParams
 from tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ class ConsultSchedule(BaseModel):
         default="constant", description="Shape of the decay from start_fraction to end_fraction."
     )
     decay_steps: int = Field(default=0, ge=0, description="Training steps the decay takes.")
-    max_consults: int | None = Field(
-        default=None, description="Consults per episode; None keeps the env config's max_consults."
-    )
 
     def fraction(self, step: int) -> float:
         """The fraction of a group allowed to consult at training ``step``."""
@@ -96,7 +94,8 @@ class RolloutDriver:
     """Runs groups of consult episodes concurrently and records their trajectories.
 
     ``env_factory`` builds one fresh environment per episode (episodes hold state);
-    by default it is ``ConsultEnv(task, agents, generator.tokenizer, env_config)``.
+    by default it is ``ConsultEnv(task, agents, generator.tokenizer, env_config,
+    mask_rule=mask_rule)``.
     """
 
     def __init__(
@@ -107,6 +106,7 @@ class RolloutDriver:
         env_config: EnvConfig | None = None,
         config: RolloutConfig | None = None,
         env_factory: Callable[[], ConsultEnv] | None = None,
+        mask_rule: MaskRule | None = None,
     ) -> None:
         if env_factory is None and task is None:
             raise ValueError("RolloutDriver needs a task or an env_factory; got neither")
@@ -115,70 +115,24 @@ class RolloutDriver:
         self.config = config or RolloutConfig()
         self.env_config = env_config or EnvConfig()
         self._factory = env_factory or (
-            lambda: ConsultEnv(task, agents, generator.tokenizer, self.env_config)
-        )
-
-    def _params(self, env: ConsultEnv, seed: int | None) -> SamplingParams:
-        budget = env.max_new_tokens()
-        if self.config.max_new_tokens is not None:
-            budget = min(budget, self.config.max_new_tokens)
-        return SamplingParams(
-            max_new_tokens=max(1, budget),
-            temperature=self.config.temperature,
-            top_p=self.config.top_p,
-            top_k=self.config.top_k,
-            stop=env.sampling_stop,
-            seed=seed,
+            lambda: ConsultEnv(
+                task, agents, generator.tokenizer, self.env_config, mask_rule=mask_rule
+            )
         )
 
     async def run_episode(self, options: dict[str, Any]) -> Trajectory:
-        """One episode to its end; any failure becomes an ``error:<kind>`` trajectory."""
-        env = self._factory()
-        try:
-            _, info = await env.areset(options=options)
-        except Exception as exc:  # a bad problem reference ends this episode only
-            return Trajectory(
-                trajectory_id=options["trajectory_id"],
-                problem_id=str(options.get("problem_id", options.get("problem_index"))),
-                task=getattr(env.task, "name", ""),
-                group_id=options["group_id"],
-                sample_index=options.get("sample_index", 0),
-                token_ids=[],
-                prompt_len=0,
-                source=[],
-                loss_mask=[],
-                behavior_logprobs=[],
-                finish_reason=f"error:reset_{type(exc).__name__}",
-                error=str(exc),
-            )
-        if "trajectory" in info:
-            return info["trajectory"]
-        turn = 0
-        while True:
-            seed = None
-            if self.config.seed is not None:
-                key = f"{self.config.seed}:{env.trajectory_id}:{turn}".encode()
-                seed = zlib.crc32(key) & 0x7FFFFFFF
-            try:
-                generation = await self.generator.generate(
-                    env.token_ids, self._params(env, seed), session_id=env.trajectory_id
-                )
-            except ContextOverflowError as exc:
-                return env.abort("context_overflow", str(exc))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # one failing generation must not kill the batch
-                return env.abort(type(exc).__name__, str(exc))
-            try:
-                _, _, terminated, truncated, info = await env.astep(generation)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # an env bug ends this episode, not the batch
-                logger.exception("episode %s failed in the env", env.trajectory_id)
-                return env.abort(f"env_{type(exc).__name__}", str(exc))
-            if terminated or truncated:
-                return info["trajectory"]
-            turn += 1
+        """One episode to its end (:func:`aipo_env.episode.run_episode`); failures become ``error:<kind>``."""
+        sampling = SamplingParams(
+            temperature=self.config.temperature, top_p=self.config.top_p, top_k=self.config.top_k
+        )
+        return await run_episode(
+            self._factory(),
+            self.generator,
+            options,
+            sampling=sampling,
+            max_new_tokens=self.config.max_new_tokens,
+            seed=self.config.seed,
+        )
 
     def plan(
         self, problems: Sequence[int | str] | None = None, step: int = 0
@@ -202,8 +156,6 @@ class RolloutDriver:
                     "trajectory_id": f"{group}-n{sample}",
                     "allow_consult": sample < allowed,
                 }
-                if self.config.schedule.max_consults is not None:
-                    option["max_consults"] = self.config.schedule.max_consults
                 out.append(option)
         return out
 

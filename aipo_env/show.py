@@ -16,13 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aipo_env.trajectory import (
-    AGENT_SOURCE_PREFIX,
-    SOURCE_ENV_NAME,
-    SOURCE_POLICY_NAME,
-    SOURCE_PROMPT_NAME,
-    Trajectory,
-)
+from aipo_env import sources
+from aipo_env.trajectory import Trajectory
+from policies import loading
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +26,12 @@ RESET = "\x1b[0m"
 BOLD = "\x1b[1m"
 #: ANSI SGR colour codes per source; agents not listed take one from AGENT_PALETTE.
 SOURCE_COLORS: dict[str, str] = {
-    SOURCE_PROMPT_NAME: "\x1b[90m",  # grey: the given context
-    SOURCE_POLICY_NAME: "\x1b[32m",  # green: what the policy wrote
-    SOURCE_ENV_NAME: "\x1b[33m",  # yellow: markup and error feedback
-    f"{AGENT_SOURCE_PREFIX}verify": "\x1b[35m",  # magenta
-    f"{AGENT_SOURCE_PREFIX}knowledge": "\x1b[36m",  # cyan
-    f"{AGENT_SOURCE_PREFIX}reasoning": "\x1b[34m",  # blue
+    sources.PROMPT: "\x1b[90m",  # grey: the given context
+    sources.POLICY: "\x1b[32m",  # green: what the policy wrote
+    sources.ENV: "\x1b[33m",  # yellow: markup and error feedback
+    sources.agent("verify"): "\x1b[35m",  # magenta
+    sources.agent("knowledge"): "\x1b[36m",  # cyan
+    sources.agent("reasoning"): "\x1b[34m",  # blue
 }
 AGENT_PALETTE: tuple[str, ...] = ("\x1b[95m", "\x1b[96m", "\x1b[94m", "\x1b[91m", "\x1b[93m")
 #: Where a trajectory may carry per-token IS coefficients.
@@ -140,7 +136,7 @@ def render_trajectory(
     pos = 0
     for source, ids in t.segments():
         start, pos = pos, pos + len(ids)
-        if source == SOURCE_PROMPT_NAME and not show_prompt:
+        if source == sources.PROMPT and not show_prompt:
             parts.append(f"[{source} · {len(ids)} tok · hidden]")
             continue
         trained = sum(t.loss_mask[start:pos])
@@ -179,11 +175,7 @@ def load_tokenizer(spec: str | None) -> Any | None:
     if spec is None or spec.lower() == "none":
         return None
     try:
-        from transformers import AutoTokenizer
-
-        from policies.default_model import resolve_model_path
-
-        return AutoTokenizer.from_pretrained(resolve_model_path(spec))
+        return loading.load_tokenizer(spec)
     except Exception as exc:  # any loading failure degrades to counts, never aborts the view
         logger.warning("cannot load tokenizer '%s' (%s); showing token counts only", spec, exc)
         return None

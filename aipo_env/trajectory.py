@@ -1,35 +1,22 @@
-"""The token-exact trajectory record, its JSONL storage and its collation into tensors.
+"""The token-exact trajectory record and its JSONL storage.
 
 A :class:`Trajectory` holds every token the model saw, each token's source, loss mask
 and behaviour log-prob, the turn boundaries with what was consulted, and the outcome.
 It round-trips through JSONL losslessly (``None`` stays ``None``; floats are written by
-``json`` with full precision) and collates into :class:`aipo_env.batch.TrajectoryBatch`.
+``json`` with full precision); :func:`aipo_env.batch.collate` turns a batch into tensors.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from aipo_env import sources
 from tasks.base import RewardResult
-
-if TYPE_CHECKING:
-    from aipo_env.batch import TrajectoryBatch
-
-SOURCE_PROMPT_NAME = "prompt"
-SOURCE_POLICY_NAME = "policy"
-SOURCE_ENV_NAME = "env"
-AGENT_SOURCE_PREFIX = "agent:"
-
-
-def agent_source(name: str) -> str:
-    """The per-token source label of agent ``name``'s tokens."""
-    return f"{AGENT_SOURCE_PREFIX}{name}"
 
 
 class ConsultRecord(BaseModel):
@@ -73,7 +60,7 @@ class Turn(BaseModel):
 
 
 class Trajectory(BaseModel):
-    """One episode, token by token (DESIGN section 4). All per-token lists align."""
+    """One episode, token by token. All per-token lists align."""
 
     # NaN/inf log-probs are written as JSON constants so they read back as themselves.
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
@@ -87,16 +74,17 @@ class Trajectory(BaseModel):
         description="Prompt + response ids, exactly as the model saw them."
     )
     prompt_len: int = Field(ge=0, description="Where the response starts.")
-    source: list[str] = Field(description="Per token: prompt, policy, agent:<name> or env.")
-    loss_mask: list[int] = Field(description="Per token: 1 where the loss applies.")
+    source: list[str] = Field(
+        description="Per token: prompt, policy, env, agent:<name> or peer:<name> (aipo_env/sources.py)."
+    )
+    loss_mask: list[int] = Field(
+        description="Per token: 1 where the loss applies, as aipo_env/masks.py decided it."
+    )
     behavior_logprobs: list[float | None] = Field(
         description="Per token: log-prob under the producing model, None where unknown."
     )
     turns: list[Turn] = Field(default_factory=list, description="Segment boundaries.")
     reward: float = Field(default=0.0, description="Outcome reward.")
-    turn_rewards: list[float] = Field(
-        default_factory=list, description="Per-turn rewards (the outcome on the last turn)."
-    )
     verifier: RewardResult | None = Field(default=None, description="The task's scoring result.")
     finish_reason: str = Field(
         description="eos, length, max_turns, context_overflow or error:<kind>."
@@ -119,6 +107,14 @@ class Trajectory(BaseModel):
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form extras.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_fields(cls, data: Any) -> Any:
+        # Files written before turn_rewards was retired (it only ever repeated the reward).
+        if isinstance(data, dict) and "turn_rewards" in data:
+            data = {k: v for k, v in data.items() if k != "turn_rewards"}
+        return data
+
     @model_validator(mode="after")
     def _aligned(self) -> Trajectory:
         n = len(self.token_ids)
@@ -138,7 +134,7 @@ class Trajectory(BaseModel):
 
     def policy_token_count(self) -> int:
         """How many tokens the policy sampled."""
-        return sum(s == SOURCE_POLICY_NAME for s in self.source)
+        return sum(s == sources.POLICY for s in self.source)
 
     def segments(self) -> Iterator[tuple[str, list[int]]]:
         """Runs of consecutive tokens with the same source, as ``(source, ids)``."""
@@ -179,13 +175,6 @@ def read_jsonl(path: str | Path) -> list[Trajectory]:
     return out
 
 
-def read_ids(path: str | Path) -> set[str]:
-    """The trajectory ids already in a JSONL file (empty when it does not exist)."""
-    if not Path(path).exists():
-        return set()
-    return {t.trajectory_id for t in read_jsonl(path)}
-
-
 class TrajectoryWriter:
     """Appends one trajectory per line, flushed and fsynced, so a kill loses only episodes in flight."""
 
@@ -214,97 +203,3 @@ class TrajectoryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def collate(
-    trajectories: Sequence[Trajectory],
-    pad_token_id: int,
-    agent_names: Sequence[str] = ("verify", "knowledge", "reasoning"),
-    train_agent_tokens: bool | None = None,
-) -> TrajectoryBatch:
-    """Right-pad trajectories into a :class:`~aipo_env.batch.TrajectoryBatch`.
-
-    ``train_agent_tokens`` overrides the stored loss mask on agent tokens (True: 1,
-    False: 0); None keeps each trajectory's own mask. Unknown behaviour log-probs become
-    NaN. An agent missing from ``agent_names`` is an error, not a silent code.
-    """
-    import torch
-
-    from aipo_env.batch import (
-        SOURCE_AGENT_BASE,
-        SOURCE_ENV,
-        SOURCE_PAD,
-        SOURCE_POLICY,
-        SOURCE_PROMPT,
-        TrajectoryBatch,
-    )
-
-    if not trajectories:
-        raise ValueError("collate needs at least one trajectory; got none")
-    names = tuple(agent_names)
-    codes = {SOURCE_PROMPT_NAME: SOURCE_PROMPT, SOURCE_POLICY_NAME: SOURCE_POLICY}
-    codes[SOURCE_ENV_NAME] = SOURCE_ENV
-    for i, name in enumerate(names):
-        codes[agent_source(name)] = SOURCE_AGENT_BASE + i
-    batch, width = len(trajectories), max(len(t.token_ids) for t in trajectories)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    loss_mask = torch.zeros((batch, width), dtype=torch.float32)
-    agent_mask = torch.zeros((batch, width), dtype=torch.bool)
-    source_ids = torch.full((batch, width), SOURCE_PAD, dtype=torch.long)
-    behavior = torch.full((batch, width), math.nan, dtype=torch.float32)
-    for row, t in enumerate(trajectories):
-        n = len(t.token_ids)
-        input_ids[row, :n] = torch.tensor(t.token_ids, dtype=torch.long)
-        attention[row, :n] = 1
-        try:
-            src = [codes[s] for s in t.source]
-        except KeyError as exc:
-            raise ValueError(
-                f"trajectory {t.trajectory_id} has source {exc.args[0]!r}; expected prompt, "
-                f"policy, env or agent:<one of {', '.join(names)}>"
-            ) from None
-        source_ids[row, :n] = torch.tensor(src, dtype=torch.long)
-        is_agent = [s.startswith(AGENT_SOURCE_PREFIX) for s in t.source]
-        agent_mask[row, :n] = torch.tensor(is_agent, dtype=torch.bool)
-        mask = list(t.loss_mask)
-        if train_agent_tokens is not None:
-            mask = [
-                int(train_agent_tokens) if a else m for m, a in zip(mask, is_agent, strict=True)
-            ]
-        loss_mask[row, :n] = torch.tensor(mask, dtype=torch.float32)
-        behavior[row, :n] = torch.tensor(
-            [math.nan if lp is None else lp for lp in t.behavior_logprobs], dtype=torch.float32
-        )
-    return TrajectoryBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=loss_mask,
-        agent_mask=agent_mask,
-        source_ids=source_ids,
-        behavior_logprobs=behavior,
-        prompt_lens=torch.tensor([t.prompt_len for t in trajectories], dtype=torch.long),
-        rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
-        group_ids=[t.group_id for t in trajectories],
-        agent_names=names,
-    )
-
-
-def render(trajectory: Trajectory, tokenizer: Any, show_prompt: bool = True) -> str:
-    """A text view for people: each run of tokens labelled by its source and mask."""
-    head = (
-        f"# trajectory {trajectory.trajectory_id} task={trajectory.task} "
-        f"problem={trajectory.problem_id} finish={trajectory.finish_reason} "
-        f"reward={trajectory.reward} consults={trajectory.consults} "
-        f"errors={trajectory.consult_errors} drift={trajectory.tokenization_drift}"
-    )
-    parts = [head]
-    pos = 0
-    for source, ids in trajectory.segments():
-        start, pos = pos, pos + len(ids)
-        if source == SOURCE_PROMPT_NAME and not show_prompt:
-            continue
-        trained = sum(trajectory.loss_mask[start:pos])
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        parts.append(f"[{source} | {len(ids)} tok | trained {trained}]\n{text}")
-    return "\n".join(parts)

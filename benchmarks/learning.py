@@ -30,8 +30,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from aipo.config import load_config
 from trainers.config import TrainConfig
-from trainers.config_io import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "configs" / "learning.yaml"

@@ -29,6 +29,7 @@ __all__ = [
     "SamplingParams",
     "TransformersGenerator",
     "make_generator",
+    "sglang_hosts",
 ]
 
 _LAZY = {
@@ -47,6 +48,22 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'policies' has no attribute {name!r}")
 
 
+def sglang_hosts(spec: str) -> list[str] | None:
+    """The ``host:port`` entries of an ``sglang://host:port[,host:port...]`` spec.
+
+    None when ``spec`` is not an ``sglang://`` spec (``"default"``, a model id or path).
+
+    Raises:
+        ValueError: ``spec`` has the ``sglang://`` scheme but names no server.
+    """
+    if not spec.startswith(SGLANG_SCHEME):
+        return None
+    hosts = [h.strip() for h in spec[len(SGLANG_SCHEME) :].split(",") if h.strip()]
+    if not hosts:
+        raise ValueError(f"no servers in {spec!r}; expected sglang://host:port[,host:port...]")
+    return hosts
+
+
 def make_generator(spec: str, *, tokenizer: Any = None, **options: Any) -> Generator:
     """Build a generator from a spec string.
 
@@ -59,10 +76,8 @@ def make_generator(spec: str, *, tokenizer: Any = None, **options: Any) -> Gener
         raise ValueError(
             "generator spec is empty; expected 'default', a model id/path or sglang://host:port"
         )
-    if spec.startswith(SGLANG_SCHEME):
-        hosts = [h.strip() for h in spec[len(SGLANG_SCHEME) :].split(",") if h.strip()]
-        if not hosts:
-            raise ValueError(f"no servers in {spec!r}; expected sglang://host:port[,host:port...]")
+    hosts = sglang_hosts(spec)
+    if hosts is not None:
         from policies.sglang_generator import SGLangGenerator
 
         urls = [h if h.startswith(("http://", "https://")) else f"http://{h}" for h in hosts]

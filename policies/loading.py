@@ -1,11 +1,12 @@
-"""Load Hugging Face causal LMs safely from any thread.
+"""Loading Hugging Face causal LMs and tokenizers: the one place that calls ``from_pretrained``.
 
 transformers' ``from_pretrained`` swaps class attributes while it builds a model
 (``PreTrainedModel.tie_weights`` is replaced by a no-op and put back afterwards). Two
 loads that overlap in different threads can leave the no-op in place for the rest of
 the process, after which every model with tied embeddings loads with its output layer
 still on the meta device. Every load in this project goes through :func:`load_causal_lm`,
-which serialises loads and refuses a model that came back incomplete.
+which serialises loads and refuses a model that came back incomplete; every tokenizer
+comes from :func:`load_tokenizer`, which resolves ``"default"`` like the models do.
 """
 
 from __future__ import annotations
@@ -34,3 +35,24 @@ def load_causal_lm(path: str, **kwargs: Any) -> Any:
             "another thread probably loaded a model at the same time outside load_causal_lm"
         )
     return model
+
+
+def load_tokenizer(spec: Any, *, pad_to_eos: bool = False) -> Any:
+    """The tokenizer ``spec`` names, loaded with ``AutoTokenizer`` unless it is one already.
+
+    ``spec``: a tokenizer object (returned as it is), ``"default"`` (the default model's,
+    through :func:`policies.default_model.resolve_model_path`), a model directory or a
+    Hugging Face id. ``pad_to_eos``: a tokenizer without a pad token gets its EOS token
+    as pad token (batched training needs one; the padding is masked out).
+    """
+    if isinstance(spec, str):
+        from transformers import AutoTokenizer
+
+        from policies.default_model import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    else:
+        tokenizer = spec
+    if pad_to_eos and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

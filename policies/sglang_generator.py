@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from policies.base import Generation, GenerationError, Generator, SamplingParams
+from policies.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,7 @@ class SGLangGenerator(Generator):
         if not urls:
             raise ValueError("base_urls is empty; expected at least one http://host:port")
         self.base_urls = [u.rstrip("/") for u in urls]
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            from policies.default_model import resolve_model_path
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
-        self._tokenizer = tokenizer
+        self._tokenizer = load_tokenizer(tokenizer)
         if max_context < 2:
             raise ValueError(f"max_context must be at least 2; got {max_context}")
         self._max_context = max_context

@@ -70,10 +70,8 @@ class TransformersGenerator(Generator):
         max_cached_sessions: int = 64,
         max_cached_tokens: int = 65536,
     ) -> None:
-        from transformers import AutoTokenizer
-
         from policies.default_model import resolve_model_path
-        from policies.loading import load_causal_lm
+        from policies.loading import load_causal_lm, load_tokenizer
 
         path = resolve_model_path(model)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,7 +79,7 @@ class TransformersGenerator(Generator):
             dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         lm = load_causal_lm(path, dtype=dtype).to(dev)
         lm.eval()
         self._setup(

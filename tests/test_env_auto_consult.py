@@ -8,21 +8,15 @@ from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
+from aipo_env.episode import run_episode
+from aipo_env.masks import MaskRule
 from aipo_env.trajectory import Trajectory
-from policies.base import SamplingParams
 
 EOS = "<|im_end|>"
 
 
 async def play(env: ConsultEnv, gen: ScriptedGenerator, **options) -> Trajectory:
-    obs, info = await env.areset(options={"problem_index": 0, **options})
-    assert list(obs) == env.token_ids and len(info["sources"]) == len(obs)
-    while True:
-        params = SamplingParams(max_new_tokens=max(1, env.max_new_tokens()), stop=env.sampling_stop)
-        g = await gen.generate(env.token_ids, params, session_id=env.trajectory_id)
-        _, _, terminated, truncated, info = await env.astep(g)
-        if terminated or truncated:
-            return info["trajectory"]
+    return await run_episode(env, gen, {"problem_index": 0, **options})
 
 
 @pytest.fixture
@@ -39,9 +33,8 @@ async def test_auto_consult_opens_the_episode_with_env_written_tag_and_agent_rep
     config = EnvConfig(
         auto_consult="reasoning",
         auto_consult_question="Plan for: {question}",
-        train_agent_tokens=True,
     )
-    env = ConsultEnv(task, agents, tokenizer, config)
+    env = ConsultEnv(task, agents, tokenizer, config, mask_rule=MaskRule(train_injected=True))
     t = await play(env, gen)
 
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
@@ -61,7 +54,7 @@ async def test_auto_consult_opens_the_episode_with_env_written_tag_and_agent_rep
         + ["env"] * len(close)
         + ["policy"] * len(enc(answer))
     )
-    # The env's tag is never trained; the agent's tokens are (train_agent_tokens).
+    # The env's tag is never trained; the agent's tokens are (train_injected).
     assert [m for m, s in zip(t.loss_mask, t.source, strict=True) if s == "env"] == [0] * (
         len(tag) + len(open_ids) + len(close)
     )
@@ -97,3 +90,11 @@ def test_auto_consult_must_name_a_known_agent_and_the_inline_format() -> None:
         EnvConfig(auto_consult="verfy")
     with pytest.raises(ValidationError, match="needs format 'inline'"):
         EnvConfig(auto_consult="verify", format="chat")
+
+
+async def test_the_reset_observation_holds_the_prompt_and_the_auto_consult(tokenizer, task) -> None:
+    agents = ScriptedAgents({"reasoning": "Add the ones first."})
+    env = ConsultEnv(task, agents, tokenizer, EnvConfig(auto_consult="reasoning"))
+    obs, info = await env.areset(options={"problem_index": 0})
+    assert list(obs) == env.token_ids and len(info["sources"]) == len(obs)
+    assert len(obs) > len(env.prompt_ids(task.problems[0])) and "agent:reasoning" in info["sources"]

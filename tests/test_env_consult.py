@@ -12,6 +12,8 @@ from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator, scripted_l
 from agents.base import AgentReply
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
+from aipo_env.episode import run_episode
+from aipo_env.masks import MaskRule
 from aipo_env.trajectory import Trajectory
 from policies.base import SamplingParams
 
@@ -24,15 +26,7 @@ def consult(agent: str, question: str) -> str:
 
 async def play(env: ConsultEnv, gen: ScriptedGenerator, **options) -> Trajectory:
     """Drive one episode with the scripted generator; returns the trajectory."""
-    _, info = await env.areset(options={"problem_index": 0, **options})
-    while True:
-        params = SamplingParams(max_new_tokens=max(1, env.max_new_tokens()), stop=env.sampling_stop)
-        g = await gen.generate(env.token_ids, params, session_id=env.trajectory_id)
-        obs, reward, terminated, truncated, info = await env.astep(g)
-        assert len(obs) == len(info["sources"])
-        if terminated or truncated:
-            assert reward == info["trajectory"].reward
-            return info["trajectory"]
+    return await run_episode(env, gen, {"problem_index": 0, **options})
 
 
 @pytest.fixture
@@ -123,7 +117,11 @@ async def test_agent_token_ids_logprobs_cap_and_training(tokenizer, task) -> Non
     agents = ScriptedAgents({"reasoning": reply})
     gen = ScriptedGenerator(tokenizer, [consult("reasoning", "plan?"), answer(task)])
     env = ConsultEnv(
-        task, agents, tokenizer, EnvConfig(max_reply_tokens=3, train_agent_tokens=True)
+        task,
+        agents,
+        tokenizer,
+        EnvConfig(max_reply_tokens=3),
+        mask_rule=MaskRule(train_injected=True),
     )
     t = await play(env, gen)
     agent_at = [i for i, s in enumerate(t.source) if s == "agent:reasoning"]
@@ -313,3 +311,19 @@ async def test_sync_api_refuses_a_running_loop(tokenizer, task) -> None:
     with pytest.raises(RuntimeError, match="use 'await env.areset"):
         env.reset()
     assert asyncio.get_running_loop() is not None
+
+
+async def test_each_step_labels_its_observation_and_the_last_carries_the_reward(
+    task, tokenizer
+) -> None:
+    gen = ScriptedGenerator(tokenizer, [consult("verify", "Is it 4?"), f"So \\boxed{{4}}{EOS}"])
+    env = ConsultEnv(task, ScriptedAgents(), tokenizer, EnvConfig(max_new_tokens_per_turn=16))
+    _, info = await env.areset(options={"problem_index": 0})
+    while True:
+        params = SamplingParams(max_new_tokens=max(1, env.max_new_tokens()), stop=env.sampling_stop)
+        g = await gen.generate(env.token_ids, params, session_id=env.trajectory_id)
+        obs, reward, terminated, truncated, info = await env.astep(g)
+        assert len(obs) == len(info["sources"])
+        if terminated or truncated:
+            assert reward == info["trajectory"].reward
+            break

@@ -8,10 +8,10 @@ import gymnasium
 from scripted import AdditionTask, ScriptedGenerator
 
 import aipo_env
+from agents.tools import PythonRunner
+from aipo.commands.envs import run as envs_run
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
-from aipo_env.envs_cli import run as envs_run
-from aipo_env.examples.python_tool import PythonRunner, PythonToolEnv
 from aipo_env.rollout import RolloutConfig, RolloutDriver
 
 
@@ -25,10 +25,10 @@ async def test_python_tool_env_runs_code_and_injects_results(tokenizer) -> None:
         f"So \\boxed{{{p.reference}}}<|im_end|>",
     ]
     runner = PythonRunner(timeout_s=1.0)
-    cfg = EnvConfig(max_consults=2)
+    cfg = EnvConfig(max_consults=2, protocol="python_tool")
     driver = RolloutDriver(
         ScriptedGenerator(tokenizer, script),
-        env_factory=lambda: PythonToolEnv(task, tokenizer, cfg, runner),
+        env_factory=lambda: ConsultEnv(task, runner, tokenizer, cfg),
         config=RolloutConfig(n_samples=1),
     )
     [t] = await driver.run([0])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from aipo_env import protocol
+from agents.base import AGENT_ROLES
+from aipo_env.protocols import consult as protocol
+from aipo_env.protocols.chat import chat_feedback_pieces
 
 NAMES = ("verify", "knowledge", "reasoning")
 
@@ -12,13 +14,13 @@ NAMES = ("verify", "knowledge", "reasoning")
 def test_parses_last_of_repeated_consults() -> None:
     text = '<consult agent="verify">a?</consult> more <consult agent="knowledge"> b? </consult>'
     parsed = protocol.parse_last_consult(text, NAMES)
-    assert parsed.ok and parsed.agent == "knowledge" and parsed.question == "b?"
+    assert parsed.ok and parsed.target == "knowledge" and parsed.content == "b?"
 
 
 def test_nested_open_tags_use_the_innermost() -> None:
     text = '<consult agent="verify">outer <consult agent=reasoning>inner?</consult>'
     parsed = protocol.parse_last_consult(text, NAMES)
-    assert (parsed.agent, parsed.question, parsed.error) == ("reasoning", "inner?", None)
+    assert (parsed.target, parsed.content, parsed.error) == ("reasoning", "inner?", None)
 
 
 @pytest.mark.parametrize(
@@ -45,18 +47,13 @@ def test_count_consults_counts_only_complete_tags() -> None:
 def test_instructions_name_each_agent_role_and_budget() -> None:
     text = protocol.consult_instructions(NAMES, 2)
     for name in NAMES:
-        assert f"- {name}: {protocol.AGENT_ROLES[name]}" in text
+        assert f"- {name}: {AGENT_ROLES[name]}" in text
     assert "at most 2 times" in text
     assert "<consult agent=" in text
 
 
-def test_strip_feedback_removes_injected_answers() -> None:
-    text = 'I ask.\n<feedback agent="verify">\n\\boxed{9}\n</feedback>\nSo \\boxed{8}'
-    assert protocol.strip_feedback(text) == "I ask.\n\nSo \\boxed{8}"
-
-
 def test_chat_pieces_split_template_markup_from_content(tokenizer) -> None:
-    pieces = protocol.chat_feedback_pieces(tokenizer, "hello there")
+    pieces = chat_feedback_pieces(tokenizer, "hello there")
     assert pieces.content == "hello there"
     assert pieces.before == "<|im_end|>\n<|im_start|>user\n"
     assert pieces.after == "<|im_end|>\n<|im_start|>assistant\n"

@@ -123,13 +123,12 @@ def test_consult_schedule_decays(decay: str, mid: float) -> None:
 async def test_schedule_limits_who_consults_in_a_group(tokenizer) -> None:
     task = AdditionTask(1)
     agents = ScriptedAgents()
-    sched = ConsultSchedule(
-        start_fraction=1.0, end_fraction=0.0, decay="linear", decay_steps=4, max_consults=1
-    )
+    sched = ConsultSchedule(start_fraction=1.0, end_fraction=0.0, decay="linear", decay_steps=4)
     driver = RolloutDriver(
         ScriptedGenerator(tokenizer, script_for(task)),
         task,
         agents,
+        EnvConfig(max_consults=1),
         config=RolloutConfig(n_samples=4, schedule=sched),
     )
     trajectories = await driver.run(step=1)

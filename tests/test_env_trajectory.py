@@ -7,16 +7,17 @@ import math
 import pytest
 import torch
 
-from aipo_env.batch import SOURCE_AGENT_BASE, SOURCE_ENV, SOURCE_PAD, SOURCE_POLICY, SOURCE_PROMPT
+from aipo_env import sources
+from aipo_env.batch import collate
+from aipo_env.masks import MaskRule
+from aipo_env.show import render_trajectory
+from aipo_env.sources import CODE_AGENT_BASE, CODE_ENV, CODE_POLICY, CODE_PROMPT
 from aipo_env.trajectory import (
     ConsultRecord,
     Trajectory,
     TrajectoryWriter,
     Turn,
-    collate,
-    read_ids,
     read_jsonl,
-    render,
     write_jsonl,
 )
 from tasks.base import RewardResult
@@ -45,7 +46,6 @@ def make_trajectory(tid: str = "t0", reward: float = 1.0) -> Trajectory:
             Turn(index=1, policy_start=6, policy_end=7),
         ],
         reward=reward,
-        turn_rewards=[0.0, reward],
         verifier=RewardResult(score=reward, correct=True, extracted="3", details={"a": [1]}),
         finish_reason="eos",
         consults=1,
@@ -66,7 +66,7 @@ def test_jsonl_round_trip_is_lossless(tmp_path) -> None:
     back = read_jsonl(path)
     assert back == records
     assert back[0].behavior_logprobs[-1] == float("-inf")
-    assert read_ids(path) == {"a", "b"}
+    assert {t.trajectory_id for t in back} == {"a", "b"}
 
 
 def test_torn_last_line_is_skipped(tmp_path) -> None:
@@ -95,17 +95,16 @@ def test_collate_pads_and_codes_sources() -> None:
     assert batch.input_ids.shape == (2, 7)
     assert batch.input_ids[1].tolist() == [1, 2, 3, 99, 99, 99, 99]
     assert batch.attention_mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
-    knowledge = SOURCE_AGENT_BASE + 1
-    assert batch.source_ids[0].tolist() == [
-        SOURCE_PROMPT,
-        SOURCE_PROMPT,
-        SOURCE_POLICY,
-        SOURCE_ENV,
+    knowledge = CODE_AGENT_BASE + 1
+    assert sources.source_codes(long.source, ("verify", "knowledge", "reasoning")) == [
+        CODE_PROMPT,
+        CODE_PROMPT,
+        CODE_POLICY,
+        CODE_ENV,
         knowledge,
-        SOURCE_ENV,
-        SOURCE_POLICY,
+        CODE_ENV,
+        CODE_POLICY,
     ]
-    assert batch.source_ids[1, 3:].tolist() == [SOURCE_PAD] * 4
     assert batch.agent_mask[0].tolist() == [False] * 4 + [True, False, False]
     assert batch.loss_mask[0].tolist() == [0, 0, 1, 0, 0, 0, 1]
     assert math.isnan(batch.behavior_logprobs[0, 0]) and math.isnan(batch.behavior_logprobs[1, 5])
@@ -113,12 +112,11 @@ def test_collate_pads_and_codes_sources() -> None:
     assert batch.prompt_lens.tolist() == [2, 2]
     assert batch.rewards.tolist() == [1.0, 0.0]
     assert batch.group_ids == ["g", "h"]
-    assert batch.agent_names == ("verify", "knowledge", "reasoning")
 
 
 def test_collate_can_train_agent_tokens_and_rejects_unknown_agents() -> None:
     t = make_trajectory()
-    batch = collate([t], pad_token_id=0, train_agent_tokens=True)
+    batch = collate([t], pad_token_id=0, rule=MaskRule(train_injected=True))
     assert batch.loss_mask[0, 4].item() == 1.0 and batch.loss_mask[0, 3].item() == 0.0
     with pytest.raises(ValueError, match="agent:knowledge"):
         collate([t], pad_token_id=0, agent_names=("verify",))
@@ -126,6 +124,6 @@ def test_collate_can_train_agent_tokens_and_rejects_unknown_agents() -> None:
 
 
 def test_render_labels_segments(tokenizer) -> None:
-    text = render(make_trajectory(), tokenizer)
-    assert "[agent:knowledge | 1 tok | trained 0]" in text
+    text = render_trajectory(make_trajectory(), tokenizer, color=False)
+    assert "[agent:knowledge · 1 tok · loss mask 0/1]" in text
     assert "finish=eos" in text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aipo_env import eval_cli
+from aipo.commands import eval as eval_cli
 from aipo_env.evaluation.runner import EvalConfig, EvalInputError, evaluate, parse_task_args
 from aipo_env.trajectory import read_jsonl
 
@@ -157,6 +157,34 @@ async def test_resume_completes_without_duplicates(tiny_model_dir, math_file, tm
     await inner.aclose()
 
 
+async def test_evaluate_alone_is_greedy_independent_and_resumes(tokenizer, tmp_path) -> None:
+    from scripted import AdditionTask, ScriptedGenerator
+
+    from aipo_env.config import EnvConfig
+    from aipo_env.evaluation.runner import evaluate_alone
+
+    script = ['<consult agent="verify">Is it 3?</consult> \\boxed{3}' + tokenizer.eos_token]
+    policy = ScriptedGenerator(tokenizer, script, max_context=512)
+    out = tmp_path / "eval" / "before.jsonl"
+    options = {
+        "output": out,
+        "env_config": EnvConfig(),
+        "max_new_tokens": 64,
+        "concurrency": 2,
+    }
+    first = await evaluate_alone(policy, AdditionTask(n=3), problems=[0, 2], **options)
+    assert sorted(t.problem_id for t in first) == ["add-0", "add-2"]
+    assert {params.temperature for _, _, params in policy.calls} == {0.0}
+    # Independent mode: the consult tag is counted as an attempt, never answered.
+    assert all(t.consult_attempts == 1 and t.consults == 0 for t in first)
+    assert len(read_jsonl(out)) == 2
+
+    calls = len(policy.calls)
+    again = await evaluate_alone(policy, AdditionTask(n=3), problems=[0, 2], **options)
+    assert len(policy.calls) == calls  # every sample was read back from the file
+    assert [t.token_ids for t in again] == [t.token_ids for t in first]
+
+
 def test_unknown_task_is_exit_2(tmp_path, capsys) -> None:
     code = eval_cli.run(_args("--tasks", "math5000", "--output", str(tmp_path / "o")))
     err = capsys.readouterr().err
@@ -195,6 +223,43 @@ def test_missing_local_file_names_it(tmp_path, capsys) -> None:
     argv = ["--tasks", "gsm8k", "--task-arg", f"gsm8k.path={missing}", "--output", str(tmp_path)]
     assert eval_cli.run(_args(*argv)) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "agents:\n  verify: {kind: oracle, temprature: 0.2}\n",
+            "unknown config key 'agents.verify.temprature'; valid keys under 'agents.verify': backend",
+        ),
+        (
+            "cache_size: 1\ncache_size: 2\n",
+            "duplicate key 'cache_size' on line 2 (first on line 1)",
+        ),
+        (
+            "agents:\n  verify: {top_p: 0}\n",
+            "agents.verify.top_p: 0 is out of range; allowed: 0.0 < value <= 1.0",
+        ),
+    ],
+)
+def test_bad_agents_file_is_named_by_the_config_loader_before_any_model_loads(
+    text, expected, math_file, tmp_path, capsys
+) -> None:
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(text)
+    out = tmp_path / "o"
+    argv = _base("/nonexistent/model", math_file, out, "--consult", "on", "--agents", str(agents))
+    assert eval_cli.run(_args(*argv)) == 2
+    err = capsys.readouterr().err
+    assert f"agents config '{agents}' is invalid" in err and expected in err
+    assert "nonexistent" not in err and not out.exists()
+
+
+def test_missing_agents_file_is_exit_2(math_file, tmp_path, capsys) -> None:
+    missing = tmp_path / "agents.yaml"
+    argv = _base("default", math_file, tmp_path / "o", "--consult", "on", "--agents", str(missing))
+    assert eval_cli.run(_args(*argv)) == 2
+    assert f"agents config '{missing}' does not exist" in capsys.readouterr().err
 
 
 def test_parse_task_args() -> None:

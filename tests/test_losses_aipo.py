@@ -8,7 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from trainers.losses import AIPOLoss, LossConfig, aipo_policy_loss, trained_token_masks
+from aipo_env.masks import trained_token_masks
+from trainers.losses import AIPOLoss, LossConfig, aipo_policy_loss
 
 NAN = float("nan")
 LN = math.log
@@ -337,7 +338,7 @@ def test_micro_batches_weighted_by_trained_token_share_reproduce_token_mean(
     inputs = _inputs()
     full, _ = aipo_policy_loss(config, **inputs)
     policy, agent = trained_token_masks(
-        config, inputs["loss_mask"], inputs["agent_mask"], inputs["advantages"]
+        config.mask_rule(), inputs["loss_mask"], inputs["agent_mask"], inputs["advantages"]
     )
     total = (policy | agent).sum()
     accumulated = 0.0
@@ -352,11 +353,11 @@ def test_micro_batches_weighted_by_trained_token_share_reproduce_token_mean(
 def test_trained_token_masks_follow_the_agent_mode() -> None:
     inputs = _inputs()
     args = (inputs["loss_mask"], inputs["agent_mask"], inputs["advantages"])
-    policy, agent = trained_token_masks(_config(), *args)
+    policy, agent = trained_token_masks(_config().mask_rule(), *args)
     assert policy.sum() == 4 and agent.tolist() == [
         [False, False, True, False],
         [False, True, True, False],
     ]
-    assert trained_token_masks(_config(agent_mode="mask"), *args)[1].sum() == 0
-    positive = trained_token_masks(_config(agent_positive_only=True), *args)[1]
+    assert trained_token_masks(_config(agent_mode="mask").mask_rule(), *args)[1].sum() == 0
+    positive = trained_token_masks(_config(agent_positive_only=True).mask_rule(), *args)[1]
     assert positive.tolist() == [[False, False, True, False], [False] * 4]

@@ -14,6 +14,7 @@ from openrlhf.utils.agent import AgentExecutorBase  # noqa: E402
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator  # noqa: E402
 
 from policies.base import SamplingParams  # noqa: E402
+from trainers.openrlhf.config import ExecutorConfig  # noqa: E402
 from trainers.openrlhf.executor import AgentExecutor  # noqa: E402
 from trainers.openrlhf.loss import LOSS_CONFIG_ENV, decode_rollout_log_probs  # noqa: E402
 
@@ -75,7 +76,7 @@ async def _run(tokenizer, mode: str, monkeypatch):
     script = [s.replace("REF", problem.reference) for s in SCRIPT]
     engine = FakeEngine(ScriptedGenerator(tokenizer, script))
     agents = ScriptedAgents({"knowledge": "Add the digits column by column."})
-    executor = AgentExecutor(config={"env": {}}, agents=agents, task=task)
+    executor = AgentExecutor(config=ExecutorConfig(), agents=agents, task=task)
     assert isinstance(executor, AgentExecutorBase)
     result = await executor.execute(
         problem.question, problem.reference, FakeVLLMSamplingParams(temperature=0.7), 4096,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainers.openrlhf.config import load_recipe
+from aipo.config import load_config
+from trainers.openrlhf.config import OpenRLHFRecipe
 from trainers.openrlhf.launcher import (
     EXECUTOR_CONFIG_ENV,
     build_command,
@@ -31,10 +32,15 @@ def _endpoints(tmp_path: Path) -> str:
     return str(path)
 
 
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> OpenRLHFRecipe:
+    """A recipe as ``aipo train --engine openrlhf`` loads it."""
+    return load_config(OpenRLHFRecipe, path, overrides)
+
+
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_dry_run_parses_with_openrlhf(recipe_path, tmp_path, capsys):
-    overrides = {"executor.endpoints_file": _endpoints(tmp_path)}
-    assert run_openrlhf(recipe_path, dry_run=True, overrides=overrides) == 0
+    overrides = [f"executor.endpoints_file={_endpoints(tmp_path)}"]
+    assert run_openrlhf(load_recipe(recipe_path, overrides), dry_run=True) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[:3] == ["ray", "job", "submit"]
     split = argv.index("--")
@@ -59,7 +65,7 @@ def test_every_recipe_dry_run_parses_with_openrlhf(recipe_path, tmp_path, capsys
 def test_every_recipe_flag_exists_in_openrlhf():
     known = flag_names()
     for path in RECIPES:
-        recipe = load_recipe(path, {"executor.endpoints_file": None})
+        recipe = load_recipe(path, ["executor.endpoints_file=null"])
         unknown = {f"--{k}" for k in recipe.openrlhf} - known
         assert not unknown, f"{path.name}: {sorted(unknown)}"
 
@@ -75,7 +81,7 @@ def test_bad_recipe_flag_fails_the_dry_run(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("openrlhf:\n  actor.model_name_or_path: m\n  rollout.n_samples: 8\n")
     with pytest.raises(OpenRLHFArgumentError, match="rollout.n_samples"):
-        run_openrlhf(recipe, dry_run=True)
+        run_openrlhf(load_recipe(recipe), dry_run=True)
 
 
 def test_recipe_validation_names_the_bad_value(tmp_path):
@@ -99,8 +105,8 @@ def test_flag_argv_switches_lists_and_omissions():
 def test_direct_driver_without_ray_submit_and_overrides(tmp_path):
     recipe = load_recipe(
         RECIPES[0],
-        {"ray.submit": False, "ray.working_dir": None, "executor.endpoints_file": None,
-         "openrlhf.actor.adam.lr": 3e-7},
+        ["ray.submit=false", "ray.working_dir=null", "executor.endpoints_file=null",
+         "openrlhf.actor.adam.lr=3e-7"],
     )  # fmt: skip
     command = build_command(recipe)
     assert command[:3] == ["python", "-m", "trainers.openrlhf.entry"]
@@ -111,8 +117,8 @@ def test_direct_driver_without_ray_submit_and_overrides(tmp_path):
 
 def test_dry_run_before_serving_prints_the_command_and_a_note(tmp_path, capsys):
     missing = str(tmp_path / "not-yet.json")
-    overrides = {"executor.endpoints_file": missing}
-    assert run_openrlhf(RECIPES[0], dry_run=True, overrides=overrides) == 0
+    overrides = [f"executor.endpoints_file={missing}"]
+    assert run_openrlhf(load_recipe(RECIPES[0], overrides), dry_run=True) == 0
     out, err = capsys.readouterr()
     assert (
         "trainers.openrlhf.entry" in out and f"endpoints file {missing} does not exist yet" in err

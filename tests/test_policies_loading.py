@@ -1,4 +1,4 @@
-"""Model loading from many threads at once.
+"""Model loading from many threads at once; tokenizer loading by spec.
 
 transformers' ``from_pretrained`` replaces ``PreTrainedModel.tie_weights`` while it
 builds a model; overlapping loads in two threads can leave the replacement in place,
@@ -13,7 +13,7 @@ import threading
 import pytest
 from transformers import PreTrainedModel
 
-from policies.loading import load_causal_lm
+from policies.loading import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture
@@ -53,3 +53,16 @@ def test_concurrent_loads_keep_tied_embeddings(tiny_model_dir: str, original_tie
             assert not any(p.is_meta for p in model.parameters())
             assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
         assert PreTrainedModel.tie_weights is original_tie_weights
+
+
+def test_load_tokenizer_loads_a_path_and_passes_an_object_through(tiny_model_dir: str) -> None:
+    loaded = load_tokenizer(tiny_model_dir)
+    assert loaded.eos_token == "<|im_end|>"  # the model directory's own tokenizer
+    assert load_tokenizer(loaded) is loaded
+
+
+def test_load_tokenizer_pads_with_eos_only_when_asked(tiny_model_dir: str) -> None:
+    loaded = load_tokenizer(tiny_model_dir)
+    loaded.pad_token = None
+    assert load_tokenizer(loaded).pad_token_id is None
+    assert load_tokenizer(loaded, pad_to_eos=True).pad_token_id == loaded.eos_token_id

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sglang_loopback import LoopbackSGLangServer
 
-from policies import make_generator
+from policies import make_generator, sglang_hosts
 from policies.base import ContextOverflowError, GenerationError, SamplingParams
 from policies.sglang_generator import SGLangGenerator, parse_generate_response
 from policies.transformers_generator import TransformersGenerator
@@ -231,6 +231,14 @@ async def test_make_generator_builds_an_sglang_client(backend):
         await client.aclose()
     with pytest.raises(ValueError, match="no servers"):
         make_generator("sglang://", tokenizer=backend.tokenizer)
+
+
+def test_sglang_hosts_parses_the_spec_and_names_one_without_servers():
+    assert sglang_hosts("sglang://a:1, b:2,") == ["a:1", "b:2"]
+    assert sglang_hosts("default") is None
+    assert sglang_hosts("http://a:1") is None
+    with pytest.raises(ValueError, match=r"no servers in 'sglang:// ,'"):
+        sglang_hosts("sglang:// ,")
 
 
 def test_importing_policies_loads_no_backend():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from aipo_env import serve_cli
+from aipo.commands import serve as serve_cli
 
 # A stand-in server: answers GET /health with 200 and logs its pid.
 HEALTH_SERVER = """
@@ -29,7 +29,7 @@ print("pid", os.getpid(), flush=True)
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 RUN_CLI = (
-    "import argparse, sys; from aipo_env import serve_cli; p = argparse.ArgumentParser(); "
+    "import argparse, sys; from aipo.commands import serve as serve_cli; p = argparse.ArgumentParser(); "
     "serve_cli.add_arguments(p); sys.exit(serve_cli.run(p.parse_args(sys.argv[1:])))"
 )
 

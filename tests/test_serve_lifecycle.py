@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.serve import AgentServers, ServeConfig, ServeError, load_endpoints, server_command
+from agents.serve import AgentServers, ServeConfig, ServeError, load_endpoints, server_command
 
 LOOPBACK = str(Path(__file__).parent / "support" / "sglang_loopback.py")
 LOOPBACK_COMMAND = ["{python}", LOOPBACK, "--model", "{model}", "--port", "{port}"]
@@ -194,7 +194,7 @@ def test_command_template_and_endpoints_of_a_shared_agent(tmp_path) -> None:
         "--port", "30001", "--tp", "4", "--mem-fraction-static", "0.8", "--host", "0.0.0.0",
     ]  # fmt: skip
     assert server_command(cfg, cfg.servers[0])[-2:] == ["--base-gpu-id", "0"]
-    from trainers.serve import endpoints
+    from agents.serve import endpoints
 
     assert endpoints(cfg)["agents"]["knowledge"]["backend"] == "sglang://node3:30000,node3:30001"
     assert endpoints(cfg)["agents"]["verify"]["backend"] == "sglang://node3:30001"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from aipo_env import show_cli
+from aipo.commands import show as show_cli
 from aipo_env.show import (
     RESET,
     SOURCE_COLORS,

@@ -65,7 +65,7 @@ def test_local_file_variant_through_make_task(tmp_path) -> None:
 
 
 def test_aipo_tasks_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from aipo_env.cli import main
+    from aipo.cli import main
 
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
@@ -77,7 +77,7 @@ def test_aipo_tasks_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_aipo_tasks_imports_no_torch_or_datasets() -> None:
     code = (
-        "import sys; from aipo_env.cli import main; main(['tasks']); "
+        "import sys; from aipo.cli import main; main(['tasks']); "
         "print(sorted(m for m in ('torch', 'datasets', 'reasoning_gym', 'math_verify') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aipo_env.cli import main
-from trainers.embedded import EmbeddedTrainer
+from aipo.cli import main
+from trainers import run_state
 
 MISSING_MODEL = "policy.model=/nonexistent/aipo-model"
 
@@ -23,11 +23,11 @@ def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records every attempt of the trainer to load its policy model."""
     calls: list[str] = []
 
-    def refuse(self: EmbeddedTrainer):
-        calls.append(self.config.policy.model)
+    def refuse(policy):
+        calls.append(policy.model)
         raise AssertionError("the trainer loaded a model")
 
-    monkeypatch.setattr(EmbeddedTrainer, "_load_policy", refuse)
+    monkeypatch.setattr(run_state, "load_policy", refuse)
     return calls
 
 
@@ -103,3 +103,15 @@ def test_dry_run_prints_the_validated_config_with_overrides(
     assert set(printed["agents"]["agents"]) == {"verify", "knowledge", "reasoning"}
     assert model_loads == []
     assert not run_dir.exists()
+
+
+def test_openrlhf_recipe_goes_through_the_same_loader(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "openrlhf" / "grpo_1node.yaml"
+    code = main(
+        ["train", "--engine", "openrlhf", "--config", str(recipe), "executor.env.max_turnz=2"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown config key 'executor.env.max_turnz'; valid keys under 'executor.env'" in err

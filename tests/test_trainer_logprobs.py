@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_model import random_llama
 
-from trainers.logprobs import logprobs_from_logits, response_mask, token_logprobs
+from trainers.logprobs import logprobs_from_logits, token_logprobs
 
 VOCAB = 97
 
@@ -76,12 +76,6 @@ def test_gradient_flows_to_parameters():
 def test_logprobs_from_logits_rejects_misaligned_shapes():
     with pytest.raises(ValueError, match="disagree"):
         logprobs_from_logits(torch.zeros(1, 4, 5), torch.zeros(1, 3, dtype=torch.long))
-
-
-def test_response_mask_starts_at_prompt_len_and_stops_at_padding():
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    got = response_mask(torch.tensor([2, 1]), mask)
-    assert got.tolist() == [[False, False, True, True, False], [False, True, True, True, True]]
 
 
 def test_chunked_gradients_equal_unchunked_gradients():

@@ -7,7 +7,7 @@ import torch
 
 from aipo_env.trajectory import Trajectory
 from trainers.config import TrainConfig
-from trainers.embedded import EmbeddedTrainer
+from trainers.embedded import shaped_advantages
 
 
 def trajectory(
@@ -29,13 +29,14 @@ def trajectory(
     )
 
 
-def trainer(**train) -> EmbeddedTrainer:
+def advantages_of(rows: list[Trajectory], **train):
+    """The trainer's advantages step under a config with these ``train`` settings."""
     config = TrainConfig(
         policy={"max_context": 128},
         env={"max_total_tokens": 100},
         train={"advantage": "dr_grpo", **train},
     )
-    return EmbeddedTrainer(config, progress=False)
+    return shaped_advantages(rows, config)
 
 
 def test_overlong_penalty_measures_the_response_against_the_context_left_after_the_prompt() -> None:
@@ -46,7 +47,7 @@ def test_overlong_penalty_measures_the_response_against_the_context_left_after_t
         trajectory("h", prompt_len=40, response_len=60, reward=1.0),  # at its budget of 60: -1
         trajectory("h", prompt_len=40, response_len=45, reward=1.0),  # 45 <= 50: none
     ]
-    advantages, keep, metrics = trainer(overlong_buffer=10)._advantages(rows)
+    advantages, keep, metrics = advantages_of(rows, overlong_buffer=10)
     shaped = torch.tensor([1.0, 0.5, 0.0, 1.0])
     expected = shaped - torch.tensor([0.75, 0.75, 0.5, 0.5])  # dr_grpo: minus the group mean
     assert torch.allclose(advantages, expected)
@@ -61,9 +62,9 @@ def test_failed_and_optionally_truncated_episodes_are_not_trained() -> None:
         trajectory("h", 5, 5, 1.0, finish="length"),
         trajectory("h", 5, 5, 0.0),
     ]
-    _, keep, _ = trainer()._advantages(rows)
+    _, keep, _ = advantages_of(rows)
     assert keep.tolist() == [True, False, True, True]
-    _, keep, metrics = trainer(mask_truncated=True)._advantages(rows)
+    _, keep, metrics = advantages_of(rows, mask_truncated=True)
     assert keep.tolist() == [True, False, False, True]
     assert metrics["trained_trajectories"] == 2.0
 
@@ -75,6 +76,6 @@ def test_dynamic_sampling_drops_groups_whose_rewards_are_all_equal() -> None:
         trajectory("h", 5, 5, 1.0),
         trajectory("h", 5, 5, 0.0),
     ]
-    _, keep, metrics = trainer(dynamic_sampling=True)._advantages(rows)
+    _, keep, metrics = advantages_of(rows, dynamic_sampling=True)
     assert keep.tolist() == [False, False, True, True]
     assert metrics["groups_dropped"] == 1.0

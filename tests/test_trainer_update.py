@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny_model import random_llama
 
-from aipo_env.batch import SOURCE_POLICY, SOURCE_PROMPT, TrajectoryBatch
+from aipo_env.batch import TrajectoryBatch
+from aipo_env.sources import CODE_POLICY, CODE_PROMPT
 from trainers.logprobs import token_logprobs
 from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
 
@@ -58,24 +59,22 @@ def trajectory_batch(rows: int = 6, width: int = 12, seed: int = 0) -> Trajector
     for r in range(rows):
         length = 5 + (r * 3) % (width - 4)
         attention_mask[r, :length] = 1
-        source[r, :3] = SOURCE_PROMPT
-        source[r, 3:length] = SOURCE_POLICY
+        source[r, :3] = CODE_PROMPT
+        source[r, 3:length] = CODE_POLICY
     input_ids = input_ids * attention_mask
     agent_mask = torch.zeros(rows, width, dtype=torch.bool)
     agent_mask[::2, 4] = True
-    loss_mask = (source == SOURCE_POLICY).float()
+    loss_mask = (source == CODE_POLICY).float()
     behavior = torch.where(loss_mask.bool(), -torch.rand(rows, width, generator=gen), torch.nan)
     return TrajectoryBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         loss_mask=loss_mask,
         agent_mask=agent_mask,
-        source_ids=source,
         behavior_logprobs=behavior,
         prompt_lens=torch.full((rows,), 3),
         rewards=torch.arange(rows, dtype=torch.float),
         group_ids=[f"g{r // 2}" for r in range(rows)],
-        agent_names=("verify",),
     )
 
 

@@ -26,9 +26,7 @@ _LAZY_EXPORTS = {
     "restore": "trainers.checkpoint",
     "MetricsLogger": "trainers.metrics",
     "plot_curves": "trainers.metrics",
-    "ConfigError": "trainers.config_io",
-    "load_config": "trainers.config_io",
-    "dump_config": "trainers.config_io",
+    "write_config": "trainers.config",
 }
 
 

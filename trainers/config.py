@@ -2,23 +2,26 @@
 
 ``TrainConfig`` composes the sections each component owns (``EnvConfig``,
 ``AgentPoolConfig``, ``RolloutConfig``, ``LossConfig``, ``OptimConfig``) with the
-trainer's own. It is loaded from ``configs/*.yaml`` with ``key.sub=value``
-overrides by :func:`trainers.config_io.load_config`, which rejects unknown keys
-and out-of-range values before anything heavy loads.
+trainer's own. The application loads it from ``configs/*.yaml`` with
+``key.sub=value`` overrides (``aipo.config.load_config``), rejecting unknown keys
+and out-of-range values before anything heavy loads; :func:`write_config` writes
+it back into a run directory in the same format.
 """
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.pool import AgentPoolConfig
 from aipo_env.config import EnvConfig
 from aipo_env.rollout import RolloutConfig
-from policies import SGLANG_SCHEME
+from policies import sglang_hosts
 from trainers.advantages import ESTIMATORS
 from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
@@ -69,11 +72,7 @@ class PolicySection(BaseModel):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value == "embedded":
-            return value
-        if value.startswith(SGLANG_SCHEME) and any(
-            h.strip() for h in value[len(SGLANG_SCHEME) :].split(",")
-        ):
+        if value == "embedded" or sglang_hosts(value) is not None:
             return value
         raise ValueError(
             "not a policy backend; expected 'embedded' or 'sglang://host:port[,host:port]'"
@@ -227,9 +226,49 @@ class TrainConfig(BaseModel):
                 f"env.max_total_tokens={self.env.max_total_tokens} exceeds policy.max_context="
                 f"{self.policy.max_context}; lower the first or raise the second"
             )
+        check_agent_limits(self.env, self.agents)
         return self
+
+
+def check_agent_limits(env: EnvConfig, agents: AgentPoolConfig) -> None:
+    """Refuse an agent whose reply cap or timeout is above the env's.
+
+    The env owns the episode's limits (``env.max_reply_tokens``: the most tokens any
+    injected reply has; ``env.agent_timeout_s``: the whole consult's deadline); an
+    agent that sets its own may only lower them (its generation budget, its
+    per-attempt timeout). Unset, an agent follows the env.
+
+    Raises:
+        ValueError: naming the agent's field and the env's, with both values.
+    """
+    for name, agent in agents.agents.items():
+        if agent.max_reply_tokens is not None and agent.max_reply_tokens > env.max_reply_tokens:
+            raise ValueError(
+                f"agents.agents.{name}.max_reply_tokens={agent.max_reply_tokens} exceeds "
+                f"env.max_reply_tokens={env.max_reply_tokens}; an agent may only lower the "
+                "env's reply cap (leave it unset to follow the env)"
+            )
+        if agent.timeout_s is not None and agent.timeout_s > env.agent_timeout_s:
+            raise ValueError(
+                f"agents.agents.{name}.timeout_s={agent.timeout_s:g} exceeds "
+                f"env.agent_timeout_s={env.agent_timeout_s:g}; an agent may only lower the "
+                "consult deadline (leave it unset to follow the env)"
+            )
 
 
 def default_config_path() -> Path:
     """The packaged ``configs/default.yaml`` (the embedded default run)."""
     return Path(str(resources.files("configs") / "default.yaml"))
+
+
+def write_config(cfg: BaseModel, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (field order kept) that the config loader reads back; returns ``path``.
+
+    The file is replaced atomically, so a reader never sees half of it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
+    return path

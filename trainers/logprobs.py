@@ -143,14 +143,3 @@ def token_logprobs(
     if entropy_shifted is not None:
         entropy = torch.cat([first, entropy_shifted.masked_fill(~real, 0.0)], dim=1)
     return logprobs, entropy
-
-
-def response_slice(tensor: torch.Tensor, prompt_lens: torch.Tensor, row: int) -> torch.Tensor:
-    """The response part (from ``prompt_lens[row]`` on) of one row of an aligned ``[B, T]`` tensor."""
-    return tensor[row, int(prompt_lens[row]) :]
-
-
-def response_mask(prompt_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: True on real tokens at or after each row's ``prompt_len``."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions.unsqueeze(0) >= prompt_lens.unsqueeze(1)) & attention_mask.bool()

@@ -2,7 +2,7 @@
 
 The AIPO paper (arXiv 2605.08401) trains agent-injected tokens "through a tailored importance
 sampling coefficient together with a clipping strategy"; its exact formula is not public. This
-module implements the documented, configurable family of DESIGN.md section 5, not the paper's
+module implements a documented, configurable family (the formulas below), not the paper's
 unknown formula. All per-token tensors are ``[B, T]`` and already aligned: position ``t`` is one
 response token. ``A`` is the sequence advantage (broadcast over tokens) or a per-token one.
 
@@ -59,6 +59,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from aipo_env import masks
+from aipo_env.masks import MaskRule
 
 #: Bound on log-ratios before ``exp`` (as OpenRLHF), so ratios stay finite.
 LOG_RATIO_BOUND = 20.0
@@ -163,6 +166,18 @@ class LossConfig(BaseModel):
             )
         return self
 
+    def trains_agent_tokens(self) -> bool:
+        """Whether agent tokens enter the loss at all (every mode but 'mask')."""
+        return self.agent_mode != "mask"
+
+    def mask_rule(self, mask_on_drift: bool = False) -> MaskRule:
+        """The :class:`~aipo_env.masks.MaskRule` this loss trains under."""
+        return MaskRule(
+            train_injected=self.trains_agent_tokens(),
+            injected_positive_only=self.agent_positive_only,
+            mask_on_drift=mask_on_drift,
+        )
+
 
 def _zeros_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x`` on ``mask``, 0 elsewhere; NaN/inf off the mask neither propagates nor gets gradient."""
@@ -230,33 +245,6 @@ def _masked_stats(values: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict
 def _fraction(flags: torch.Tensor, mask: torch.Tensor) -> float:
     count = int(mask.sum())
     return float((flags & mask).sum()) / count if count else 0.0
-
-
-def trained_token_masks(
-    config: LossConfig,
-    loss_mask: torch.Tensor,
-    agent_mask: torch.Tensor,
-    advantages: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(policy, agent)`` bool ``[B, T]`` masks of the tokens the loss trains and counts.
-
-    ``policy = loss_mask & ~agent_mask``; ``agent = loss_mask & agent_mask`` unless
-    ``agent_mode`` is ``mask`` (then empty) or ``agent_positive_only`` (then only where
-    ``A > 0``). Their union is the normaliser of ``token_mean``: a trainer that splits a
-    minibatch into micro-batches weights each by its share of ``(policy | agent).sum()``.
-    ``advantages`` is ``[B]`` or ``[B, T]``.
-    """
-    in_loss = loss_mask.bool()
-    agent_mask = agent_mask.bool()
-    policy = in_loss & ~agent_mask
-    if config.agent_mode == "mask":
-        return policy, torch.zeros_like(policy)
-    agent = in_loss & agent_mask
-    if config.agent_positive_only:
-        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-        # NaN advantages compare False, so they never select a token.
-        agent = agent & (adv > 0)
-    return policy, agent
 
 
 def agent_token_terms(
@@ -381,7 +369,7 @@ def aipo_policy_loss(
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy")
 
-    policy, agent = trained_token_masks(config, loss_mask, agent_mask, advantages)
+    policy, agent = masks.trained_token_masks(config.mask_rule(), loss_mask, agent_mask, advantages)
     in_loss = loss_mask.bool()
     agent_all = in_loss & agent_mask.bool()
     adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))

@@ -1,11 +1,15 @@
 """Running an evaluation: n samples per problem through :class:`~aipo_env.env.ConsultEnv`.
 
-By default the environment runs in *independent* mode (DESIGN section 3): the prompt
-has no consult instructions, consult tags are not honoured, and the fraction of
-episodes that still write one is reported. Every finished episode is appended to
-``trajectories.jsonl`` at once; its id ``<task>/<problem id>/<sample index>`` is
-deterministic, so ``resume`` skips the samples already written and an interrupted
-run ends with the same sample set, without duplicates.
+By default the environment runs in *independent* mode (``EnvConfig.mode`` in
+``aipo_env/config.py``; ``docs/evaluation.md``): the prompt has no consult instructions,
+consult tags are not honoured, and the fraction of episodes that still write one is
+reported. Every finished episode is appended to ``trajectories.jsonl`` at once; its id
+``<task>/<problem id>/<sample index>`` is deterministic, so ``resume`` skips the samples
+already written and an interrupted run ends with the same sample set, without duplicates.
+
+:func:`evaluate` is ``aipo eval``: many tasks, n samples, pass@k reports.
+:func:`evaluate_alone` is the trainer's held-out check: one greedy sample per problem
+of one task, in independent mode, resumable from its JSONL file.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +33,12 @@ from aipo_env.evaluation.results import (
     write_json,
 )
 from aipo_env.passk import check_ks, default_ks
+
+if TYPE_CHECKING:
+    from aipo_env.config import EnvConfig
+    from aipo_env.trajectory import Trajectory
+    from policies.base import Generator
+    from tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +181,13 @@ def check_tokenizer(model: str) -> None:
 
 def make_policy_generator(config: EvalConfig) -> Any:
     """The policy's generator for ``config.model`` (through ``policies.make_generator``)."""
-    from policies import make_generator
+    from policies import make_generator, sglang_hosts
 
-    if config.model.startswith("sglang://"):
+    try:
+        hosts = sglang_hosts(config.model)
+    except ValueError as exc:
+        raise EvalInputError(str(exc)) from None
+    if hosts is not None:
         if not config.tokenizer:
             logger.warning(
                 "no --tokenizer for %s: assuming the servers run the default model", config.model
@@ -249,12 +263,16 @@ async def evaluate(
     output: str | Path,
     *,
     generator: Any | None = None,
+    agents: Any | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the evaluation, write results.json/.md, passk.png and trajectories.jsonl; return the results.
 
     ``generator`` overrides the one ``config.model`` names (tests, a shared engine).
+    ``agents`` is the ``AgentPoolConfig`` of ``config.agents``, loaded by the caller
+    (``aipo eval`` reads the file with the application's config loader); None with
+    ``config.agents`` unset: the three default agents.
     Raises :class:`EvalInputError` on bad input before any sampling starts.
     """
     from aipo_env.config import EnvConfig
@@ -294,7 +312,7 @@ async def evaluate(
             max_turns=8 if config.consult else 1,
         )
         if config.consult:
-            pools = _make_pools(config, tasks, generator)
+            pools = _make_pools(config, agents, tasks, generator, env_config)
             env_config = env_config.model_copy(
                 update={"agent_names": list(next(iter(pools.values())).names)}
             )
@@ -355,24 +373,67 @@ async def evaluate(
     return results
 
 
-def _make_pools(config: EvalConfig, tasks: Mapping[str, Any], generator: Any) -> dict[str, Any]:
-    """One agent pool per task (oracle agents need the task), all on the policy's backend."""
-    import yaml
+async def evaluate_alone(
+    generator: Generator,
+    task: Task,
+    *,
+    problems: Sequence[int | str],
+    output: str | Path,
+    env_config: EnvConfig,
+    max_new_tokens: int,
+    concurrency: int,
+    progress: bool = False,
+) -> list[Trajectory]:
+    """The policy reasoning alone: one greedy sample per problem, in independent mode.
 
+    ``problems``: indices or ids of ``task``'s problems. ``env_config``: the run's
+    :class:`~aipo_env.config.EnvConfig`, switched to independent mode here (no agents,
+    no consult instructions). Every trajectory is appended to ``output`` as it finishes;
+    samples already in ``output`` are read back instead of generated again. Returns
+    the trajectories, one per problem.
+    """
+    from aipo_env.rollout import RolloutConfig, RolloutDriver
+
+    driver = RolloutDriver(
+        generator,
+        task=task,
+        agents=None,
+        env_config=env_config.model_copy(update={"mode": "independent"}),
+        config=RolloutConfig(
+            n_samples=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            concurrency=concurrency,
+        ),
+    )
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return await driver.run(list(problems), output=output, resume=True, show_progress=progress)
+
+
+def _make_pools(
+    config: EvalConfig,
+    agents: Any | None,
+    tasks: Mapping[str, Any],
+    generator: Any,
+    env_config: Any,
+) -> dict[str, Any]:
+    """One agent pool per task (oracle agents need the task); the env's reply cap and deadline."""
     from agents.pool import AgentPool, AgentPoolConfig
 
-    if config.agents:
-        path = Path(config.agents)
-        if not path.is_file():
-            raise EvalInputError(f"agents config '{path}' does not exist")
-        try:
-            pool_config = AgentPoolConfig(**(yaml.safe_load(path.read_text()) or {}))
-        except Exception as exc:
-            raise EvalInputError(f"agents config '{path}' is invalid: {exc}") from None
-    else:
-        pool_config = AgentPoolConfig()
+    if agents is None and config.agents:
+        raise EvalInputError(
+            f"agents config '{config.agents}' was not loaded; pass its AgentPoolConfig as agents="
+        )
+    pool_config = agents if agents is not None else AgentPoolConfig()
     return {
-        name: AgentPool.from_config(pool_config, policy_generator=generator, task=task)
+        name: AgentPool.from_config(
+            pool_config,
+            policy_generator=generator,
+            task=task,
+            max_reply_tokens=env_config.max_reply_tokens,
+            timeout_s=env_config.agent_timeout_s,
+        )
         for name, task in tasks.items()
     }
 

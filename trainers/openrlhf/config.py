@@ -1,13 +1,20 @@
-"""The OpenRLHF recipe: one YAML file, validated by pydantic, turned into a launch command."""
+"""The OpenRLHF recipe: one YAML file, validated by pydantic, turned into a launch command.
+
+The application loads a recipe with its one config loader (``aipo.config.load_config``;
+``openrlhf.actor.adam.lr=1e-6`` addresses the flag ``actor.adam.lr``) and hands the
+typed :class:`OpenRLHFRecipe` to :func:`trainers.openrlhf.launcher.run_openrlhf`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agents.config import AgentConfig, AgentPoolConfig
+from agents.serve import EndpointsFile
+from aipo_env.config import EnvConfig
+from trainers.config import check_agent_limits
 from trainers.losses import LossConfig
 from trainers.openrlhf.flags import OPENRLHF_VERSION
 from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, check_agent_token_fields
@@ -41,7 +48,12 @@ class RayJobConfig(BaseModel):
 
 
 class ExecutorConfig(BaseModel):
-    """What the agent executor inside OpenRLHF's vLLM actors runs (handed over as JSON)."""
+    """What the agent executor inside OpenRLHF's vLLM actors runs (handed over as JSON).
+
+    The launcher puts :func:`trainers.openrlhf.launcher.executor_payload` into the
+    workers' environment; ``ExecutorConfig.model_validate(json.loads(...))`` reads it
+    back, with the ``aipo serve`` endpoints in ``endpoints``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,16 +61,58 @@ class ExecutorConfig(BaseModel):
         default="math",
         description="Registered task whose answer extraction and verifier score the episodes; prompts come from OpenRLHF's dataset (input_key = question, label_key = reference).",
     )
-    env: dict[str, Any] = Field(
-        default_factory=dict, description="EnvConfig fields (aipo_env.env.EnvConfig)."
+    env: EnvConfig = Field(
+        default_factory=EnvConfig,
+        description="The episodes' EnvConfig; env.max_total_tokens, when unset, is OpenRLHF's max_length.",
     )
-    agents: dict[str, Any] = Field(
-        default_factory=dict, description="AgentPoolConfig fields (agents.pool.AgentPoolConfig)."
+    agents: AgentPoolConfig = Field(
+        default_factory=lambda: AgentPoolConfig(agents={}),
+        description=(
+            "The agent pool: the agents of the endpoints file, each updated with the settings "
+            "listed here under agents.agents (an agent listed here but not served keeps its own "
+            "backend). Unlike the embedded trainer, no agent is configured by default."
+        ),
     )
     endpoints_file: str | None = Field(
         default=None,
-        description="Endpoints file written by 'aipo serve'; read at launch and inlined, so workers on any node see it.",
+        description="Endpoints file written by 'aipo serve'; read at launch and inlined into endpoints, so workers on any node see it.",
     )
+    endpoints: EndpointsFile | None = Field(
+        default=None,
+        description="The endpoints file's content; the launcher fills it from endpoints_file (which then wins).",
+    )
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _no_default_agents(cls, value: Any) -> Any:
+        # AgentPoolConfig's default agents run on the policy's generator, which the
+        # executor does not have: here the served agents are the default.
+        if isinstance(value, dict) and "agents" not in value:
+            return {**value, "agents": {}}
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> ExecutorConfig:
+        check_agent_limits(self.env, self.agents)
+        return self
+
+    def agent_pool(self) -> AgentPoolConfig:
+        """The pool the executor builds: served agents pointed at their servers, with the recipe's settings."""
+        agents = dict(self.agents.agents)
+        served = self.endpoints.agents if self.endpoints is not None else {}
+        for name, endpoint in served.items():
+            mine = agents.get(name)
+            fields = mine.model_dump(exclude_unset=True) if mine is not None else {}
+            agents[name] = AgentConfig.model_validate(
+                {**fields, **endpoint.model_dump(exclude_unset=True)}
+            )
+        return self.agents.model_copy(update={"agents": agents})
+
+    def episode_env(self, max_length: int) -> EnvConfig:
+        """The episodes' EnvConfig; ``max_total_tokens``, unless the recipe sets it, is OpenRLHF's ``max_length``."""
+        if "max_total_tokens" in self.env.model_fields_set:
+            return self.env
+        return self.env.model_copy(update={"max_total_tokens": int(max_length)})
 
 
 class OpenRLHFRecipe(BaseModel):
@@ -113,31 +167,3 @@ class OpenRLHFRecipe(BaseModel):
                     "train.agent_func_path is set by the launcher; remove it from the recipe"
                 )
         return flags
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    # 'openrlhf.actor.adam.lr' addresses the flag 'actor.adam.lr' inside the 'openrlhf' map.
-    head, _, rest = dotted.partition(".")
-    if head == "openrlhf" and rest:
-        data.setdefault("openrlhf", {})[rest] = value
-        return
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> OpenRLHFRecipe:
-    """Read a recipe YAML, apply ``overrides`` (dotted keys) and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"recipe {path} not found; expected a YAML file in configs/openrlhf/"
-        )
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must hold a mapping; got {type(data).__name__}")
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    return OpenRLHFRecipe.model_validate(data)

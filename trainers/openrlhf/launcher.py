@@ -5,7 +5,8 @@
 The runtime env carries, to every Ray worker: ``worker_process_setup_hook`` (installs
 :class:`AIPOPolicyLoss`), the agent-token loss config and the executor config as JSON,
 and the working directory. ``FLAGS`` are the recipe's OpenRLHF flags plus
-``--train.agent_func_path`` pointing at ``trainers/openrlhf/executor.py``.
+``--train.agent_func_path`` pointing at ``trainers/openrlhf/executor.py``. The recipe
+arrives typed (:class:`OpenRLHFRecipe`); reading it from YAML is the application's job.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainers.openrlhf.config import ExecutorConfig, OpenRLHFRecipe, load_recipe
+from agents.serve import EndpointsFile, load_endpoints
+from trainers.openrlhf.config import ExecutorConfig, OpenRLHFRecipe
 from trainers.openrlhf.loss import LOSS_CONFIG_ENV, loss_config_to_env
 from trainers.openrlhf.patch import SETUP_HOOK
 
@@ -45,14 +47,17 @@ def flag_argv(flags: dict[str, Any]) -> list[str]:
 
 
 def executor_payload(config: ExecutorConfig, *, dry_run: bool = False) -> dict[str, Any]:
-    """The executor config as workers receive it, with the endpoints file inlined.
+    """The executor config as workers receive it (JSON-ready), with the endpoints file inlined.
 
-    A dry run may be made before ``aipo serve`` has written the file: it then says so on
-    stderr and leaves the endpoints out of the printed command.
+    ``ExecutorConfig.model_validate(payload)`` reads it back: ``endpoints_file`` is
+    replaced by ``endpoints``, the file's content validated. Only the fields the recipe
+    sets are written, so the reader still knows which ones it left to their defaults
+    (:meth:`ExecutorConfig.episode_env`). A dry run may be made before ``aipo serve``
+    has written the file: it then says so on stderr and leaves the endpoints out.
     """
-    payload = config.model_dump()
-    path = payload.pop("endpoints_file")
-    payload["endpoints"] = None
+    payload = config.model_dump(mode="json", exclude_unset=True, exclude={"endpoints_file"})
+    payload.setdefault("endpoints", None)
+    path = config.endpoints_file
     if path:
         file = Path(path)
         if not file.is_file() and dry_run:
@@ -62,11 +67,10 @@ def executor_payload(config: ExecutorConfig, *, dry_run: bool = False) -> dict[s
                 file=sys.stderr,
             )
             return payload
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"endpoints file {file} not found; start the agents with 'aipo serve' first"
-            )
-        payload["endpoints"] = json.loads(file.read_text())
+        served = EndpointsFile(agents=load_endpoints(file))
+        payload["endpoints"] = served.model_dump(mode="json", exclude_unset=True)
+        # Built here too, so a served agent that does not fit fails the launch, not a worker.
+        config.model_copy(update={"endpoints": served}).agent_pool()
     return payload
 
 
@@ -129,11 +133,13 @@ def check_flags(recipe: OpenRLHFRecipe) -> None:
     parse_openrlhf_args(training_argv(recipe))
 
 
-def run_openrlhf(
-    config_path: str | Path, dry_run: bool = False, overrides: dict[str, Any] | None = None
-) -> int:
-    """``aipo train --engine openrlhf``: print (dry run) or run the launch command; returns the exit code."""
-    recipe = load_recipe(config_path, overrides)
+def run_openrlhf(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> int:
+    """``aipo train --engine openrlhf``: print (dry run) or run the launch command; returns the exit code.
+
+    Raises:
+        OpenRLHFArgumentError: OpenRLHF's parser refuses the flags.
+        FileNotFoundError: the endpoints file is missing (a real launch only).
+    """
     check_flags(recipe)
     command = build_command(recipe, dry_run=dry_run)
     if dry_run:

@@ -18,7 +18,7 @@ by the loss), so it is the side channel that tells agent tokens apart:
 that channel. :class:`AIPOPolicyLoss` decodes it, lets the stock ``PolicyLoss`` handle
 the policy tokens (agent tokens get a zero advantage there, so they add nothing to its
 numerator but keep OpenRLHF's normalisation), and adds the agent-token term of
-DESIGN §5 aggregated with OpenRLHF's own ``aggregate_loss`` over the same mask. The
+:mod:`trainers.losses` aggregated with OpenRLHF's own ``aggregate_loss`` over the same mask. The
 agent-token term is :func:`trainers.losses.agent_token_terms`, the embedded trainer's
 own, configured by the same :class:`~trainers.losses.LossConfig` fields
 (:data:`AGENT_TOKEN_FIELDS`). In mode ``mask`` it is the stock ``PolicyLoss`` call,
@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from trainers.losses import LossConfig, agent_token_terms, trained_token_masks
+from aipo_env.masks import trained_token_masks
+from trainers.losses import LossConfig, agent_token_terms
 
 #: Agent tokens carry ``AGENT_FLAG_OFFSET - mu_logprob`` in ``rollout_log_probs``.
 AGENT_FLAG_OFFSET = 1.0
@@ -65,11 +66,6 @@ def check_agent_token_fields(data: dict[str, Any]) -> dict[str, Any]:
             f"matching OpenRLHF flags instead); expected only {', '.join(AGENT_TOKEN_FIELDS)}"
         )
     return data
-
-
-def trains_agent_tokens(config: LossConfig) -> bool:
-    """Whether agent tokens enter the loss at all (every mode but 'mask')."""
-    return config.agent_mode != "mask"
 
 
 def loss_config_to_env(config: LossConfig) -> str:
@@ -142,7 +138,7 @@ def make_aipo_policy_loss_class() -> type:
         def __init__(self, *args: Any, agent_loss: LossConfig | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.agent_loss = agent_loss if agent_loss is not None else loss_config_from_env()
-            if trains_agent_tokens(self.agent_loss) and self.policy_loss_type != "ppo":
+            if self.agent_loss.trains_agent_tokens() and self.policy_loss_type != "ppo":
                 raise ValueError(
                     f"agent-token mode {self.agent_loss.agent_mode!r} needs policy_loss_type 'ppo'; "
                     f"got {self.policy_loss_type!r} (GSPO's sequence ratio would mix agent tokens in)"
@@ -165,7 +161,7 @@ def make_aipo_policy_loss_class() -> type:
                 batch_num_tokens=batch_num_tokens,
                 global_batch_size=global_batch_size,
             )
-            if not trains_agent_tokens(self.agent_loss) or rollout_log_probs is None:
+            if not self.agent_loss.trains_agent_tokens() or rollout_log_probs is None:
                 return super().forward(
                     log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, **stock
                 )
@@ -173,7 +169,7 @@ def make_aipo_policy_loss_class() -> type:
             if action_mask is None:
                 action_mask = torch.ones_like(log_probs)
             policy, agent = trained_token_masks(
-                self.agent_loss, action_mask, agent_mask, advantages
+                self.agent_loss.mask_rule(), action_mask, agent_mask, advantages
             )
             # The loss's own mask: agent tokens that agent_positive_only leaves out are not
             # counted either, as in the embedded trainer (a global batch_num_tokens, counted by

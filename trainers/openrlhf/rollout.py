@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from aipo_env import masks, sources
+from aipo_env.masks import MaskRule
 from aipo_env.trajectory import Trajectory
 from policies.base import Generation, GenerationError, Generator, SamplingParams
 from trainers.openrlhf.loss import encode_agent_logprob
@@ -101,30 +103,28 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
 
 
 def trajectory_to_openrlhf(
-    trajectory: Trajectory, *, prompt: str, label: Any, train_agent_tokens: bool
+    trajectory: Trajectory, *, prompt: str, label: Any, rule: MaskRule
 ) -> dict[str, Any]:
     """The dict OpenRLHF expects from ``AgentExecutorBase.execute`` for one trajectory.
 
-    ``action_ranges`` cover the tokens with ``loss_mask == 1``: policy tokens, plus
-    agent tokens when ``train_agent_tokens``. ``rollout_log_probs`` holds the engine's
-    log-prob on policy tokens, the encoded behaviour log-prob on trained agent tokens
-    (see :mod:`trainers.openrlhf.loss`) and 0.0 elsewhere.
+    ``action_ranges`` cover the tokens ``rule`` trains (:mod:`aipo_env.masks`): policy
+    tokens, plus agent tokens when the loss trains them. ``rollout_log_probs`` holds
+    the engine's log-prob on policy tokens, the encoded behaviour log-prob on trained
+    agent tokens (see :mod:`trainers.openrlhf.loss`) and 0.0 elsewhere.
     """
-    trained: list[bool] = []
+    trained = [
+        bool(m)
+        for m in masks.loss_mask(trajectory.source, rule, drift=trajectory.tokenization_drift)
+    ]
     rollout: list[float] = []
-    for src, mask, lp in zip(
-        trajectory.source, trajectory.loss_mask, trajectory.behavior_logprobs, strict=True
-    ):
-        is_agent = src.startswith("agent:")
-        keep = bool(mask) and (src == "policy" or (is_agent and train_agent_tokens))
-        trained.append(keep)
-        if keep and is_agent:
+    for src, keep, lp in zip(trajectory.source, trained, trajectory.behavior_logprobs, strict=True):
+        if keep and sources.is_injected(src):
             rollout.append(encode_agent_logprob(lp))
-        elif src == "policy" and lp is not None and lp == lp:
+        elif src == sources.POLICY and lp is not None and lp == lp:
             rollout.append(float(lp))
         else:
             rollout.append(0.0)
-    agent_tokens = sum(1 for s in trajectory.source if s.startswith("agent:"))
+    agent_tokens = sum(1 for s in trajectory.source if sources.is_injected(s))
     return {
         "prompt": prompt,
         "label": label,

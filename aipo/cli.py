@@ -1,8 +1,8 @@
 """The ``aipo`` command line: one entry point, one module per subcommand.
 
-Each subcommand lives in the package that owns it, as a module with
-``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen subcommand's
-module is imported, so ``aipo --help`` and ``aipo tasks`` never load torch.
+Each subcommand is a module of :mod:`aipo.commands` with ``add_arguments(parser)``
+and ``run(args) -> int``. Only the chosen subcommand's module is imported, so
+``aipo --help`` and ``aipo tasks`` never load torch.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from aipo_env import __version__
 #: subcommand -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
-        "trainers.cli",
+        "aipo.commands.train",
         "train a policy with AIPO (embedded default, or OpenRLHF with --engine openrlhf)",
     ),
-    "tasks": ("tasks.cli", "list the registered tasks with their source and size"),
-    "envs": ("aipo_env.envs_cli", "list the registered gymnasium environment ids"),
+    "tasks": ("aipo.commands.tasks", "list the registered tasks with their source and size"),
+    "envs": ("aipo.commands.envs", "list the registered gymnasium environment ids"),
     "eval": (
-        "aipo_env.eval_cli",
+        "aipo.commands.eval",
         "evaluate a policy alone (or with agents): avg@n, pass@k, comparisons",
     ),
-    "show": ("aipo_env.show_cli", "render trajectories from a JSONL file, coloured by source"),
+    "show": ("aipo.commands.show", "render trajectories from a JSONL file, coloured by source"),
     "serve": (
-        "aipo_env.serve_cli",
+        "aipo.commands.serve",
         "start the agents' SGLang servers, write the endpoints file, stop them on exit",
     ),
 }

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides, e.g. endpoints_file=runs/x.json health_timeout_s=600",
+        help="config overrides, e.g. endpoints_file=runs/x.json servers.0.port=30001",
     )
 
 
@@ -31,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
     """Start the servers, write the endpoints file, serve until SIGINT/SIGTERM; 1 on failure."""
     import json
 
-    from trainers.config_io import ConfigError, load_config
-    from trainers.serve import AgentServers, ServeConfig, ServeError, endpoints
+    from agents.serve import AgentServers, ServeConfig, ServeError, endpoints
+    from aipo.config import ConfigError, load_config
 
     try:
-        config = load_config(ServeConfig, args.config, list(args.overrides))
+        config = load_config(ServeConfig, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"aipo serve: {exc}", file=sys.stderr)
         return 2

@@ -43,27 +43,25 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the config before loading anything heavy, then train."""
-    from trainers.config_io import ConfigError, apply_override
+    from aipo.config import ConfigError, load_config
 
     if args.engine == "openrlhf":
         if args.config is None:
             return _fail("--engine openrlhf needs --config configs/openrlhf/<recipe>.yaml")
+        from trainers.openrlhf.config import OpenRLHFRecipe
         from trainers.openrlhf.launcher import run_openrlhf
 
-        overrides: dict = {}
         try:
-            for item in args.overrides:
-                apply_override(overrides, item)
-            return run_openrlhf(args.config, dry_run=args.dry_run, overrides=overrides)
+            recipe = load_config(OpenRLHFRecipe, args.config, args.overrides)
+            return run_openrlhf(recipe, dry_run=args.dry_run)
         except (ConfigError, ValueError, FileNotFoundError) as exc:
             return _fail(str(exc))
 
     from trainers.config import TrainConfig, default_config_path
-    from trainers.config_io import load_config
 
     path = args.config or default_config_path()
     try:
-        config = load_config(TrainConfig, path, list(args.overrides))
+        config = load_config(TrainConfig, path, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         return _fail(str(exc))
     if args.dry_run:

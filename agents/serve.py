@@ -1,4 +1,6 @@
-"""``aipo serve``: start the agents' SGLang servers, write the endpoints file, stop them cleanly.
+"""The agents' SGLang servers: start them, write the endpoints file, stop them cleanly.
+
+``aipo serve`` runs this for a :class:`ServeConfig` until it is stopped.
 
 One process per configured server, each in its own process group (so a server's
 workers, e.g. its tensor-parallel ranks, go down with it) and with its output in a
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.config import AgentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +175,16 @@ class ServeConfig(BaseModel):
 
             return socket.gethostname()
         return self.host
+
+
+class EndpointsFile(BaseModel):
+    """The endpoints file's content, typed: how each served agent reaches its servers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agents: dict[str, AgentConfig] = Field(
+        description="Agent name -> the AgentConfig fields that point it at its servers (backend, tokenizer)."
+    )
 
 
 class ServeError(RuntimeError):

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="off (default): independent mode, the policy alone; on: agents answer consults",
     )
     parser.add_argument(
-        "--agents", help="YAML agent pool config for --consult on (default: the three agents)"
+        "--agents",
+        help="YAML agent pool config (AgentPoolConfig) for --consult on (default: the three agents)",
     )
     parser.add_argument("--limit", type=int, help="only the first LIMIT problems of each task")
     parser.add_argument("--concurrency", type=int, default=8, help="episodes in flight at once")
@@ -103,8 +104,18 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--tasks is required (e.g. --tasks math500,gsm8k)")
     from pydantic import ValidationError
 
+    from agents.config import AgentPoolConfig
+    from aipo.config import ConfigError, load_config
     from aipo_env.evaluation.runner import EvalConfig, EvalInputError, evaluate, parse_task_args
 
+    agents = None
+    if args.agents:
+        try:
+            agents = load_config(AgentPoolConfig, args.agents)
+        except FileNotFoundError:
+            return _fail(f"agents config '{args.agents}' does not exist")
+        except ConfigError as exc:
+            return _fail(f"agents config '{args.agents}' is invalid: {exc}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         config = EvalConfig(
@@ -126,7 +137,13 @@ def run(args: argparse.Namespace) -> int:
         )
         config.resolved_ks()
         results = asyncio.run(
-            evaluate(config, args.output, resume=args.resume, progress=not args.no_progress)
+            evaluate(
+                config,
+                args.output,
+                agents=agents,
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
         )
     except EvalInputError as exc:
         return _fail(str(exc))

@@ -1,1 +1,0 @@
-"""Other agentic environments built on the consult machinery (see docs/environment.md)."""

@@ -1,0 +1,182 @@
+"""Answering a request: calling the consult service and building the injected segment.
+
+:class:`ConsultEnv` calls :func:`call_service` for the reply and :func:`reply_pieces`
+for the tokens that go into the trajectory, as ``(ids, source, behaviour log-probs)``
+pieces. The protocol supplies every text (markup, error replies); the format places
+it: inline, inside the assistant turn, or chat, as its own message through the
+chat template (delta tokenization, :mod:`aipo_env.protocols.chat`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.base import AgentReply, ConsultRequest, ConsultService
+from aipo_env import sources
+from aipo_env.config import EnvConfig
+from aipo_env.protocols.base import InteractionProtocol, encode_injected
+from aipo_env.protocols.chat import chat_feedback_pieces
+from aipo_env.trajectory import ConsultRecord
+
+#: One injected run of tokens: ids, their source label, their behaviour log-probs.
+Piece = tuple[list[int], str, list[float | None]]
+
+
+@dataclass
+class Injection:
+    """The injected segment of one reply, and what the chat format learned building it."""
+
+    pieces: list[Piece]
+    chat_content: str | None = None
+    drift: bool = False
+    ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pieces = [p for p in self.pieces if p[0]]
+        self.ids = [i for ids, _, _ in self.pieces for i in ids]
+
+
+async def call_service(
+    service: ConsultService, request: ConsultRequest, timeout_s: float
+) -> tuple[AgentReply | None, str | None, float]:
+    """``(reply, error, seconds)``: the service's reply or an error message; never raises."""
+    began = time.monotonic()
+    try:
+        reply = await asyncio.wait_for(service.consult(request), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        return (
+            None,
+            f"agent '{request.agent}' timed out after {timeout_s} s",
+            time.monotonic() - began,
+        )
+    except Exception as exc:  # an agent must never crash the episode
+        return (
+            None,
+            f"agent '{request.agent}' failed ({type(exc).__name__})",
+            time.monotonic() - began,
+        )
+    if not isinstance(reply, AgentReply):
+        return (
+            None,
+            f"agent '{request.agent}' returned {type(reply).__name__}, expected AgentReply",
+            time.monotonic() - began,
+        )
+    if reply.error is not None:
+        return (
+            reply,
+            f"agent '{request.agent}' could not answer: {reply.error}",
+            time.monotonic() - began,
+        )
+    return reply, None, time.monotonic() - began
+
+
+def _template_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of chat-template text, whose turn markers must become the template's special ids."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def reply_pieces(
+    protocol: InteractionProtocol,
+    tokenizer: Any,
+    config: EnvConfig,
+    target: str | None,
+    reply: AgentReply | None,
+    error: str | None,
+    record: ConsultRecord,
+) -> Injection:
+    """The injected segment for ``reply`` (or for ``error`` when there is no usable reply).
+
+    The reply's own ids and log-probs are kept when the service returned them; its text
+    is tokenized otherwise. A reply longer than ``config.max_reply_tokens`` is cut
+    (``record.reply_truncated``).
+    """
+
+    def env(text: str) -> Piece:
+        ids = encode_injected(tokenizer, text)
+        return ids, sources.ENV, [None] * len(ids)
+
+    body: Piece | None = None
+    if reply is None:
+        open_text, close_text = protocol.error_text(target, error or "no reply"), ""
+    else:
+        if (
+            reply.token_ids is not None
+            and reply.logprobs is not None
+            and len(reply.logprobs) == len(reply.token_ids)
+        ):
+            ids, lps = list(reply.token_ids), list(reply.logprobs)
+        else:
+            ids = encode_injected(tokenizer, reply.text)
+            lps = [None] * len(ids)
+        cap = config.max_reply_tokens
+        if len(ids) > cap:
+            ids, lps = ids[:cap], lps[:cap]
+            record.reply_truncated = True
+        record.reply_truncated = record.reply_truncated or reply.truncated
+        body = (ids, sources.agent(reply.agent or target or "unknown"), lps)
+        open_text, close_text = protocol.reply_markup(target)
+    if config.format == "inline":
+        return Injection([env(open_text), *([body, env(close_text)] if body else [])])
+    return _chat_pieces(tokenizer, config, open_text, close_text, body)
+
+
+def _chat_pieces(
+    tokenizer: Any, config: EnvConfig, open_text: str, close_text: str, body: Piece | None
+) -> Injection:
+    """Chat format: the reply block becomes the content of its own message."""
+    content_open, content_close = open_text.strip("\n"), close_text.strip("\n")
+    if body is not None:
+        body_text = tokenizer.decode(body[0], skip_special_tokens=False)
+        content = f"{content_open}\n{body_text}\n{content_close}"
+    else:
+        content = content_open
+    chat = chat_feedback_pieces(tokenizer, content, config.chat_feedback_role, config.system_prompt)
+
+    def template(text: str) -> Piece:
+        ids = _template_ids(tokenizer, text)
+        return ids, sources.ENV, [None] * len(ids)
+
+    if body is None:
+        pieces = [template(chat.before + content + chat.after)]
+    else:
+        pieces = [
+            template(chat.before + content_open + "\n"),
+            body,
+            template("\n" + content_close + chat.after),
+        ]
+    injection = Injection(pieces, chat_content=content)
+    if config.check_drift:
+        injection.drift = injection.ids != _template_ids(
+            tokenizer, chat.before + content + chat.after
+        )
+    return injection
+
+
+def full_render_drift(
+    tokenizer: Any,
+    config: EnvConfig,
+    messages: list[dict[str, str]],
+    token_ids: Sequence[int],
+    segments: Sequence[tuple[int, int, str | None]],
+) -> bool:
+    """Chat format: whether the incremental ids differ from a full render of the conversation.
+
+    ``segments`` are ``(policy_start, policy_end, reply_content)`` per turn, the
+    content being the reply message that followed the turn (None when none did).
+    """
+    eos_text = tokenizer.eos_token or ""
+    messages = list(messages)
+    for start, end, reply_content in segments:
+        content = tokenizer.decode(list(token_ids[start:end]), skip_special_tokens=False)
+        if eos_text and content.endswith(eos_text):
+            content = content[: -len(eos_text)]
+        messages.append({"role": "assistant", "content": content})
+        if reply_content is not None:
+            messages.append({"role": config.chat_feedback_role, "content": reply_content})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = _template_ids(tokenizer, rendered)
+    return ids[: len(token_ids)] != list(token_ids)

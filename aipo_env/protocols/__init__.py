@@ -1,0 +1,38 @@
+"""Interaction protocols: the language of an episode, one module each (contract in :mod:`.base`).
+
+A new protocol is one new module with an :class:`~aipo_env.protocols.base.InteractionProtocol`
+subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it by name.
+"""
+
+from __future__ import annotations
+
+from aipo_env.config import EnvConfig
+from aipo_env.protocols.base import InteractionProtocol, Request, encode_injected
+from aipo_env.protocols.consult import ConsultProtocol
+from aipo_env.protocols.python_tool import PythonToolProtocol
+
+#: Protocol name (``EnvConfig.protocol``) -> class.
+PROTOCOLS: dict[str, type[InteractionProtocol]] = {
+    ConsultProtocol.name: ConsultProtocol,
+    PythonToolProtocol.name: PythonToolProtocol,
+}
+
+
+def make_protocol(config: EnvConfig) -> InteractionProtocol:
+    """The protocol ``config.protocol`` names, built from the config's instructions and roles."""
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
+        )
+    return PROTOCOLS[config.protocol].from_config(config)
+
+
+__all__ = [
+    "PROTOCOLS",
+    "ConsultProtocol",
+    "InteractionProtocol",
+    "PythonToolProtocol",
+    "Request",
+    "encode_injected",
+    "make_protocol",
+]

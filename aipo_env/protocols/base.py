@@ -1,0 +1,126 @@
+"""The interaction protocol: what the policy writes to ask for something, and what comes back.
+
+A protocol is the language of one kind of multi-turn episode. :class:`ConsultEnv`
+holds one and asks it every question about text; the env itself only keeps token
+ids, sources and budgets. Methods differ in their protocol: AIPO's consult tags
+(:mod:`aipo_env.protocols.consult`), ARPO-style tool calls
+(:mod:`aipo_env.protocols.python_tool`), and whatever comes next, as one new module
+and one line in :data:`aipo_env.protocols.PROTOCOLS`.
+
+Contract (every method works on text the env decoded from the policy's own ids; the
+ids themselves are never re-tokenized):
+
+- :meth:`~InteractionProtocol.stop_strings`: what the policy is sampled with in train
+  mode; generation stops after a request, keeping the stop text.
+- :meth:`~InteractionProtocol.ends_with_request`: whether a finished policy segment
+  ends with a request the env must answer.
+- :meth:`~InteractionProtocol.parse_request`: the :class:`Request` that ends a segment:
+  ``target`` (agent or tool name), ``content`` (question or code) and ``error`` (why it
+  cannot be honoured, in words the policy can read). It never raises.
+- :meth:`~InteractionProtocol.reply_markup` / :meth:`~InteractionProtocol.error_text`:
+  the ``env`` text around an answer, and a whole error reply.
+- :meth:`~InteractionProtocol.instructions`: the prompt section that teaches the
+  policy the protocol and its budget (train mode only).
+- :meth:`~InteractionProtocol.opening_request`: the request the env may write on the
+  policy's behalf at the start of an episode (``EnvConfig.auto_consult``); protocols
+  without one raise ``ValueError``.
+- :meth:`~InteractionProtocol.count_requests`: complete requests in a text (reported
+  in independent mode, where requests are not honoured).
+- :meth:`~InteractionProtocol.targets`: the names a request may address (the
+  configured agents, or the protocol's own tools); :attr:`~InteractionProtocol.roles`:
+  what each does, for the instructions.
+
+Injected text is tokenized by :func:`encode_injected`: ids only, with special-token
+parsing off, so an agent's or a tool's text can never forge the chat template's
+turn markers or EOS.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aipo_env.config import EnvConfig
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a policy segment asked for.
+
+    Exactly one of ``content`` (with ``target``) or ``error`` is meaningful: ``error``
+    says why the request cannot be honoured, in words the policy can read.
+    """
+
+    target: str | None
+    content: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request is well-formed and names a known target."""
+        return self.error is None
+
+
+class InteractionProtocol(ABC):
+    """The text side of one kind of interaction; see the module docstring for the contract."""
+
+    #: Registered name (``EnvConfig.protocol``).
+    name: str = ""
+    #: Target -> what it does, as the instructions describe it.
+    roles: Mapping[str, str] = {}
+
+    @classmethod
+    def from_config(cls, config: EnvConfig) -> InteractionProtocol:
+        """The protocol with ``config.instructions`` (and, where it has roles, ``config.agent_roles``)."""
+        return cls(instructions=config.instructions)  # type: ignore[call-arg]
+
+    def targets(self, configured: Sequence[str]) -> list[str]:
+        """The names a request may address: the configured agents, unless the protocol fixes them."""
+        return list(configured)
+
+    @abstractmethod
+    def stop_strings(self) -> list[str]:
+        """Stop strings that end a segment on a request (the stop text is kept)."""
+
+    def ends_with_request(self, text: str) -> bool:
+        """Whether ``text`` ends with a request (trailing whitespace allowed)."""
+        stripped = text.rstrip()
+        return any(stripped.endswith(stop) for stop in self.stop_strings())
+
+    @abstractmethod
+    def parse_request(self, text: str, targets: Sequence[str]) -> Request:
+        """The request ending ``text``; problems come back as ``Request.error``."""
+
+    @abstractmethod
+    def reply_markup(self, target: str | None) -> tuple[str, str]:
+        """The ``env`` text before and after an answer from ``target``."""
+
+    @abstractmethod
+    def error_text(self, target: str | None, message: str) -> str:
+        """A whole error reply (``env`` text), short enough not to distract."""
+
+    @abstractmethod
+    def instructions(self, targets: Sequence[str], budget: int) -> str:
+        """The prompt section that teaches the protocol, with the per-episode budget."""
+
+    def opening_request(self, target: str, content: str) -> str:
+        """A request the env writes for the policy; this protocol has none."""
+        raise ValueError(f"protocol {self.name!r} has no opening request")
+
+    @abstractmethod
+    def count_requests(self, text: str) -> int:
+        """Complete requests in ``text``."""
+
+
+def encode_injected(tokenizer: Any, text: str) -> list[int]:
+    """Ids of injected text (markup, agent and tool replies): no special tokens added or parsed.
+
+    Special-token parsing is off (``split_special_tokens``), so a reply that contains the
+    text of a turn marker or of EOS becomes ordinary tokens, never the control ids.
+    """
+    if not text:
+        return []
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))

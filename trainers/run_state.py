@@ -1,0 +1,245 @@
+"""Everything an embedded training run holds, built in one fixed order and closed in reverse.
+
+:func:`open_run` is the set-up half of the training script: check the run directory,
+write ``config.yaml``, seed, make the tasks, load the policy (and the frozen reference
+model when the loss has a KL term), build the optimizer, scheduler and loss, restore
+the last checkpoint on ``--resume``, start the generator and publish the weights to
+it, start the agents, the rollout driver and the metrics logger. The order is part of
+the contract: every seeded operation happens in it, so a fixed-seed run is repeatable
+and a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.pool import AgentPool
+from aipo_env.config import EnvConfig
+from aipo_env.masks import MaskRule
+from aipo_env.rollout import RolloutDriver
+from policies.base import Generator
+from tasks.base import Task
+from trainers.checkpoint import load_latest, restore
+from trainers.config import PolicySection, TaskSection, TrainConfig, write_config
+from trainers.losses import AIPOLoss
+from trainers.metrics import MetricsLogger
+from trainers.optim import OptimConfig, build_optimizer, build_scheduler
+from trainers.weights import publish_weights
+
+logger = logging.getLogger(__name__)
+
+#: Loads the policy model and its tokenizer (called again for the reference model).
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds a run that this invocation would overwrite."""
+
+
+@dataclass
+class RunState:
+    """The objects one training run works with, from :func:`open_run`."""
+
+    config: TrainConfig
+    run_dir: Path
+    progress: bool  #: show progress bars (rollouts, evaluation, steps)
+    task: Task  #: the training problems
+    eval_task: Task | None  #: the held-out problems; None when ``task.eval_size`` is 0
+    model: torch.nn.Module  #: the policy being trained
+    tokenizer: Any  #: the policy's tokenizer (with a pad token)
+    ref_model: torch.nn.Module | None  #: frozen reference for the KL term; None without one
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: AIPOLoss
+    generator: Generator  #: the policy's generator (embedded on ``model``, or SGLang)
+    agents: AgentPool
+    env_config: EnvConfig  #: the environment settings of training rollouts
+    mask_rule: MaskRule  #: which tokens the loss trains (aipo_env/masks.py)
+    driver: RolloutDriver
+    metrics_log: MetricsLogger
+    start_step: int  #: the first step to run (the checkpoint's step on resume, else 0)
+    checkpoint: Path | None = None  #: the last checkpoint this invocation saved
+    skipped_updates: int = 0  #: optimizer steps skipped for a non-finite loss or gradient
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create ``run_dir``; refuse one that holds a run unless resuming it."""
+    existing = [p for p in ("metrics.jsonl", "checkpoints", "rollouts") if (run_dir / p).exists()]
+    if existing and not resume:
+        raise RunDirError(
+            f"run_dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, or choose another run_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_tasks(cfg: TaskSection) -> tuple[Task, Task | None]:
+    """The training task and, when ``eval_size`` is set, the held-out one."""
+    from tasks.registry import make_task
+
+    task = make_task(cfg.name, **cfg.kwargs)
+    eval_task = make_task(cfg.name, **{**cfg.kwargs, **cfg.eval_kwargs}) if cfg.eval_size else None
+    return task, eval_task
+
+
+def load_policy(cfg: PolicySection) -> tuple[torch.nn.Module, Any]:
+    """The policy model on its device, and its tokenizer with a pad token."""
+    from policies.default_model import resolve_model_path
+    from policies.loading import load_causal_lm, load_tokenizer
+
+    path = resolve_model_path(cfg.model)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(path, pad_to_eos=True)
+    model = load_causal_lm(path, dtype=getattr(torch, cfg.dtype)).to(device)
+    return model, tokenizer
+
+
+def optimizer_config(config: TrainConfig) -> OptimConfig:
+    """``optim`` with ``total_steps`` filled in (the run's optimizer steps) when unset."""
+    if config.optim.total_steps is not None:
+        return config.optim
+    minibatches = max(
+        1,
+        math.ceil(
+            config.train.prompts_per_step * config.rollout.n_samples / config.train.minibatch_size
+        ),
+    )
+    total = config.train.steps * config.train.ppo_epochs * minibatches
+    return config.optim.model_copy(update={"total_steps": total})
+
+
+def make_policy_generator(config: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> Generator:
+    """The embedded generator on ``model`` itself, or the SGLang client of ``policy.backend``."""
+    cfg = config.policy
+    if cfg.backend == "embedded":
+        from policies.transformers_generator import TransformersGenerator
+
+        return TransformersGenerator.from_model(
+            model,
+            tokenizer,
+            max_batch_size=cfg.max_batch_size,
+            max_context=cfg.max_context,
+            seed=config.seed,
+        )
+    from policies import make_generator
+
+    options = {"max_context": cfg.max_context, **cfg.sglang_options}
+    # The policy's own tokenizer: the servers serve policy.model, so the ids agree.
+    return make_generator(cfg.backend, tokenizer=tokenizer, **options)
+
+
+def _close_tasks(task: Task, eval_task: Task | None) -> None:
+    task.close()
+    if eval_task is not None:
+        eval_task.close()
+
+
+@contextlib.asynccontextmanager
+async def open_run(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> AsyncIterator[RunState]:
+    """Build the :class:`RunState` of ``config`` (module docstring); close it on exit.
+
+    ``resume``: continue the run in ``run_dir`` from its last checkpoint (else a
+    directory holding a run is refused with :class:`RunDirError`).
+    """
+    run_dir = Path(config.run_dir)
+    check_run_dir(run_dir, resume)
+    write_config(config, run_dir / "config.yaml")
+    seed_everything(config.seed)
+    async with contextlib.AsyncExitStack() as stack:
+        task, eval_task = make_tasks(config.task)
+        stack.callback(_close_tasks, task, eval_task)
+        model, tokenizer = load_policy(config.policy)
+        ref_model = None
+        if config.loss.kl_coef > 0:
+            ref_model, _ = load_policy(config.policy)
+            ref_model.requires_grad_(False).eval()
+        optim_cfg = optimizer_config(config)
+        optimizer = build_optimizer(model, optim_cfg)
+        scheduler = build_scheduler(optimizer, optim_cfg)
+        loss_fn = AIPOLoss(config.loss)
+
+        start_step = 0
+        saved = load_latest(run_dir) if resume else None
+        if saved is not None:
+            position = restore(saved, model=model, optimizer=optimizer, scheduler=scheduler)
+            start_step = int(position.get("step", saved.step))
+            logger.info("resuming %s from step %d", run_dir, start_step)
+
+        generator = make_policy_generator(config, model, tokenizer)
+        stack.push_async_callback(generator.aclose)
+        # Servers start from policy.model; a resumed run (or any run) must roll out
+        # with the trainer's weights, so they are published before the first step.
+        await publish_weights(
+            generator, model, start_step, backend=config.policy.backend, run_dir=run_dir
+        )
+        agents = AgentPool.from_config(
+            config.agents,
+            policy_generator=generator,
+            policy_tokenizer=tokenizer,
+            task=task,
+            max_reply_tokens=config.env.max_reply_tokens,
+            timeout_s=config.env.agent_timeout_s,
+        )
+        stack.push_async_callback(agents.aclose)
+        rollout_cfg = (
+            config.rollout
+            if config.rollout.seed is not None
+            else config.rollout.model_copy(update={"seed": config.seed})
+        )
+        mask_rule = config.loss.mask_rule(mask_on_drift=config.env.mask_on_drift)
+        driver = RolloutDriver(
+            generator,
+            task=task,
+            agents=agents,
+            env_config=config.env,
+            config=rollout_cfg,
+            mask_rule=mask_rule,
+        )
+        metrics_log = MetricsLogger(
+            run_dir,
+            total_steps=config.train.steps,
+            resume_step=start_step if resume else None,
+            progress=progress,
+        )
+        stack.callback(metrics_log.close)
+        yield RunState(
+            config=config,
+            run_dir=run_dir,
+            progress=progress,
+            task=task,
+            eval_task=eval_task,
+            model=model,
+            tokenizer=tokenizer,
+            ref_model=ref_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            generator=generator,
+            agents=agents,
+            env_config=config.env,
+            mask_rule=mask_rule,
+            driver=driver,
+            metrics_log=metrics_log,
+            start_step=start_step,
+        )
