@@ -32,6 +32,7 @@ from typing import Any
 
 from aipo.config import load_config
 from trainers.config import TrainConfig
+from trainers.metrics import save_figure
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "configs" / "learning.yaml"
@@ -210,12 +211,7 @@ def plot_arms(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png)
 
 
 def consulting_arms(configs: dict[str, TrainConfig]) -> list[str]:

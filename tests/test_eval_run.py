@@ -161,7 +161,7 @@ async def test_evaluate_alone_is_greedy_independent_and_resumes(tokenizer, tmp_p
     from scripted import AdditionTask, ScriptedGenerator
 
     from aipo_env.config import EnvConfig
-    from aipo_env.evaluation.runner import evaluate_alone
+    from aipo_env.evaluation.alone import evaluate_alone
 
     script = ['<consult agent="verify">Is it 3?</consult> \\boxed{3}' + tokenizer.eos_token]
     policy = ScriptedGenerator(tokenizer, script, max_context=512)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from aipo_env.batch import collate
-from aipo_env.evaluation.runner import evaluate_alone
+from aipo_env.evaluation.alone import evaluate_alone
 from aipo_env.masks import trained_token_masks
 from aipo_env.trajectory import Trajectory
 from trainers.advantages import compute_advantages, filter_uniform_groups, overlong_penalty

@@ -184,6 +184,13 @@ def plot_curves(
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig: Any, out_png: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG (creating the folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)

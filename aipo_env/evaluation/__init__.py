@@ -1,7 +1,8 @@
 """Evaluating a trained policy alone: sampling n responses per problem, pass@k, reports.
 
 :mod:`aipo_env.evaluation.results` holds the results format (JSON, Markdown, PNG);
-:mod:`aipo_env.evaluation.runner` runs an evaluation through the rollout driver.
+:mod:`aipo_env.evaluation.runner` runs `aipo eval` through the rollout driver;
+:mod:`aipo_env.evaluation.alone` is the greedy held-out check the embedded trainer reports.
 """
 
 from aipo_env.evaluation.results import (

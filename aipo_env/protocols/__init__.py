@@ -6,10 +6,14 @@ subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it b
 
 from __future__ import annotations
 
-from aipo_env.config import EnvConfig
+from typing import TYPE_CHECKING
+
 from aipo_env.protocols.base import InteractionProtocol, Request, encode_injected
 from aipo_env.protocols.consult import ConsultProtocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
+
+if TYPE_CHECKING:
+    from aipo_env.config import EnvConfig
 
 #: Protocol name (``EnvConfig.protocol``) -> class.
 PROTOCOLS: dict[str, type[InteractionProtocol]] = {
