@@ -93,6 +93,7 @@ class ConsultEnv(AsyncEnv):
         self.observation_space = spaces.Sequence(vocab, stack=True)
         self.action_space = spaces.Sequence(vocab, stack=True)
         self._eos_ids = {tokenizer.eos_token_id} - {None}
+        self._vocab_size = len(tokenizer)
         self._episode: EpisodeState | None = None
         self._picker = ProblemPicker(task)
 
@@ -231,6 +232,24 @@ class ConsultEnv(AsyncEnv):
                 f"episode {episode.trajectory_id} already ended ({episode.trajectory.finish_reason}); call reset"
             )
         ids, lps, gen_finish, cached = normalize_action(action)
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            trajectory = self.abort(
+                "invalid_action",
+                f"token id {bad[0]} is outside the vocabulary 0..{self._vocab_size - 1}",
+            )
+            info = {
+                "sources": [],
+                "trajectory": trajectory,
+                "finish_reason": trajectory.finish_reason,
+            }
+            return np.zeros(0, dtype=np.int64), 0.0, False, True, info
+        # Nothing after an EOS is the policy's: a generator that ran past one is cut there.
+        eos_at = next((k for k, i in enumerate(ids) if i in self._eos_ids), None)
+        dropped = 0
+        if eos_at is not None and eos_at < len(ids) - 1:
+            dropped = len(ids) - eos_at - 1
+            ids, lps = ids[: eos_at + 1], lps[: eos_at + 1]
         start = len(episode.token_ids)
         episode.extend(ids, sources.POLICY, lps)
         turn = Turn(
@@ -239,23 +258,23 @@ class ConsultEnv(AsyncEnv):
             policy_end=len(episode.token_ids),
             generation_finish=gen_finish,
             policy_cached_tokens=cached,
+            dropped_after_eos=dropped,
         )
         episode.turns.append(turn)
         ended_by_eos = bool(ids) and ids[-1] in self._eos_ids
         text = self._decode(ids)
+        request_end = None
+        if self.config.mode == "train" and not ended_by_eos and ids:
+            request_end = self.protocol.find_request(text, len(self._decode(ids[:-1])))
         reason: str | None = None
         if gen_finish == "abort":
             reason = "error:abort"
-        elif (
-            self.config.mode == "train"
-            and not ended_by_eos
-            and self.protocol.ends_with_request(text)
-        ):
+        elif request_end is not None:
             episode.attempts += 1
             if len(episode.turns) >= self.config.max_turns:
                 reason = "max_turns"
             else:
-                injected = await self._answer(episode, text, turn)
+                injected = await self._answer(episode, text[:request_end], turn)
                 if injected is None:
                     reason = "context_overflow"
                 else:
@@ -312,7 +331,7 @@ class ConsultEnv(AsyncEnv):
             self.protocol,
             self.tokenizer,
             self.config,
-            agent,
+            agent if agent in self.targets else None,  # an unknown name is never echoed in markup
             reply if error is None else None,
             error,
             record,
@@ -321,13 +340,14 @@ class ConsultEnv(AsyncEnv):
             episode.chat_contents[len(episode.turns) - 1] = injection.chat_content
         episode.drift = episode.drift or injection.drift
         turn.consult = record
-        # Room for the reply and at least one more policy token.
-        if len(episode.token_ids) + len(injection.ids) + 1 > self.config.max_total_tokens:
-            return None
+        # Counted before the room check: a reply that does not fit was still asked for.
         if error is None:
             episode.consults += 1
         else:
             episode.consult_errors += 1
+        # Room for the reply and at least one more policy token.
+        if len(episode.token_ids) + len(injection.ids) + 1 > self.config.max_total_tokens:
+            return None
         turn.feedback_start = len(episode.token_ids)
         labels: list[str] = []
         for ids, label, lps in injection.pieces:
@@ -356,7 +376,8 @@ class ConsultEnv(AsyncEnv):
         verifier: RewardResult | None = None
         if not reason.startswith("error:"):
             try:
-                verifier = await self.task.ascore(episode.problem, policy_text)
+                answer = self.protocol.answer_text(policy_text)
+                verifier = await self.task.ascore(episode.problem, answer)
             except Exception as exc:  # a verifier bug must not lose the episode
                 verifier = RewardResult(
                     score=0.0, correct=False, reason=f"scoring failed: {type(exc).__name__}: {exc}"

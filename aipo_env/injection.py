@@ -108,7 +108,15 @@ def reply_pieces(
             and reply.logprobs is not None
             and len(reply.logprobs) == len(reply.token_ids)
         ):
-            ids, lps = list(reply.token_ids), list(reply.logprobs)
+            # A reply's own ids keep their log-probs, but never a control token (a turn
+            # marker or EOS inside a reply would end the policy's turn for it).
+            special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+            kept = [
+                (i, lp)
+                for i, lp in zip(reply.token_ids, reply.logprobs, strict=True)
+                if i not in special
+            ]
+            ids, lps = [i for i, _ in kept], [lp for _, lp in kept]
         else:
             ids = encode_injected(tokenizer, reply.text)
             lps = [None] * len(ids)
@@ -117,7 +125,8 @@ def reply_pieces(
             ids, lps = ids[:cap], lps[:cap]
             record.reply_truncated = True
         record.reply_truncated = record.reply_truncated or reply.truncated
-        body = (ids, sources.agent(reply.agent or target or "unknown"), lps)
+        # Labelled by the agent the policy asked, whatever name the reply carries.
+        body = (ids, sources.agent(target or reply.agent or "unknown"), lps)
         open_text, close_text = protocol.reply_markup(target)
     if config.format == "inline":
         return Injection([env(open_text), *([body, env(close_text)] if body else [])])

@@ -50,6 +50,10 @@ class Turn(BaseModel):
     policy_cached_tokens: int = Field(
         default=0, description="Prompt tokens the policy backend served from its prefix cache."
     )
+    dropped_after_eos: int = Field(
+        default=0,
+        description="Tokens the generator produced after an EOS in this segment; cut, never recorded.",
+    )
     feedback_start: int | None = Field(
         default=None, description="Index of the first injected token, when feedback followed."
     )

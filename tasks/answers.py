@@ -56,6 +56,15 @@ def answer_line(text: str) -> str | None:
     return matches[-1].strip() if matches else None
 
 
+#: Markdown emphasis around a term: the markers touch no word character on the outside,
+#: so ``2**8`` (a power) and ``x__1`` are left alone.
+_EMPHASIS = re.compile(r"(?<![\w)\]}])(\*\*|__)(?=\S)(.+?)(?<=\S)\1(?![\w(\[{])")
+_LOOSE_MARKER = re.compile(r"^(?:\*\*|__)|(?:\*\*|__)$")
+
+
 def strip_markdown(answer: str) -> str:
-    """Remove markdown emphasis (``**73**`` -> ``73``), which trips math parsers."""
-    return re.sub(r"(\*\*|__)(.*?)\1", r"\2", answer).replace("**", "").strip()
+    """Remove markdown emphasis (``**73**`` -> ``73``), which trips math parsers.
+
+    Only emphasis is removed: ``2**8`` stays a power.
+    """
+    return _LOOSE_MARKER.sub("", _EMPHASIS.sub(r"\2", answer).strip()).strip()

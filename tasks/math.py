@@ -10,6 +10,7 @@ math-verify's own timeouts (``signal.alarm``) fail off the main thread.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,9 @@ DEFAULT_COLUMNS: dict[str, str] = {
 
 _shared_pool: VerifierPool | None = None
 _shared_lock = threading.Lock()
+
+
+_PYTHON_POWER = re.compile(r"(?<=[\w)\]}])\*\*(?=[\w(\[{])")
 
 
 def shared_math_pool() -> VerifierPool:
@@ -189,11 +193,15 @@ class MathTask(Task):
         )
 
     def extract_answer(self, response: str) -> str | None:
-        """The content of the last ``\\boxed{}``/``\\fbox{}``, markdown stripped."""
+        """The content of the last ``\\boxed{}``/``\\fbox{}``, markdown stripped.
+
+        A Python power between operands (``2**8``) becomes LaTeX's ``2^8``, which the
+        verifier reads as the power it is.
+        """
         boxed = last_boxed(response)
         if boxed is None:
             return None
-        boxed = strip_markdown(boxed)
+        boxed = _PYTHON_POWER.sub("^", strip_markdown(boxed))
         return boxed or None
 
     def _result(self, extracted: str | None, outcome: dict[str, Any] | str) -> RewardResult:

@@ -26,6 +26,10 @@ ids themselves are never re-tokenized):
   without one raise ``ValueError``.
 - :meth:`~InteractionProtocol.count_requests`: complete requests in a text (reported
   in independent mode, where requests are not honoured).
+- :meth:`~InteractionProtocol.find_request`: where a request ends in a segment's text,
+  wherever the last token's boundary falls.
+- :meth:`~InteractionProtocol.answer_text`: the only text the task scores: the policy's
+  text with requests and reply-shaped blocks removed.
 - :meth:`~InteractionProtocol.targets`: the names a request may address (the
   configured agents, or the protocol's own tools); :attr:`~InteractionProtocol.roles`:
   what each does, for the instructions.
@@ -87,8 +91,34 @@ class InteractionProtocol(ABC):
 
     def ends_with_request(self, text: str) -> bool:
         """Whether ``text`` ends with a request (trailing whitespace allowed)."""
-        stripped = text.rstrip()
-        return any(stripped.endswith(stop) for stop in self.stop_strings())
+        return self.find_request(text) is not None
+
+    def find_request(self, text: str, last_token_start: int | None = None) -> int | None:
+        """Where the request that ends a segment ends in ``text``, or None when there is none.
+
+        Generation stops on a stop string *in the decoded text*, keeping the token that
+        completes it; that token may carry more text than the stop string (``</consult>.``
+        can be one token). So a stop string counts when only whitespace follows it, or
+        when it ends inside the segment's last token (which starts at ``last_token_start``
+        in ``text``). Returns the index just past the stop string.
+        """
+        best: int | None = None
+        for stop in self.stop_strings():
+            at = text.rfind(stop)
+            if at < 0:
+                continue
+            end = at + len(stop)
+            if not text[end:].strip() or (last_token_start is not None and end > last_token_start):
+                best = end if best is None else max(best, end)
+        return best
+
+    @abstractmethod
+    def answer_text(self, policy_text: str) -> str:
+        """The policy's own answer: its text with every request and any reply-shaped block removed.
+
+        Only this is scored, so neither a reply the policy forged in the reply format nor
+        an answer inside its own request can decide the reward.
+        """
 
     @abstractmethod
     def parse_request(self, text: str, targets: Sequence[str]) -> Request:

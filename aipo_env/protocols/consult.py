@@ -23,6 +23,13 @@ CONSULT_OPEN = "<consult"
 CONSULT_CLOSE = "</consult>"
 FEEDBACK_CLOSE = "</feedback>"
 
+#: Protocol markup the policy may write but that is never its answer: complete consult
+#: requests, and feedback blocks (forged; an unclosed one runs to the end of the text).
+_NOT_ANSWER = re.compile(
+    r"<consult\b[^<>]*>.*?</consult>|<feedback\b.*?(?:</feedback>|$)", re.DOTALL | re.IGNORECASE
+)
+#: Longest agent name an error message echoes.
+_NAME_ECHO = 32
 _OPEN_TAG = re.compile(r"<consult\b([^<>]*)>", re.IGNORECASE)
 _AGENT_ATTR = re.compile(r"""agent\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
 
@@ -81,7 +88,8 @@ def parse_last_consult(text: str, agent_names: Sequence[str]) -> Request:
         )
     agent = next(g for g in attr.groups() if g is not None).strip().lower()
     if agent not in agent_names:
-        return Request(agent, question, f"unknown agent '{agent}'; expected one of {names}")
+        shown = agent if len(agent) <= _NAME_ECHO else agent[:_NAME_ECHO] + "..."
+        return Request(agent, question, f"unknown agent '{shown}'; expected one of {names}")
     if not question:
         return Request(agent, "", "empty question; write the question inside the tag")
     return Request(agent, question)
@@ -162,3 +170,7 @@ class ConsultProtocol(InteractionProtocol):
     def count_requests(self, text: str) -> int:
         """Complete consult tags in ``text`` (:func:`count_consults`)."""
         return count_consults(text)
+
+    def answer_text(self, policy_text: str) -> str:
+        """The policy's text without its consult requests and without feedback blocks it wrote."""
+        return _NOT_ANSWER.sub("", policy_text)

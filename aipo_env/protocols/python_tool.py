@@ -19,6 +19,8 @@ PYTHON_CLOSE = "</python>"
 TOOL_NAME = "python"
 _CODE = re.compile(r"<python>(.*?)</python>\s*$", re.DOTALL)
 _COMPLETE = re.compile(r"<python>.*?</python>", re.DOTALL)
+#: Code blocks and result blocks (an unclosed result runs to the end): never the answer.
+_NOT_ANSWER = re.compile(r"<python>.*?</python>|<result>.*?(?:</result>|$)", re.DOTALL)
 
 INSTRUCTIONS = (
     "You may run Python code: write <python>code</python> and stop; its standard output "
@@ -65,3 +67,7 @@ class PythonToolProtocol(InteractionProtocol):
     def count_requests(self, text: str) -> int:
         """Complete code blocks in ``text``."""
         return len(_COMPLETE.findall(text))
+
+    def answer_text(self, policy_text: str) -> str:
+        """The policy's text without its code blocks and without result blocks it wrote."""
+        return _NOT_ANSWER.sub("", policy_text)
