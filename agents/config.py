@@ -131,6 +131,15 @@ class AgentPoolConfig(BaseModel):
         ge=0,
         description="Most replies kept in the cache of identical requests (agent, question, problem); 0 disables it.",
     )
+    seed: int | None = Field(
+        default=None,
+        description=(
+            "Base seed of the agents' reply sampling: each reply samples with a seed derived from "
+            "it and the request (episode, agent, question, transcript so far, attempt), so a run "
+            "and its resumed copy get the same replies. None (default) follows the run's seed "
+            "(train: seed; eval: --seed); a pool built without either samples unseeded."
+        ),
+    )
 
 
 _FINGERPRINTS: dict[int, tuple[Any, str]] = {}

@@ -6,19 +6,26 @@ that prefix in the backend's cache. Replies keep the sampled ids verbatim (minus
 trailing EOS or stop token, which must never enter the policy's sequence) and,
 when the agent's model shares the policy's tokenizer, their log-probs: the
 behaviour probability of AIPO's importance-sampling coefficient.
+
+With a base seed every reply samples with :func:`reply_seed`, a pure function of that
+seed and the request, like the policy's per-turn seed: a run resumed from a checkpoint
+gets the replies an uninterrupted one got, whatever ran concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 from agents.base import Agent, AgentReply, ConsultRequest
 from agents.templates import PromptTemplate, load_template
-from policies.base import Generator, SamplingParams
+from policies.base import Generation, Generator, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,28 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def reply_seed(base_seed: int | None, request: ConsultRequest, attempt: int = 0) -> int | None:
+    """The sampling seed of one reply: a pure function of the base seed, the request and the attempt.
+
+    The request is its episode, agent, problem, question and the transcript so far; the
+    transcript grows between two consults of an episode, so it tells which consult this
+    is. A retry (``attempt`` >= 1) samples afresh. None without a base seed.
+    """
+    if base_seed is None:
+        return None
+    problem = request.problem
+    key = [
+        base_seed,
+        request.episode_id,
+        request.agent,
+        [problem.task, problem.id] if problem is not None else None,
+        request.question,
+        request.transcript,
+        attempt,
+    ]
+    return zlib.crc32(json.dumps(key).encode()) & 0x7FFFFFFF
+
+
 def end_token_ids(tokenizer: Any, params: SamplingParams | None = None) -> set[int]:
     """Ids that may end a reply and must not be injected: EOS, the special tokens, stop ids."""
     ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -89,13 +118,49 @@ def strip_trailing(
     return token_ids[:end], logprobs[:end]
 
 
+#: The probe's sampling: one greedy token with a fixed seed, so it draws nothing from a
+#: backend's own random stream and leaves the run's sampling as it would have been.
+PROBE_SAMPLING = SamplingParams(max_new_tokens=1, temperature=0.0, seed=0)
+
+
+async def probe_backend(generator: Generator, timeout_s: float) -> str | None:
+    """Ask ``generator`` for one greedy token; None when it answers, else what is wrong.
+
+    The probe has no session id, so the backend keeps nothing of it for later requests.
+    """
+    tokenizer = generator.tokenizer
+    ids = list(tokenizer("Hello", add_special_tokens=False)["input_ids"])
+    if not ids:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids = [eos if isinstance(eos, int) else 0]
+    try:
+        generation = await asyncio.wait_for(
+            generator.generate(ids, PROBE_SAMPLING), timeout=timeout_s
+        )
+    except asyncio.TimeoutError:
+        return f"no reply to a one-token probe within {timeout_s:g} s"
+    except Exception as exc:
+        return f"a one-token probe failed: {type(exc).__name__}: {exc}"
+    if not isinstance(generation, Generation):
+        return f"a one-token probe returned {type(generation).__name__}; expected a Generation"
+    if generation.finish_reason == "abort":
+        return "the backend aborted a one-token probe"
+    if not generation.token_ids or len(generation.token_ids) != len(generation.logprobs):
+        return (
+            f"a one-token probe came back malformed ({len(generation.token_ids)} token ids, "
+            f"{len(generation.logprobs)} log-probs)"
+        )
+    return None
+
+
 class LLMAgent(Agent):
     """An agent whose replies a :class:`Generator` samples from its prompt template.
 
     ``shares_policy_tokenizer`` says whether the generator's tokenizer is the
     policy's: only then are the reply's ids and log-probs returned (ids from
     another vocabulary mean nothing to the policy). ``consult`` never raises: any
-    failure becomes ``AgentReply(error=...)``.
+    failure becomes ``AgentReply(error=...)``. ``seed`` is the base of every reply's
+    sampling seed (:func:`reply_seed`); None draws from the backend's own stream.
     """
 
     #: The packaged template a subclass uses by default.
@@ -111,6 +176,7 @@ class LLMAgent(Agent):
         shares_policy_tokenizer: bool = False,
         include_solution: bool = False,
         max_transcript_chars: int = 4000,
+        seed: int | None = None,
     ) -> None:
         template = template or self.default_template or name
         self.name = name
@@ -122,7 +188,17 @@ class LLMAgent(Agent):
         self.shares_policy_tokenizer = shares_policy_tokenizer
         self.include_solution = include_solution
         self.max_transcript_chars = max_transcript_chars
+        self.seed = seed
         self._prefix_registered = False
+
+    @property
+    def samples(self) -> bool:
+        """Whether replies are sampled (temperature above 0) rather than greedy."""
+        return self.sampling.temperature > 0
+
+    def request_seed(self, request: ConsultRequest, attempt: int = 0) -> int | None:
+        """The sampling seed of this agent's reply to ``request`` (:func:`reply_seed`)."""
+        return reply_seed(self.seed, request, attempt)
 
     @property
     def uses_transcript(self) -> bool:
@@ -174,11 +250,14 @@ class LLMAgent(Agent):
         except Exception as exc:
             logger.warning("agent %r: could not register its prompt prefix: %s", self.name, exc)
 
-    async def consult(self, request: ConsultRequest) -> AgentReply:
-        """Sample a reply to ``request``; any failure becomes an error reply."""
+    async def consult(self, request: ConsultRequest, attempt: int = 0) -> AgentReply:
+        """Sample a reply to ``request``; any failure becomes an error reply.
+
+        ``attempt`` counts the pool's retries of the same request: each samples afresh.
+        """
         start = time.perf_counter()
         try:
-            return await self._consult(request, start)
+            return await self._consult(request, start, attempt)
         except Exception as exc:  # the protocol says never raise
             return AgentReply(
                 agent=self.name,
@@ -186,12 +265,16 @@ class LLMAgent(Agent):
                 latency_s=time.perf_counter() - start,
             )
 
-    async def _consult(self, request: ConsultRequest, start: float) -> AgentReply:
+    async def _consult(self, request: ConsultRequest, start: float, attempt: int) -> AgentReply:
         static_ids, prompt_ids = self.render(request)
         if not self._prefix_registered:
             await self._register_prefix(static_ids)
+        sampling = self.sampling
+        seed = self.request_seed(request, attempt)
+        if seed is not None:
+            sampling = sampling.model_copy(update={"seed": seed})
         generation = await self.generator.generate(
-            prompt_ids, self.sampling, session_id=f"{self.name}:{request.episode_id}"
+            prompt_ids, sampling, session_id=f"{self.name}:{request.episode_id}"
         )
         if generation.finish_reason == "abort":
             raise RuntimeError("the backend aborted the generation")

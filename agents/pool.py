@@ -7,6 +7,11 @@ requests. :meth:`AgentPool.from_config` builds the agents and their generation
 backends from an :class:`AgentPoolConfig`. The reply cap and the timeout of an agent
 that sets neither come from the pool's builder, who passes the env's
 (``env.max_reply_tokens``, ``env.agent_timeout_s``): the env owns those limits.
+
+Replies are seeded per request (:func:`agents.llm_agent.reply_seed`), so the cache
+keys a sampling agent's reply on its seed too: a reply sampled for one episode is never
+handed to another, whichever of them asked first. :meth:`AgentPool.probe` checks every
+backend before a run relies on it (:func:`agents.llm_agent.probe_backend`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from agents.config import (
     AgentPoolConfig,
     tokenizers_match,
 )
-from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent
+from agents.llm_agent import (
+    KnowledgeAgent,
+    LLMAgent,
+    ReasoningAgent,
+    VerifyAgent,
+    probe_backend,
+)
 from agents.oracle import OracleVerifyAgent
 from policies.base import Generator
 from tasks.base import Task
@@ -112,6 +123,29 @@ class AgentPool:
         """The agents by name."""
         return dict(self._agents)
 
+    async def probe(self, skip: Sequence[Generator] = ()) -> dict[str, str]:
+        """Check every agent's backend once; ``{agent: what is wrong}`` for those down.
+
+        Agents sharing a generator share its probe. Generators in ``skip`` (the policy's,
+        checked by the caller) and agents without one (oracle, tools) are not probed.
+        An empty result means every backend answered.
+        """
+        backends: dict[int, tuple[Generator, list[str]]] = {}
+        for name, agent in self._agents.items():
+            generator = getattr(agent, "generator", None)
+            if generator is None or any(generator is other for other in skip):
+                continue
+            backends.setdefault(id(generator), (generator, []))[1].append(name)
+        down: dict[str, str] = {}
+        for generator, names in backends.values():
+            timeout = min(
+                float(self._settings[name].timeout_s or DEFAULT_TIMEOUT_S) for name in names
+            )
+            error = await probe_backend(generator, timeout)
+            if error is not None:
+                down.update(dict.fromkeys(names, error))
+        return down
+
     async def consult(self, request: ConsultRequest) -> AgentReply:
         """Route ``request`` to its agent; every failure comes back as an error reply."""
         start = time.perf_counter()
@@ -145,7 +179,7 @@ class AgentPool:
         settings = self._settings[request.agent]
         attempts = settings.retries + 1
         for attempt in range(1, attempts + 1):
-            reply = await self._attempt(agent, request, settings)
+            reply = await self._attempt(agent, request, settings, attempt - 1)
             if reply.ok:
                 break
             logger.info(
@@ -165,13 +199,15 @@ class AgentPool:
         return reply
 
     async def _attempt(
-        self, agent: Agent, request: ConsultRequest, settings: AgentConfig
+        self, agent: Agent, request: ConsultRequest, settings: AgentConfig, attempt: int
     ) -> AgentReply:
         start = time.perf_counter()
         semaphore = self._semaphores[request.agent]
 
         async def bounded() -> AgentReply:
             async with semaphore:
+                if isinstance(agent, LLMAgent):  # a retry samples with a seed of its own
+                    return await agent.consult(request, attempt=attempt)
                 return await agent.consult(request)
 
         try:
@@ -211,11 +247,17 @@ class AgentPool:
         problem = request.problem
         # An agent whose prompt shows the transcript answers differently for each one.
         transcript = request.transcript if getattr(agent, "uses_transcript", False) else None
+        # A seeded sampling agent's reply belongs to its request's seed: sharing it with
+        # another request would make that request's reply depend on which asked first.
+        seed = (
+            agent.request_seed(request) if isinstance(agent, LLMAgent) and agent.samples else None
+        )
         return (
             request.agent,
             request.question.strip(),
             (problem.task, problem.id) if problem is not None else None,
             transcript,
+            seed,
         )
 
     def _reply_tokenizer(self, agent: Agent) -> Any:
@@ -263,6 +305,7 @@ class AgentPool:
         task: Task | None = None,
         max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        seed: int | None = None,
     ) -> AgentPool:
         """Build the agents and their backends.
 
@@ -271,6 +314,8 @@ class AgentPool:
         recorded only when its tokenizer has the policy's vocabulary.
         ``max_reply_tokens`` and ``timeout_s`` are the env's ``max_reply_tokens`` and
         ``agent_timeout_s``, followed by every agent that sets neither of its own.
+        ``seed`` is the run's seed, the base of every reply's sampling seed unless
+        ``config.seed`` sets one (None for both: unseeded replies).
         """
         if policy_tokenizer is None and policy_generator is not None:
             policy_tokenizer = policy_generator.tokenizer
@@ -293,6 +338,7 @@ class AgentPool:
                 raise ValueError(
                     f"agent {name!r} uses backend 'policy' but no policy_generator was given"
                 )
+        base_seed = config.seed if config.seed is not None else seed
         backends: dict[str, Generator] = {}
         owned: list[Generator] = []
         agents: dict[str, Agent] = {}
@@ -324,6 +370,7 @@ class AgentPool:
                 "shares_policy_tokenizer": shares,
                 "include_solution": settings.include_solution,
                 "max_transcript_chars": settings.max_transcript_chars,
+                "seed": base_seed,
             }
             agent_class = _LLM_AGENT_CLASSES.get(name)
             if agent_class is not None:

@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aipo.commands.serve",
         "start the agents' SGLang servers, write the endpoints file, stop them on exit",
     ),
+    "doctor": (
+        "aipo.commands.doctor",
+        "check an OpenRLHF launch before any GPU is touched: packages, recipe, data, agents",
+    ),
 }
 
 

@@ -88,6 +88,19 @@ def _read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigYAMLLoader)
 
 
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    """``:LINE:COLUMN`` (1-based) of a YAML error, where PyYAML knows it."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's description of the problem, on one line."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    text = "; ".join(p for p in parts if p) or str(exc)
+    return " ".join(text.split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML config file holds (``{}`` for an empty file).
 
@@ -104,7 +117,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"{path}{_yaml_position(exc)}: not valid YAML: {_yaml_problem(exc)}"
+        ) from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {loaded!r}")
     return loaded or {}
@@ -192,12 +207,19 @@ def _extra_allowed(model_cls: type[BaseModel]) -> bool:
 
 
 def _check_keys(annotation: Any, data: Any, prefix: str, errors: list[str]) -> None:
-    """Collect an error for every key of ``data`` that its model does not define.
+    """Collect an error for every key of ``data`` that its model does not define, and every
+    true/false given for a number.
 
     Walks sections, list items and mapping values, so a typo anywhere is named by its
     full dotted path with the valid keys at that level.
     """
     kind, inner = _shape(annotation)
+    if kind == "leaf" and isinstance(data, bool) and inner in (int, float):
+        # pydantic would read true as 1: a switch where a count belongs is a mistake.
+        errors.append(
+            f"{prefix[:-1]}: {str(data).lower()} is not a number; expected {inner.__name__}"
+        )
+        return
     if kind == "list" and isinstance(data, list):
         for index, item in enumerate(data):
             _check_keys(inner, item, f"{prefix}{index}.", errors)

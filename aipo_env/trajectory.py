@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aipo_env import sources
+from aipo_env.jsonl import open_for_append
 from tasks.base import RewardResult
 
 
@@ -153,6 +154,15 @@ def _dump(trajectory: Trajectory) -> str:
     return trajectory.model_dump_json()
 
 
+def _is_trajectory(line: bytes) -> bool:
+    """Whether ``line`` is a whole trajectory record (what :func:`read_jsonl` accepts)."""
+    try:
+        Trajectory.model_validate_json(line)
+    except ValueError:
+        return False
+    return True
+
+
 def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory], append: bool = False) -> int:
     """Write trajectories one per line; returns how many were written."""
     count = 0
@@ -180,12 +190,21 @@ def read_jsonl(path: str | Path) -> list[Trajectory]:
 
 
 class TrajectoryWriter:
-    """Appends one trajectory per line, flushed and fsynced, so a kill loses only episodes in flight."""
+    """Appends one trajectory per line, flushed and fsynced, so a kill loses only episodes in flight.
+
+    In append mode a torn last line left by a killed writer is removed first
+    (:func:`aipo_env.jsonl.open_for_append`), so the new records start on a line of
+    their own and the file stays readable.
+    """
 
     def __init__(self, path: str | Path, append: bool = True, fsync: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w", encoding="utf-8")
+        self._file = (
+            open_for_append(self.path, _is_trajectory)
+            if append
+            else self.path.open("w", encoding="utf-8")
+        )
         self._fsync = fsync
         self.written = 0
 

@@ -37,20 +37,23 @@ def load_causal_lm(path: str, **kwargs: Any) -> Any:
     return model
 
 
-def load_tokenizer(spec: Any, *, pad_to_eos: bool = False) -> Any:
+def load_tokenizer(spec: Any, *, pad_to_eos: bool = False, local_files_only: bool = False) -> Any:
     """The tokenizer ``spec`` names, loaded with ``AutoTokenizer`` unless it is one already.
 
     ``spec``: a tokenizer object (returned as it is), ``"default"`` (the default model's,
     through :func:`policies.default_model.resolve_model_path`), a model directory or a
     Hugging Face id. ``pad_to_eos``: a tokenizer without a pad token gets its EOS token
     as pad token (batched training needs one; the padding is masked out).
+    ``local_files_only``: never reach the network (a Hugging Face id must be cached).
     """
     if isinstance(spec, str):
         from transformers import AutoTokenizer
 
         from policies.default_model import resolve_model_path
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(spec), local_files_only=local_files_only
+        )
     else:
         tokenizer = spec
     if pad_to_eos and tokenizer.pad_token_id is None:

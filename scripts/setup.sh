@@ -16,6 +16,20 @@ for arg in "$@"; do
   esac
 done
 
+# Code tasks run each solution inside bubblewrap when it works (tasks/sandbox.py) and
+# fall back to weaker isolation when it does not, so a missing bwrap never fails setup.
+if command -v bwrap >/dev/null 2>&1; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing bubblewrap (sandbox for code tasks)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }; then
+    echo "note: could not install bubblewrap; code tasks will use the weaker fallback sandbox" >&2
+  fi
+else
+  echo "note: bubblewrap (bwrap) is missing; code tasks will use the weaker fallback sandbox." \
+    "Install it as root (Debian/Ubuntu: apt-get install bubblewrap)." >&2
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

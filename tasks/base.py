@@ -76,6 +76,9 @@ class Task(ABC):
     name: str = ""
     #: The instruction appended to each question that says how to give the answer.
     answer_format: str = "Put your final answer within \\boxed{}."
+    #: Dataset rows the last load skipped as malformed (dataset-backed tasks count them in
+    #: :meth:`load`, through ``tasks.sources.build_problems``; results files report it).
+    skipped: int = 0
 
     def __init__(self) -> None:
         self._problems: list[Problem] | None = None

@@ -39,6 +39,12 @@ def _procedural(dataset: str, **kwargs: Any) -> Task:
     return make_procedural(dataset, **kwargs)
 
 
+def _reasoning_gym_names() -> list[str]:
+    from tasks.procedural import reasoning_gym_names
+
+    return reasoning_gym_names()
+
+
 def _rg_entry(dataset: str, **defaults: Any):
     def factory(**kwargs: Any) -> Task:
         return _procedural(dataset, **{**defaults, **kwargs})
@@ -95,7 +101,7 @@ register_task(
     source="livecodebench/code_generation_lite (test.jsonl)",
     size=None,
 )
-register_prefix("rg:", _procedural)
+register_prefix("rg:", _procedural, names=_reasoning_gym_names)
 for _name, _defaults, _text in [
     ("gsm_symbolic", {}, "GSM8K-style symbolic word problems"),
     ("basic_arithmetic", {}, "arithmetic expressions"),

@@ -1,36 +1,43 @@
 """Code generation (LiveCodeBench style): run the answer's Python against tests.
 
 The last fenced ``python`` block of a response is run once per test in a fresh
-subprocess, in a temporary directory, under CPU-time, wall-time and memory
-limits, with networking disabled. Two kinds of test: ``stdin`` (feed input,
-compare stdout line by line) and ``functional`` (call a named function, or a
-method of ``Solution``, with JSON arguments and compare the JSON return value).
-The reward is 1.0 only when every test passes.
+sandbox (:mod:`tasks.sandbox`) under CPU-time, wall-time, memory, output and
+process-count limits. Two kinds of test: ``stdin`` (feed input, compare stdout
+line by line) and ``functional`` (call a named function, or a method of
+``Solution``, with JSON arguments and compare the JSON return value). The
+expected outputs never enter the sandbox, and a function's return value comes
+back on a channel the solution's output cannot reach, so printing a fake result
+neither passes nor breaks scoring. The reward is 1.0 only when every test passes.
 
-This is a best-effort sandbox, not a security boundary: the limits stop
-accidents (infinite loops, memory hogs, stray network calls), not a determined
-attacker. Run untrusted code inside a container or VM.
+The ``sandbox`` setting picks the isolation: ``"bwrap"`` runs each test in
+bubblewrap (own PID, network, IPC and mount namespaces, a read-only view of the
+system and Python, one writable directory, an unprivileged uid when the trainer
+is root), so nothing the solution does reaches the trainer, its files or the
+network. ``"none"`` keeps only the supervisor process and the resource limits:
+the solution cannot end the run through ``os.getppid()``, but runs as the
+trainer's user with its network and files. ``"auto"`` (the default) uses bwrap
+when a trial run succeeds and otherwise falls back to ``"none"`` with a WARNING.
+Each result records the sandbox that scored it in ``details["sandbox"]``. The
+exact guarantees and what stays unprotected are in :mod:`tasks.sandbox`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import io
 import json
-import os
 import pickle
 import re
-import resource
 import signal
-import sys
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks.base import Problem, RewardResult, Task
+from tasks.sandbox import Limits, SandboxRun, resolve_sandbox, run_python
 from tasks.sources import build_problems, load_rows, required_text
 
 #: LiveCodeBench's columns: our field -> dataset column.
@@ -44,43 +51,6 @@ LCB_COLUMNS: dict[str, str] = {
 }
 
 _CODE_BLOCK = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-# Runs before the user's code: blocks sockets, then runs the solution either as a
-# script (stdin tests) or calls a function and prints its JSON result after a marker.
-_BOOTSTRAP = r"""
-import json, runpy, socket, sys
-
-def _no_network(*args, **kwargs):
-    raise OSError("network access is disabled in the code sandbox")
-
-class _NoSocket:
-    def __init__(self, *args, **kwargs):
-        _no_network()
-
-socket.socket = _NoSocket
-socket.create_connection = _no_network
-socket.socketpair = _no_network
-socket.getaddrinfo = _no_network
-socket.fromfd = _no_network
-
-solution, mode = sys.argv[1], sys.argv[2]
-sys.argv = [solution]
-if mode == "stdin":
-    runpy.run_path(solution, run_name="__main__")
-else:
-    func_name = mode.split(":", 1)[1]
-    args = json.loads(sys.stdin.read())
-    namespace = runpy.run_path(solution, run_name="solution")
-    if "Solution" in namespace and hasattr(namespace["Solution"], func_name):
-        target = getattr(namespace["Solution"](), func_name)
-    elif func_name in namespace:
-        target = namespace[func_name]
-    else:
-        raise NameError(f"the solution defines no function {func_name!r}")
-    result = target(*args)
-    sys.stdout.write("\n@@AIPO_RESULT@@" + json.dumps(result) + "\n")
-"""
-_RESULT_MARKER = "@@AIPO_RESULT@@"
 
 
 class _StrOnlyUnpickler(pickle.Unpickler):
@@ -118,18 +88,6 @@ def _normalize_output(text: str) -> list[str]:
     return [line.rstrip() for line in text.strip().splitlines()]
 
 
-def _limits(cpu_s: int, memory_mb: int):
-    def apply() -> None:
-        os.setsid()  # own process group, so a timeout kills children too
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        memory = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 async def run_test(
     code: str,
     test: Mapping[str, Any],
@@ -138,78 +96,70 @@ async def run_test(
     cpu_s: int = 4,
     wall_s: float = 10.0,
     memory_mb: int = 512,
+    max_processes: int = 32,
+    sandbox: str = "auto",
 ) -> dict[str, Any]:
-    """Run one test in a fresh sandboxed subprocess; returns ``{"passed": bool, ...}``."""
-    kind = test.get("testtype", "stdin")
-    with tempfile.TemporaryDirectory(prefix="aipo-code-") as tmp:
-        Path(tmp, "solution.py").write_text(code)
-        Path(tmp, "bootstrap.py").write_text(_BOOTSTRAP)
-        if kind == "functional":
-            if not func_name:
-                return {"passed": False, "error": "functional test without a function name"}
-            mode = f"call:{func_name}"
-            lines = [ln for ln in str(test["input"]).splitlines() if ln.strip()]
-            stdin = json.dumps([json.loads(ln) for ln in lines])
-        else:
-            mode, stdin = "stdin", str(test["input"])
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "bootstrap.py",
-            "solution.py",
-            mode,
-            cwd=tmp,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "HOME": tmp},
-            preexec_fn=_limits(cpu_s, memory_mb),
-        )
+    """Run one test in a fresh sandbox; returns ``{"passed", "error", "sandbox"}``.
+
+    ``sandbox`` is ``"auto"``, ``"bwrap"`` or ``"none"`` (see :mod:`tasks.sandbox`).
+    """
+    kind = resolve_sandbox(sandbox)
+    if test.get("testtype", "stdin") == "functional":
+        if not func_name:
+            return {
+                "passed": False,
+                "error": "functional test without a function name",
+                "sandbox": kind,
+            }
+        lines = [ln for ln in str(test["input"]).splitlines() if ln.strip()]
+        stdin = json.dumps([json.loads(ln) for ln in lines])
+    else:
+        func_name, stdin = None, str(test["input"])
+    limits = Limits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb, max_processes=max_processes)
+    run = await run_python(code, stdin=stdin, limits=limits, sandbox=kind, func_name=func_name)
+    passed, error = _judge(run, test, func_name, limits)
+    return {"passed": passed, "error": error, "sandbox": kind}
+
+
+def _judge(
+    run: SandboxRun, test: Mapping[str, Any], func_name: str | None, limits: Limits
+) -> tuple[bool, str]:
+    """Whether the run passed ``test``, and why not."""
+    if run.failure:
+        return False, run.failure
+    if run.value_error:
+        return False, run.value_error
+    if run.signal is not None or run.exit_code != 0:
+        return False, _describe_failure(run, limits)
+    if func_name is not None:
+        if run.value is None:
+            return False, "no return value"
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), wall_s)
-        except asyncio.TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
-            return {"passed": False, "error": f"wall-time limit of {wall_s:g} s exceeded"}
-        finally:
-            if proc.returncode is None:
-                _kill_group(proc.pid)
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if proc.returncode != 0:
-        return {"passed": False, "error": _describe_failure(proc.returncode, stderr, cpu_s)}
-    if kind == "functional":
-        if _RESULT_MARKER not in stdout:
-            return {"passed": False, "error": "no return value"}
-        got = json.loads(stdout.rsplit(_RESULT_MARKER, 1)[1])
+            got = json.loads(run.value)
+        except ValueError:
+            return False, f"returned malformed JSON {run.value[:200]!r}"
         expected = json.loads(str(test["output"]))
-        passed = got == expected
-        return {
-            "passed": passed,
-            "error": "" if passed else f"returned {got!r}, expected {expected!r}",
-        }
-    passed = _normalize_output(stdout) == _normalize_output(str(test["output"]))
-    return {
-        "passed": passed,
-        "error": ""
-        if passed
-        else f"printed {stdout[:200]!r}, expected {str(test['output'])[:200]!r}",
-    }
+        if got == expected:
+            return True, ""
+        return False, f"returned {got!r}, expected {expected!r}"
+    if _normalize_output(run.stdout) == _normalize_output(str(test["output"])):
+        return True, ""
+    return False, f"printed {run.stdout[:200]!r}, expected {str(test['output'])[:200]!r}"
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _describe_failure(returncode: int, stderr: str, cpu_s: int) -> str:
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and "Error" not in stderr:
-        return f"CPU-time limit of {cpu_s} s exceeded (signal {-returncode})"
-    if "MemoryError" in stderr:
+def _describe_failure(run: SandboxRun, limits: Limits) -> str:
+    if run.signal in (signal.SIGXCPU, signal.SIGKILL) and "Error" not in run.stderr:
+        return f"CPU-time limit of {limits.cpu_s} s exceeded (signal {run.signal})"
+    if run.signal == signal.SIGXFSZ or f"[Errno {errno.EFBIG}]" in run.stderr:
+        return f"output limit of {limits.output_mb} MiB exceeded"
+    if "MemoryError" in run.stderr:
         return "memory limit exceeded (MemoryError)"
-    tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
-    return f"crashed: {tail}"
+    stderr = run.stderr.strip()
+    if stderr:
+        return f"crashed: {stderr.splitlines()[-1]}"
+    if run.signal is not None:
+        return f"crashed: killed by signal {run.signal}"
+    return f"crashed: exit status {run.exit_code}"
 
 
 class CodeTask(Task):
@@ -221,7 +171,12 @@ class CodeTask(Task):
         hf_name, split, data_files: the Hugging Face dataset (LiveCodeBench by default).
         columns: our field -> dataset column (see :data:`LCB_COLUMNS`).
         include_private: also run the private tests when the row has them.
-        cpu_s, wall_s, memory_mb: limits of each test process.
+        cpu_s, wall_s, memory_mb: CPU seconds, wall seconds and address space (MiB)
+            of each test's solution process.
+        max_processes: processes and threads a solution may have at once (bwrap only).
+        sandbox: ``"auto"`` (bwrap when it runs here, else ``"none"`` with a WARNING),
+            ``"bwrap"`` (raise :class:`tasks.sandbox.SandboxUnavailable` at construction
+            when bwrap cannot run) or ``"none"`` (no OS isolation; see :mod:`tasks.sandbox`).
         limit: keep only the first ``limit`` problems.
     """
 
@@ -240,6 +195,8 @@ class CodeTask(Task):
         cpu_s: int = 4,
         wall_s: float = 10.0,
         memory_mb: int = 512,
+        max_processes: int = 32,
+        sandbox: str = "auto",
         limit: int | None = None,
     ) -> None:
         super().__init__()
@@ -251,6 +208,11 @@ class CodeTask(Task):
         self.columns = {**LCB_COLUMNS, **(columns or {})}
         self.include_private = include_private
         self.cpu_s, self.wall_s, self.memory_mb = cpu_s, wall_s, memory_mb
+        self.max_processes = max_processes
+        if sandbox not in ("auto", "none"):
+            # Rejects unknown names; "bwrap" fails here, not in the middle of a run.
+            resolve_sandbox(sandbox)
+        self.sandbox = sandbox
         self.limit = limit
         #: Rows skipped as malformed during the last load.
         self.skipped = 0
@@ -311,6 +273,7 @@ class CodeTask(Task):
         if code is None:
             return RewardResult(score=0.0, correct=False, reason="no python code block")
         tests = problem.metadata.get("tests") or []
+        kind = await asyncio.to_thread(resolve_sandbox, self.sandbox)  # probes once per process
         results = []
         for test in tests:
             results.append(
@@ -321,6 +284,8 @@ class CodeTask(Task):
                     cpu_s=self.cpu_s,
                     wall_s=self.wall_s,
                     memory_mb=self.memory_mb,
+                    max_processes=self.max_processes,
+                    sandbox=kind,
                 )
             )
         passed = sum(r["passed"] for r in results)
@@ -339,6 +304,7 @@ class CodeTask(Task):
                 "total": len(tests),
                 "passed_fraction": passed / len(tests) if tests else 0.0,
                 "first_failure": first_failure,
+                "sandbox": kind,
             },
         )
 

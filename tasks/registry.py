@@ -7,7 +7,8 @@ a task's ``problems`` are first read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,8 @@ class UnknownTaskError(KeyError):
 _REGISTRY: dict[str, TaskSpec] = {}
 #: Name prefixes with a factory that takes the rest of the name (``rg:<dataset>``).
 _PREFIXES: dict[str, Callable[..., Task]] = {}
+#: Prefix -> the names valid after it, where the prefix's source can list them.
+_PREFIX_NAMES: dict[str, Callable[[], Iterable[str]]] = {}
 
 
 def register_task(
@@ -63,9 +66,49 @@ def register_task(
     return spec
 
 
-def register_prefix(prefix: str, factory: Callable[..., Task]) -> None:
-    """Route every name ``<prefix><rest>`` to ``factory(rest, **kwargs)`` (e.g. ``rg:``)."""
+def register_prefix(
+    prefix: str,
+    factory: Callable[..., Task],
+    names: Callable[[], Iterable[str]] | None = None,
+) -> None:
+    """Route every name ``<prefix><rest>`` to ``factory(rest, **kwargs)`` (e.g. ``rg:``).
+
+    ``names`` lists the valid ``rest``s, so :func:`check_task_name` can refuse a typo
+    before anything is built.
+    """
     _PREFIXES[prefix] = factory
+    if names is not None:
+        _PREFIX_NAMES[prefix] = names
+
+
+def check_task_name(name: str) -> None:
+    """Refuse a task name nothing is registered under, naming the closest registered ones.
+
+    Cheap: nothing is built or downloaded. Raises :class:`UnknownTaskError`.
+    """
+    if name in _REGISTRY:
+        return
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            listed = _PREFIX_NAMES.get(prefix)
+            if listed is None:
+                return
+            valid = [f"{prefix}{rest}" for rest in listed()]
+            if name in valid:
+                return
+            raise UnknownTaskError(_unknown(name, valid + list(_REGISTRY)))
+    raise UnknownTaskError(_unknown(name, list(_REGISTRY)))
+
+
+def _unknown(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    prefixes = ", ".join(f"{p}<name>" for p in _PREFIXES)
+    return (
+        f"unknown task '{name}'{hint} (registered: {', '.join(sorted(_REGISTRY))}"
+        + (f", or {prefixes}" if prefixes else "")
+        + "; 'aipo tasks' lists them)"
+    )
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

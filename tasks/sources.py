@@ -115,7 +115,11 @@ def build_problems(
     make_problem: Callable[[int, dict[str, Any]], Problem],
     source: str,
 ) -> tuple[list[Problem], int]:
-    """Turn rows into problems; rows that fail are skipped, counted and logged once."""
+    """Turn rows into problems; rows that fail are skipped, counted and logged once.
+
+    Returns the problems and the count of skipped rows, which the task keeps as
+    :attr:`tasks.base.Task.skipped` (evaluation results report it).
+    """
     problems: list[Problem] = []
     skipped = 0
     first_error = ""

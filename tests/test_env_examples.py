@@ -58,3 +58,20 @@ def test_envs_cli_lists_ids(capsys) -> None:
     assert envs_run(argparse.Namespace(ids_only=False)) == 0
     out = capsys.readouterr().out
     assert "aipo/Math500-v0" in out and "math500" in out and "aipo/RG-<name>-v0" in out
+
+
+async def test_python_tool_code_runs_in_the_code_sandbox(tmp_path) -> None:
+    import pytest
+
+    from agents.base import ConsultRequest
+    from tasks.sandbox import bwrap_problem
+
+    if bwrap_problem() is not None:
+        pytest.skip(f"bubblewrap cannot run here: {bwrap_problem()}")
+    target = tmp_path / "escaped.txt"
+    runner = PythonRunner(timeout_s=5.0, sandbox="bwrap")
+    code = f"open({str(target)!r}, 'w').write('x'); print('wrote')"
+    reply = await runner.consult(
+        ConsultRequest(agent="python", question=code, problem=AdditionTask(1).problems[0])
+    )
+    assert not target.exists() and "wrote" not in reply.text

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -115,3 +119,60 @@ async def test_execute_returns_exact_ids_ranges_and_flags(tokenizer, mode, monke
     # OpenRLHF's shift (samples_generator): action_mask[1:], rollout_log_probs[1:].
     action_mask = covered.long()[1:]
     assert action_mask.sum() == sum(e - s for s, e in ranges)
+
+
+async def test_first_episodes_build_the_pool_once_without_blocking_the_loop(
+    tokenizer, monkeypatch, caplog
+):
+    """Concurrent first episodes share one pool, built in a thread while the loop runs on."""
+    from agents.pool import AgentPool
+
+    monkeypatch.setenv(LOSS_CONFIG_ENV, '{"agent_mode": "mask"}')
+    builds: list[int] = []
+
+    def slow_from_config(cls, config, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # loading tokenizers
+        assert kwargs["policy_tokenizer"] is tokenizer
+        return ScriptedAgents({"knowledge": "Add the digits."})
+
+    monkeypatch.setattr(AgentPool, "from_config", classmethod(slow_from_config))
+    task = AdditionTask(n=1)
+    problem = task.problems[0]
+    config = ExecutorConfig.model_validate(
+        {
+            "agents": {
+                "agents": {
+                    "knowledge": {"backend": "sglang://node3:30000", "tokenizer": "Org/Agent-32B"}
+                }
+            }
+        }
+    )
+    executor = AgentExecutor(config=config, task=task)
+    answer = f"So the answer is \\boxed{{{problem.reference}}}<|im_end|>"
+
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def episode():
+        engine = FakeEngine(ScriptedGenerator(tokenizer, [answer]))
+        return await executor.execute(
+            problem.question, problem.reference, FakeVLLMSamplingParams(), 4096, tokenizer, engine
+        )
+
+    ticking = asyncio.create_task(ticker())
+    with caplog.at_level(logging.WARNING):
+        results = await asyncio.gather(episode(), episode(), episode())
+    done.set()
+    await ticking
+
+    assert len(builds) == 1 and builds[0] != threading.get_ident()
+    assert ticks >= 10  # ~30 ticks in 0.3 s; a blocked loop gives one or two
+    assert all(r["reward"] == 1.0 for r in results)
+    assert "Org/Agent-32B" in caplog.text and "aipo doctor" in caplog.text

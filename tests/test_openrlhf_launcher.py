@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import shlex
 from pathlib import Path
 
 import pytest
 
-from aipo.config import load_config
-from trainers.openrlhf.config import OpenRLHFRecipe
+from aipo.config import ConfigError, load_config
+from trainers.openrlhf import entry
+from trainers.openrlhf.config import HOOK_MARKER_ENV, RUNTIME_ENV_ENV, OpenRLHFRecipe
 from trainers.openrlhf.launcher import (
     EXECUTOR_CONFIG_ENV,
     build_command,
@@ -21,7 +24,16 @@ from trainers.openrlhf.patch import SETUP_HOOK
 
 pytest.importorskip("openrlhf", reason="openrlhf not installed")
 
-from trainers.openrlhf.flags import OpenRLHFArgumentError, flag_names, parse_openrlhf_args  # noqa: E402
+from trainers.openrlhf.flags import (  # noqa: E402
+    DATA_MAX_LEN_DEFAULT,
+    OPENRLHF_RAY_ENV_DEFAULTS,
+    OUTPUT_FLAG_DEFAULTS,
+    OpenRLHFArgumentError,
+    _train_ppo_ray_source,
+    flag_default,
+    flag_names,
+    parse_openrlhf_args,
+)
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("configs", "openrlhf").glob("*.yaml"))
 
@@ -126,3 +138,154 @@ def test_dry_run_before_serving_prints_the_command_and_a_note(tmp_path, capsys):
     # A real launch still refuses to start without the agents' endpoints.
     with pytest.raises(FileNotFoundError, match="start the agents with 'aipo serve' first"):
         build_command(load_recipe(RECIPES[0], overrides))
+
+
+# -- paths: resolved against the launch directory ------------------------------------------
+
+
+def _dry_run_args(recipe: OpenRLHFRecipe, launch_dir: Path, capsys):
+    assert run_openrlhf(recipe, dry_run=True, launch_dir=launch_dir) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    return parse_openrlhf_args(argv[argv.index("trainers.openrlhf.entry") + 1 :])
+
+
+def test_relative_outputs_and_data_are_absolute_against_the_launch_directory(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "deepmath_train.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    overrides = [
+        f"executor.endpoints_file={_endpoints(tmp_path)}",
+        "openrlhf.ckpt.output_dir=null",  # unset: OpenRLHF's relative default, resolved too
+        "openrlhf.logger.tensorboard_dir=runs/tb",
+        "openrlhf.eval.dataset=OpenRLHF/prompt-collection-v0.1@main,data/deepmath_train.jsonl",
+    ]
+    args = _dry_run_args(load_recipe(RECIPES[1], overrides), tmp_path, capsys)  # grpo_1node
+    assert args.ckpt.path == str(tmp_path / "ckpt" / "grpo_1node")
+    assert args.ckpt.output_dir == str(tmp_path / "ckpt")
+    assert args.logger.tensorboard_dir == str(tmp_path / "runs" / "tb")
+    assert args.data.prompt_dataset == str(tmp_path / "data" / "deepmath_train.jsonl")
+    # A Hugging Face dataset id is left alone; a local entry beside it is resolved.
+    assert args.eval.dataset == (
+        f"OpenRLHF/prompt-collection-v0.1@main,{tmp_path / 'data' / 'deepmath_train.jsonl'}"
+    )
+    assert args.actor.model_name_or_path == "Qwen/Qwen3-1.7B"  # a Hub id, not a path here
+
+
+def test_a_missing_local_dataset_refuses_the_launch_but_not_a_hub_id(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr("subprocess.call", lambda command, **_: calls.append(command) or 0)
+    endpoints = f"executor.endpoints_file={_endpoints(tmp_path)}"
+    recipe = load_recipe(RECIPES[1], [endpoints])
+    with pytest.raises(FileNotFoundError) as err:
+        run_openrlhf(recipe, launch_dir=tmp_path)
+    assert f"data.prompt_dataset={tmp_path / 'data' / 'deepmath_train.jsonl'}" in str(err.value)
+    assert not calls  # nothing was submitted
+    hub = load_recipe(RECIPES[1], [endpoints, "openrlhf.data.prompt_dataset=some-org/some-set"])
+    assert run_openrlhf(hub, launch_dir=tmp_path) == 0
+    assert calls and "some-org/some-set" in calls[0]
+
+
+def test_launcher_defaults_are_openrlhfs_own():
+    for name, default in OUTPUT_FLAG_DEFAULTS.items():
+        assert flag_default(name) == default
+    assert flag_default("data.max_len") == DATA_MAX_LEN_DEFAULT
+
+
+# -- ray.submit: false: the hook and the configs still reach the workers -------------------
+
+
+def _direct_recipe(tmp_path: Path) -> OpenRLHFRecipe:
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    return load_recipe(
+        RECIPES[1],
+        ["ray.submit=false", "ray.working_dir=null", f"executor.endpoints_file={_endpoints(tmp_path)}",
+         f"openrlhf.data.prompt_dataset={tmp_path / 'train.jsonl'}"],
+    )  # fmt: skip
+
+
+def test_driver_run_here_starts_ray_with_the_hook_and_the_configs(tmp_path, monkeypatch):
+    import ray
+
+    launched: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(
+        "subprocess.call", lambda command, env=None: launched.append((command, env)) or 0
+    )
+    before = dict(os.environ)
+    assert run_openrlhf(_direct_recipe(tmp_path), launch_dir=tmp_path) == 0
+    assert dict(os.environ) == before  # the launcher's own process is left alone
+    ((command, driver_env),) = launched
+    assert command[1:3] == ["-m", "trainers.openrlhf.entry"]
+    assert HOOK_MARKER_ENV not in driver_env  # not a submitted job: the driver starts Ray
+
+    inits: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
+    entry.start_ray(driver_env)
+    (init,) = inits
+    runtime = init["runtime_env"]
+    assert runtime["worker_process_setup_hook"] == SETUP_HOOK
+    env_vars = runtime["env_vars"]
+    assert json.loads(env_vars[LOSS_CONFIG_ENV])["agent_mode"] == "shaped"
+    executor = json.loads(env_vars[EXECUTOR_CONFIG_ENV])
+    assert executor["endpoints"]["agents"]["verify"]["backend"] == "sglang://10.0.0.3:30000"
+    # What OpenRLHF's own ray.init would have set, since it is now skipped.
+    assert {k: env_vars[k] for k in OPENRLHF_RAY_ENV_DEFAULTS} == {
+        k: os.environ.get(k, v) for k, v in OPENRLHF_RAY_ENV_DEFAULTS.items()
+    }
+
+
+def test_dry_run_of_a_driver_run_here_shows_the_runtime_env(tmp_path, capsys):
+    assert run_openrlhf(_direct_recipe(tmp_path), dry_run=True, launch_dir=tmp_path) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    name, _, handover = argv[0].partition("=")
+    assert name == RUNTIME_ENV_ENV
+    assert json.loads(handover)["worker_process_setup_hook"] == SETUP_HOOK
+    assert argv[1:4] == ["python", "-m", "trainers.openrlhf.entry"]
+
+
+def test_driver_started_without_aipos_setup_refuses_and_names_it(monkeypatch, capsys):
+    monkeypatch.setattr("trainers.openrlhf.patch.install", lambda: True)
+    for name in (RUNTIME_ENV_ENV, HOOK_MARKER_ENV, LOSS_CONFIG_ENV, EXECUTOR_CONFIG_ENV):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(["--actor.model_name_or_path", "m"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert RUNTIME_ENV_ENV in err and HOOK_MARKER_ENV in err and SETUP_HOOK in err
+    # A submitted job whose runtime env lost a config is refused too, naming it.
+    monkeypatch.setenv(HOOK_MARKER_ENV, "1")
+    monkeypatch.setenv(EXECUTOR_CONFIG_ENV, "{}")
+    with pytest.raises(entry.DriverSetupError, match=LOSS_CONFIG_ENV):
+        entry.start_ray()
+
+
+# -- OpenRLHF's own runtime-env variables -------------------------------------------------
+
+
+def _openrlhf_ray_init_env_vars() -> dict[str, str]:
+    """``{name: default}`` of the env_vars in the ray.init call of OpenRLHF's train()."""
+    tree = ast.parse(_train_ppo_ray_source().read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "ray.init":
+            (runtime,) = [k.value for k in node.keywords if k.arg == "runtime_env"]
+            env_vars = dict(zip(runtime.keys, runtime.values, strict=True))
+            (mapping,) = [v for k, v in env_vars.items() if ast.literal_eval(k) == "env_vars"]
+            found = {}
+            for key, value in zip(mapping.keys, mapping.values, strict=True):
+                # os.environ.get("NAME", "DEFAULT")
+                assert ast.unparse(value.func) == "os.environ.get"
+                found[ast.literal_eval(key)] = ast.literal_eval(value.args[1])
+            return found
+    raise AssertionError("no ray.init call in OpenRLHF's train_ppo_ray.py")
+
+
+def test_openrlhf_runtime_env_variables_are_the_ones_we_know():
+    assert _openrlhf_ray_init_env_vars() == OPENRLHF_RAY_ENV_DEFAULTS
+
+
+@pytest.mark.parametrize("name", sorted(OPENRLHF_RAY_ENV_DEFAULTS))
+def test_a_recipe_setting_openrlhfs_runtime_env_variables_is_refused(name):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(RECIPES[1], [f"ray.env_vars.{name}=x"])
+    assert f"may not set {name}" in str(err.value) and "ray start" in str(err.value)
+    assert load_recipe(RECIPES[1], ["ray.env_vars.MY_FLAG=verbose"]).ray.env_vars == {
+        "MY_FLAG": "verbose"
+    }

@@ -23,6 +23,7 @@ from trainers.openrlhf.loss import (  # noqa: E402
     loss_config_to_env,
     make_aipo_policy_loss_class,
 )
+from trainers.openrlhf.metrics import status_metrics  # noqa: E402
 
 STOCK_POLICY_LOSS = PolicyLoss
 
@@ -286,3 +287,64 @@ def test_policy_token_fields_are_refused_where_openrlhf_would_ignore_them():
         loss_config_from_env({LOSS_CONFIG_ENV: '{"agent_mode": "shaped", "kl_coef": 0.1}'})
     recipe = OpenRLHFRecipe.model_validate({"agent_loss": {"agent_mode": "ratio", "ratio_cap": 2}})
     assert recipe.agent_loss.agent_mode == "ratio" and recipe.agent_loss.ratio_cap == 2.0
+
+
+def _flagged_batch(seed: int = 5):
+    """Policy and agent tokens (flagged in the channel), with ratios far enough from 1 to clip."""
+    logp, old, adv, mask, rollout = _batch(seed=seed)
+    old = (
+        logp.detach() + 0.5 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed))
+    ).clamp(max=0)
+    agent = torch.zeros_like(mask, dtype=torch.bool)
+    agent[0, 3:6] = True
+    agent[1, 1:3] = True
+    encoded = torch.full_like(rollout, encode_agent_logprob(-0.5))
+    return logp, old, adv, mask, torch.where(agent, encoded, old), agent
+
+
+def test_policy_only_clip_ratio_and_kl_are_stock_over_policy_tokens():
+    logp, old, adv, mask, rollout, agent = _flagged_batch()
+    loss_fn = make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode="shaped"))
+    _, clip_all, kl_all, _, _ = _call(loss_fn, logp, old, adv, mask, rollout)
+    metrics = status_metrics(loss_fn.stats.reduce())
+
+    policy = mask.bool() & ~agent
+    _, clip, kl, _, _ = _call(STOCK_POLICY_LOSS(), logp, old, adv, policy.float(), rollout)
+    assert metrics["policy/clip_frac"] == pytest.approx(clip.item())
+    assert metrics["policy/approx_kl"] == pytest.approx(kl.item())
+    assert metrics["tokens/policy"] == float(policy.sum())
+    assert metrics["tokens/agent_trained"] == float((agent & mask.bool()).sum())
+    # OpenRLHF's own pair counts the agent tokens too (never clipped: advantage 0 there).
+    n_trained = float(mask.sum())
+    assert clip_all.item() == pytest.approx(clip.item() * float(policy.sum()) / n_trained)
+    agent_kl = (old - logp.detach())[agent & mask.bool()].sum()
+    assert kl_all.item() == pytest.approx((kl * float(policy.sum()) + agent_kl).item() / n_trained)
+    assert clip.item() > 0
+
+
+def test_stats_accumulate_over_calls_until_cleared():
+    logp, old, adv, mask, rollout, agent = _flagged_batch()
+    loss_fn = make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode="ratio"))
+    _call(loss_fn, logp, old, adv, mask, rollout)
+    once = status_metrics(loss_fn.stats.reduce())
+    _call(loss_fn, logp, old, adv, mask, rollout)
+    twice = status_metrics(loss_fn.stats.reduce())
+    assert twice["tokens/agent_trained"] == 2 * once["tokens/agent_trained"] > 0
+    assert twice["agent/coef_mean"] == pytest.approx(once["agent/coef_mean"])
+    loss_fn.stats.clear()
+    assert status_metrics(loss_fn.stats.reduce())["tokens/agent_trained"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["mask", "shaped"])
+def test_micro_batch_without_trained_tokens_reports_zero_not_nan(mode):
+    logp, old, adv, mask, rollout = _batch(seed=6)
+    empty = torch.zeros_like(mask)
+    stock = _call(STOCK_POLICY_LOSS(), logp, old, adv, empty, rollout, batch_num_tokens=10.0)
+    assert torch.isnan(stock[1]) and torch.isnan(stock[2])  # what OpenRLHF would all-reduce
+    ours = _call(
+        make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode=mode)),
+        logp, old, adv, empty, rollout, batch_num_tokens=10.0,
+    )  # fmt: skip
+    assert ours[0].item() == 0.0 and ours[1].item() == 0.0 and ours[2].item() == 0.0
+    (grad,) = torch.autograd.grad(ours[0], logp)
+    assert (grad == 0).all()

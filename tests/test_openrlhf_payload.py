@@ -36,7 +36,7 @@ def test_payload_round_trips_into_the_executor_config(tmp_path) -> None:
     recipe = _recipe(tmp_path)
     worker = _worker_side(recipe)
     assert worker.task == recipe.executor.task == "math"
-    assert worker.env == recipe.executor.env
+    assert worker.env == recipe.executor_for_workers().env
     assert (worker.env.max_consults, worker.env.max_turns) == (3, 4)
     assert worker.endpoints_file is None  # read at launch, inlined below
     assert worker.endpoints is not None
@@ -89,3 +89,43 @@ def test_an_agent_limit_above_the_env_is_refused_in_a_recipe(tmp_path) -> None:
     assert "agents.agents.knowledge.max_reply_tokens=300 exceeds env.max_reply_tokens=256" in str(
         err.value
     )
+
+
+def test_per_turn_limit_follows_rollout_max_new_tokens_unless_the_recipe_sets_it(tmp_path) -> None:
+    # The recipe sets rollout.max_new_tokens=4096 and data.max_len=8192, not the env's limit.
+    def per_turn(*overrides: str) -> int:
+        worker = _worker_side(_recipe(tmp_path, *overrides))
+        return worker.episode_env(max_length=8192).max_new_tokens_per_turn
+
+    assert per_turn() == 4096  # not EnvConfig's default of 1024
+    assert per_turn("openrlhf.rollout.max_new_tokens=2048") == 2048
+    assert per_turn("executor.env.max_new_tokens_per_turn=512") == 512
+    # Flag unset: OpenRLHF limits a generation by the context alone, and so does the env.
+    assert per_turn("openrlhf.rollout.max_new_tokens=null") == 8192
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "executor.env.max_new_tokens_per_turn=8192",
+            "executor.env.max_new_tokens_per_turn=8192 exceeds openrlhf rollout.max_new_tokens=4096",
+        ),
+        (
+            "executor.env.max_total_tokens=16384",
+            "executor.env.max_total_tokens=16384 exceeds openrlhf data.max_len=8192",
+        ),
+    ],
+)
+def test_env_limits_above_openrlhf_flags_are_refused(tmp_path, override, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        _recipe(tmp_path, override)
+    assert message in str(err.value)
+
+
+def test_env_context_above_openrlhf_default_max_len_is_refused(tmp_path) -> None:
+    # data.max_len unset: OpenRLHF's default (2048) is the limit.
+    with pytest.raises(
+        ConfigError, match="max_total_tokens=8192 exceeds openrlhf data.max_len=2048"
+    ):
+        _recipe(tmp_path, "openrlhf.data.max_len=null")

@@ -1,4 +1,7 @@
-"""Code task: sandboxed stdin and call-based tests, limits, networking blocked."""
+"""Code task: stdin and call-based tests, limits, networking blocked, under each sandbox.
+
+Hostile solutions (escapes, fork bombs, forged results) are in test_code_sandbox.py.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 
 from tasks.base import Problem
 from tasks.code import CodeTask, decode_tests, extract_code
+from tasks.sandbox import bwrap_problem
 
 STDIN_TESTS = [
     {"input": "2 3\n", "output": "5\n", "testtype": "stdin"},
@@ -20,9 +24,14 @@ CALL_TESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def task() -> CodeTask:
-    return CodeTask("code", path="unused.jsonl", cpu_s=2, wall_s=5.0, memory_mb=256)
+@pytest.fixture(scope="module", params=["bwrap", "none"])
+def task(request: pytest.FixtureRequest) -> CodeTask:
+    """The task under each sandbox; ``bwrap`` skips where bubblewrap cannot run here."""
+    if request.param == "bwrap" and (problem := bwrap_problem()) is not None:
+        pytest.skip(f"bubblewrap cannot run on this machine: {problem}")
+    return CodeTask(
+        "code", path="unused.jsonl", cpu_s=2, wall_s=5.0, memory_mb=256, sandbox=request.param
+    )
 
 
 def _problem(tests: list[dict], func_name: str | None = None) -> Problem:

@@ -15,7 +15,8 @@ import pytest
 from aipo.cli import main
 from trainers import run_state
 
-MISSING_MODEL = "policy.model=/nonexistent/aipo-model"
+# A Hugging Face id that is nowhere: loading it would fail (a local path is refused earlier).
+MISSING_MODEL = "policy.model=nonexistent-org/aipo-model"
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_dry_run_prints_the_validated_config_with_overrides(
     assert printed["train"]["steps"] == 3
     assert printed["loss"]["agent_mode"] == "mask"
     assert printed["policy"]["backend"] == "sglang://127.0.0.1:30000,127.0.0.1:30001"
-    assert printed["policy"]["model"] == "/nonexistent/aipo-model"
+    assert printed["policy"]["model"] == "nonexistent-org/aipo-model"
     # Untouched keys keep the packaged defaults, validated and complete.
     assert printed["rollout"]["n_samples"] == 4
     assert set(printed["agents"]["agents"]) == {"verify", "knowledge", "reasoning"}

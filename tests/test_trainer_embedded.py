@@ -426,3 +426,194 @@ def test_sglang_backend_rolls_out_on_the_server_and_serves_each_update(
     assert served[0] == expected.token_ids
     assert served[1] == pytest.approx(expected.logprobs, abs=1e-5)
     assert served[1] != pytest.approx(initial[1], abs=1e-3)
+
+
+# -- resuming reproduces the agents' replies --------------------------------------------
+
+
+class _AskingPolicy(_ConsultingPolicy):
+    """A scripted policy that consults the knowledge agent, then answers."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, **_: Any) -> None:
+        super().__init__(model, tokenizer)
+        self.script = [
+            '<consult agent="knowledge">What is 3 + 4?</consult>',
+            "So it is \\boxed{7}." + tokenizer.eos_token,
+        ]
+
+
+def test_resume_replays_the_agents_replies_of_an_uninterrupted_run(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        TransformersGenerator,
+        "from_model",
+        classmethod(lambda cls, model, tokenizer, **kw: _AskingPolicy(model, tokenizer)),
+    )
+
+    def config(run: str) -> TrainConfig:
+        # The knowledge agent samples from its own model, not the policy's generator.
+        return make_config(
+            tmp_path / run,
+            tiny_model_dir,
+            env={"max_new_tokens_per_turn": 24},
+            agents={"agents": {"knowledge": {"backend": tiny_model_dir, "temperature": 1.0}}},
+            train={"save_every": 1},
+        )
+
+    EmbeddedTrainer(config("straight"), progress=False).run()
+
+    real_save = embedded.save_checkpoint
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        path = real_save(*args, **kwargs)
+        raise _Killed(str(path))
+
+    monkeypatch.setattr(embedded, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        EmbeddedTrainer(config("killed"), progress=False).run()
+    monkeypatch.setattr(embedded, "save_checkpoint", real_save)
+    EmbeddedTrainer(config("killed"), resume=True, progress=False).run()
+
+    # Step 2 ran in a fresh process state after the kill, and still got the same replies.
+    key = lambda t: t.trajectory_id  # noqa: E731
+    straight = sorted(read_jsonl(tmp_path / "straight" / "rollouts" / "step_000001.jsonl"), key=key)
+    resumed = sorted(read_jsonl(tmp_path / "killed" / "rollouts" / "step_000001.jsonl"), key=key)
+    assert all(t.consults == 1 for t in straight)
+    replies = [
+        [i for i, s in zip(t.token_ids, t.source, strict=True) if s == "agent:knowledge"]
+        for t in straight
+    ]
+    assert all(replies)
+    assert [t.token_ids for t in resumed] == [t.token_ids for t in straight]
+    weights_straight = load_weights(tmp_path / "straight" / "checkpoints" / "step_000002")
+    weights_resumed = load_weights(tmp_path / "killed" / "checkpoints" / "step_000002")
+    assert max_weight_diff(weights_straight, weights_resumed) < 1e-5
+
+
+# -- failures stop the run instead of looking like success ----------------------------
+
+
+class _BrokenPolicy(_ConsultingPolicy):
+    """A policy backend whose every generation fails, as a server answering garbage does."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, **_: Any) -> None:
+        super().__init__(model, tokenizer)
+        self.fail = lambda session, turn: True
+
+
+def test_a_policy_backend_failing_every_episode_stops_the_run(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        TransformersGenerator,
+        "from_model",
+        classmethod(lambda cls, model, tokenizer, **kw: _BrokenPolicy(model, tokenizer)),
+    )
+    run = tmp_path / "run"
+    with pytest.raises(embedded.BackendFailure) as caught:
+        EmbeddedTrainer(make_config(run, tiny_model_dir), progress=False).run()
+
+    message = str(caught.value)
+    assert "step 1 of 2" in message and "train.max_error_rate=0.5" in message
+    assert "GenerationError 100%" in message and "scripted failure" in message
+    assert str(run / "rollouts" / "step_000000.jsonl") in message
+    assert caught.value.completed_step == 0 and caught.value.checkpoint is None
+    assert not (run / "checkpoints").exists()  # no checkpoint of an untrained model
+    assert not (run / "summary.json").exists()
+    assert (run / "metrics.jsonl").read_text() == ""
+
+
+def test_errors_below_the_threshold_are_reported_by_kind(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        TransformersGenerator,
+        "from_model",
+        classmethod(lambda cls, model, tokenizer, **kw: _BrokenPolicy(model, tokenizer)),
+    )
+    cfg = make_config(tmp_path / "run", tiny_model_dir, train={"max_error_rate": 1.0})
+    summary = EmbeddedTrainer(cfg, progress=False).run()
+
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["errors/GenerationError"] for r in records] == [1.0, 1.0]
+    assert [r["update/optimizer_steps"] for r in records] == [0, 0]
+    assert summary.errors == {"errors/GenerationError": 1.0, "finish_error": 1.0}
+    assert "errors      : errors/GenerationError 100.0%" in summary.render()
+
+
+def _policy_failing_for(prefix: str) -> Any:
+    class _Policy(_AskingPolicy):
+        """The asking policy, whose backend fails every request of the knowledge agent."""
+
+        def __init__(self, model: torch.nn.Module, tokenizer: Any, **_: Any) -> None:
+            super().__init__(model, tokenizer)
+            self.fail = lambda session, turn: session.startswith(prefix)
+
+    return classmethod(lambda cls, model, tokenizer, **kw: _Policy(model, tokenizer))
+
+
+def test_an_agent_failing_every_consult_stops_the_run(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(TransformersGenerator, "from_model", _policy_failing_for("knowledge:"))
+    cfg = make_config(tmp_path / "run", tiny_model_dir, env={"max_new_tokens_per_turn": 24})
+    with pytest.raises(embedded.BackendFailure) as caught:
+        EmbeddedTrainer(cfg, progress=False).run()
+
+    message = str(caught.value)
+    assert "train.max_agent_error_rate=0.5" in message
+    assert "agent_error 100%" in message and "knowledge" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_agent_backend_down_fails_before_the_first_step(
+    tmp_path: Path, tiny_model_dir: str, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agents.pool
+
+    down = ScriptedGenerator(tokenizer, ["never"], fail=lambda session, turn: True)
+    monkeypatch.setattr(agents.pool, "make_backend", lambda spec, **kw: down)
+    cfg = make_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        agents={"agents": {"knowledge": {"backend": tiny_model_dir}}},
+    )
+    with pytest.raises(
+        embedded.BackendFailure, match="agents down before the first step"
+    ) as caught:
+        EmbeddedTrainer(cfg, progress=False).run()
+
+    assert f"knowledge (backend {tiny_model_dir}): a one-token probe failed" in str(caught.value)
+    assert "reasoning" not in str(caught.value)  # on the policy's backend, which is up
+    assert not (tmp_path / "run" / "rollouts").exists()
+
+
+def test_a_policy_server_answering_garbage_fails_before_the_first_step(
+    tmp_path: Path, tiny_model_dir: str
+) -> None:
+    from sglang_loopback import LoopbackSGLangServer
+
+    class GarbageServer(LoopbackSGLangServer):
+        """Loads weights fine, answers every /generate with JSON that lacks meta_info."""
+
+        async def _generate(self, body: Any) -> tuple[int, Any]:
+            return 200, {"text": "", "output_ids": [1, 2]}
+
+    with GarbageServer(
+        TransformersGenerator(tiny_model_dir, device="cpu", max_context=512)
+    ) as server:
+        cfg = make_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            policy={
+                "backend": f"sglang://127.0.0.1:{server.port}",
+                "sglang_options": {"max_retries": 0},
+            },
+        )
+        with pytest.raises(embedded.BackendFailure, match="failed its health check") as caught:
+            EmbeddedTrainer(cfg, progress=False).run()
+    assert "meta_info" in str(caught.value)
+    assert not (tmp_path / "run" / "rollouts").exists()

@@ -14,10 +14,16 @@ Saving is atomic: everything is written to ``checkpoints/.tmp-step_XXXXXX-<pid>/
 renamed into place, and the ``latest`` pointer is replaced (also by rename) only after
 that. A process killed mid-save leaves the previous checkpoint and pointer intact; the
 leftover temporary directory is removed by the next save.
+
+A checkpoint damaged on disk afterwards (a truncated weights, optimizer, scheduler, RNG
+or state file) is read in full before anything is restored, so the error names the
+file; :func:`restore_latest` then falls back to the newest older checkpoint that reads
+whole, with a warning naming the damaged one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -38,6 +44,10 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing or cannot be read; the message names the file."""
 
 
 @dataclass
@@ -119,6 +129,16 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write failed because the disk is full."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -130,6 +150,7 @@ def save_checkpoint(
     data_position: dict[str, Any] | None = None,
     config: Any = None,
     keep_last: int = 3,
+    rng_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the last ``keep_last``.
 
@@ -142,6 +163,8 @@ def save_checkpoint(
         data_position: JSON-serialisable position in the data (epoch, sampler state, ...).
         config: the run config (pydantic model or dict), saved as JSON.
         keep_last: how many step directories to keep (oldest removed first; >= 1).
+        rng_state: the generators' states to record, from :func:`capture_rng_state` at the
+            end of ``step`` (default: captured now).
 
     Returns:
         The final step directory.
@@ -165,7 +188,7 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(capture_rng_state(), tmp / "rng.pt")
+        torch.save(rng_state if rng_state is not None else capture_rng_state(), tmp / "rng.pt")
         # Written last: a step directory with trainer_state.json is complete.
         (tmp / TRAINER_STATE).write_text(
             json.dumps(
@@ -182,8 +205,13 @@ def save_checkpoint(
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RuntimeError | OSError) and _disk_full(exc, root):
+            # torch.save reports a full disk as "unexpected pos ..." from its zip writer.
+            raise OSError(
+                errno.ENOSPC, f"no space left on device while saving checkpoint {final}"
+            ) from exc
         raise
     _write_text_atomic(root / LATEST, name + "\n")
 
@@ -194,25 +222,26 @@ def save_checkpoint(
     return final
 
 
-def load_latest(run_dir: str | Path) -> CheckpointState | None:
-    """The checkpoint ``latest`` points to, or the newest complete one, or ``None`` if there is none."""
-    root = Path(run_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    path: Path | None = None
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / TRAINER_STATE).is_file():
-            path = candidate
-        else:
-            logger.warning(
-                "%s points to missing %s; using the newest checkpoint", pointer, candidate
-            )
-    if path is None:
-        complete = _step_dirs(root)
-        if not complete:
-            return None
-        path = complete[-1][1]
-    meta = json.loads((path / TRAINER_STATE).read_text())
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, or :class:`CheckpointError` naming ``path`` when it is missing or damaged."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as exc:  # truncated or corrupt: each reader fails its own way
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {exc})") from exc
+
+
+def _torch_file(path: Path) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def read_state(path: str | Path) -> CheckpointState:
+    """The :class:`CheckpointState` of step directory ``path``; CheckpointError when unreadable."""
+    path = Path(path)
+    meta = _read(path / TRAINER_STATE, lambda p: json.loads(p.read_text()))
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path / TRAINER_STATE} is damaged (no 'step' in it)")
     return CheckpointState(
         path=path,
         step=int(meta["step"]),
@@ -221,21 +250,59 @@ def load_latest(run_dir: str | Path) -> CheckpointState | None:
     )
 
 
+def _candidates(run_dir: str | Path) -> list[Path]:
+    """Complete step directories, the one ``latest`` points to first, then newest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    ordered = [path for _, path in reversed(_step_dirs(root))]
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / TRAINER_STATE).is_file():
+            ordered = [candidate] + [p for p in ordered if p != candidate]
+        else:
+            logger.warning(
+                "%s points to missing %s; using the newest checkpoint", pointer, candidate
+            )
+    return ordered
+
+
+def load_latest(run_dir: str | Path) -> CheckpointState | None:
+    """The checkpoint ``latest`` points to, or the newest complete one, or ``None`` if there is none.
+
+    A checkpoint whose ``trainer_state.json`` cannot be read is skipped with a warning.
+    """
+    for path in _candidates(run_dir):
+        try:
+            return read_state(path)
+        except CheckpointError as exc:
+            logger.warning("skipping a damaged checkpoint: %s", exc)
+    return None
+
+
+def read_model_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of ``checkpoint_dir`` (CheckpointError names a bad file)."""
+    from safetensors.torch import load_file
+
+    directory = Path(checkpoint_dir)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(_read(file, lambda p: load_file(str(p))))
+    return state
+
+
 def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Load the safetensors weights of ``checkpoint_dir`` into ``model`` in place.
 
     Keys absent from the files must be weights tied to a saved one (e.g. ``lm_head``
     tied to the embeddings), which ``save_pretrained`` writes once.
     """
-    from safetensors.torch import load_file
+    _apply_weights(model, read_model_weights(checkpoint_dir), Path(checkpoint_dir))
 
-    directory = Path(checkpoint_dir)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+
+def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{directory} has weights the model lacks: {result.unexpected_keys[:5]}")
@@ -260,14 +327,68 @@ def restore(
 
     Build the model, optimizer and scheduler exactly as for a fresh run, then call this
     (or load the model with ``from_pretrained(state.path)`` and pass ``model=None``).
+    Every file is read before anything changes, so a damaged one raises
+    :class:`CheckpointError` naming it and leaves the objects as they were.
     Returns the saved data position, for the trainer to continue from.
     """
-    if model is not None:
-        load_model_weights(model, state.path)
+    weights = read_model_weights(state.path) if model is not None else None
+    optim_state = _read(state.path / "optimizer.pt", _torch_file) if optimizer is not None else None
+    sched_state = _read(state.path / "scheduler.pt", _torch_file) if scheduler is not None else None
+    rng = _read(state.path / "rng.pt", _torch_file) if restore_rng else None
+    if model is not None and weights is not None:
+        _apply_weights(model, weights, state.path)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(state.path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(optim_state)
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(state.path / "scheduler.pt", weights_only=True))
-    if restore_rng:
-        apply_rng_state(torch.load(state.path / "rng.pt", weights_only=True))
+        scheduler.load_state_dict(sched_state)
+    if rng is not None:
+        try:
+            apply_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{state.path / 'rng.pt'} is damaged ({type(exc).__name__}: {exc})"
+            ) from exc
     return dict(state.data_position)
+
+
+def restore_latest(
+    run_dir: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> CheckpointState | None:
+    """:func:`restore` the newest checkpoint that reads whole; None when the run has none.
+
+    A damaged checkpoint is skipped with a warning naming the file, and the previous
+    complete one is restored instead.
+
+    Raises:
+        CheckpointError: every checkpoint is damaged (each one named).
+    """
+    damaged: list[str] = []
+    for path in _candidates(run_dir):
+        try:
+            state = read_state(path)
+            restore(
+                state,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                restore_rng=restore_rng,
+            )
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+            logger.warning("checkpoint %s is damaged: %s; trying the previous one", path.name, exc)
+            continue
+        if damaged:
+            logger.warning("resuming from %s instead of the damaged newer checkpoint", path)
+        return state
+    if damaged:
+        raise CheckpointError(
+            "no checkpoint of this run can be read: "
+            + "; ".join(damaged)
+            + ". Delete the damaged ones to start over, or restore them from a copy"
+        )
+    return None

@@ -69,6 +69,14 @@ class PolicySection(BaseModel):
         ),
     )
 
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        # A local path is checked here; a Hugging Face id is resolved when the model loads.
+        if value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise ValueError(f"model path {value!r} does not exist")
+        return value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -122,6 +130,17 @@ class TaskSection(BaseModel):
         description="Problems evaluated before and after training (0: no evaluation).",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from tasks.registry import UnknownTaskError, check_task_name
+
+        try:
+            check_task_name(value)  # an unknown name fails before anything loads
+        except UnknownTaskError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
 
 class TrainSection(BaseModel):
     """The outer loop: steps, batch shape, PPO epochs, advantages, checkpoints."""
@@ -168,6 +187,26 @@ class TrainSection(BaseModel):
         default=0, ge=0, description="Checkpoint every this many steps (0: only at the end)."
     )
     keep_last: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
+    max_error_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Stop the run (saving the last completed step) when more than this fraction of a "
+            "step's trajectories ended in error:<kind> (a failing policy backend or env); "
+            "1.0 never stops. Error rates by kind are logged as errors/<kind>."
+        ),
+    )
+    max_agent_error_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Stop the run when more than this fraction of a step's consults that reached an agent "
+            "failed (timeout or agent error; the policy's own malformed or over-budget consults "
+            "do not count); 1.0 never stops. Logged as consult_errors/<kind>."
+        ),
+    )
     plot: bool = Field(
         default=True, description="Write curves.png (reward, accuracy, consult rate) at the end."
     )
@@ -181,7 +220,9 @@ class TrainConfig(BaseModel):
     run_dir: str = Field(
         default="runs/default", description="Where metrics, rollouts, checkpoints and plots go."
     )
-    seed: int = Field(default=0, description="Seeds data order, sampling and the update shuffle.")
+    seed: int = Field(
+        default=0, ge=0, description="Seeds data order, sampling and the update shuffle."
+    )
     policy: PolicySection = Field(
         default_factory=PolicySection, description="The policy model and its generator."
     )
@@ -221,6 +262,16 @@ class TrainConfig(BaseModel):
                 f"agents {unknown} are configured but not in env.agent_names {self.env.agent_names}; "
                 "the policy could never consult them"
             )
+        if "max_total_tokens" not in self.env.model_fields_set:
+            # Left at its default, the episode's context is the policy's: defaults agree.
+            context = min(self.env.max_total_tokens, self.policy.max_context)
+            self.env = self.env.model_copy(update={"max_total_tokens": context})
+        for name, agent in self.agents.agents.items():
+            if agent.kind == "llm" and sglang_hosts(agent.backend) and agent.tokenizer is None:
+                raise ValueError(
+                    f"agents.agents.{name}.tokenizer is not set: agent {name!r} runs on "
+                    f"{agent.backend} and needs the served model's tokenizer (its path or id)"
+                )
         if self.env.max_total_tokens > self.policy.max_context:
             raise ValueError(
                 f"env.max_total_tokens={self.env.max_total_tokens} exceeds policy.max_context="

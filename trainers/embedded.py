@@ -15,6 +15,12 @@ One training step, as in the algorithm box (:meth:`EmbeddedTrainer.arun`):
 5. **log and save**: one line of ``metrics.jsonl``, a checkpoint every ``save_every``
    steps.
 
+The run stops early, saying what it saved, when a step's failures pass
+``train.max_error_rate`` or ``train.max_agent_error_rate`` (:class:`BackendFailure`:
+a broken backend must not look like a finished run) or on SIGINT/SIGTERM
+(:class:`TrainingInterrupted`: the step's rollout is abandoned, an update in progress
+finished, and the last completed step checkpointed if it was not yet).
+
 The run's objects (model, optimizer, generator, agents, ...) are built by
 :func:`trainers.run_state.open_run`; held-out accuracy before and after training comes
 from :func:`aipo_env.evaluation.runner.evaluate_alone`; the end-of-run report is
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,9 +44,18 @@ from aipo_env.evaluation.alone import evaluate_alone
 from aipo_env.masks import trained_token_masks
 from aipo_env.trajectory import Trajectory
 from trainers.advantages import compute_advantages, filter_uniform_groups, overlong_penalty
-from trainers.checkpoint import save_checkpoint, should_save
+from trainers.checkpoint import capture_rng_state, save_checkpoint, should_save
 from trainers.config import TrainConfig
 from trainers.run_state import RunDirError, RunState, open_run
+from trainers.stopping import (
+    BackendFailure,
+    StopRequest,
+    TrainingInterrupted,
+    TrainingStopped,
+    backend_failure,
+    failure_reason,
+    interrupted,
+)
 from trainers.summary import (
     TRUNCATED_REASONS,
     EvalResult,
@@ -55,10 +71,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRUNCATED_REASONS",
+    "BackendFailure",
     "EmbeddedTrainer",
     "EvalResult",
     "RunDirError",
     "TrainSummary",
+    "TrainingInterrupted",
+    "TrainingStopped",
     "problem_order",
     "rollout_metrics",
     "shaped_advantages",
@@ -253,18 +272,38 @@ def log_and_save(run: RunState, done: int, metrics: dict[str, float]) -> None:
     """Log the metrics of ``done`` completed steps; checkpoint when due (and after the last)."""
     cfg = run.config
     run.metrics_log.log(done, metrics)
+    run.completed_step = done
+    # Kept for a checkpoint saved later, on a stop: the states a save now would record.
+    run.rng_state = capture_rng_state()
     if should_save(done, cfg.train.save_every) or done == cfg.train.steps:
-        run.checkpoint = save_checkpoint(
-            run.run_dir,
-            done,
-            model=run.model,
-            tokenizer=run.tokenizer,
-            optimizer=run.optimizer,
-            scheduler=run.scheduler,
-            data_position={"step": done},
-            config=cfg,
-            keep_last=cfg.train.keep_last,
-        )
+        save(run)
+
+
+def save(run: RunState) -> Path:
+    """Checkpoint the last completed step with the RNG states it ended with; its directory."""
+    cfg = run.config
+    run.checkpoint = save_checkpoint(
+        run.run_dir,
+        run.completed_step,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        data_position={"step": run.completed_step},
+        config=cfg,
+        keep_last=cfg.train.keep_last,
+        rng_state=run.rng_state,
+    )
+    run.saved_step, run.saved_path = run.completed_step, run.checkpoint
+    return run.checkpoint
+
+
+def save_if_pending(run: RunState) -> bool:
+    """On an early stop: checkpoint the last completed step unless it is on disk; whether it saved."""
+    if run.completed_step == 0 or run.saved_step == run.completed_step:
+        return False
+    save(run)
+    return True
 
 
 # -- held-out evaluation --------------------------------------------------------------
@@ -314,24 +353,22 @@ class EmbeddedTrainer:
         return asyncio.run(self.arun())
 
     async def arun(self) -> TrainSummary:
-        """The training loop: rollout -> advantages -> update -> publish weights -> log and save."""
+        """The training loop: rollout -> advantages -> update -> publish weights -> log and save.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM stopped it (the message says what is saved).
+            BackendFailure: a backend is down, or a step's failures passed their threshold.
+        """
         cfg = self.config
         started = time.perf_counter()
-        async with open_run(cfg, resume=self.resume, progress=self.progress) as run:
-            eval_before = await evaluate(run, "before", reuse=True)
-            (run.run_dir / "rollouts").mkdir(exist_ok=True)
-            for step in range(run.start_step, cfg.train.steps):
-                trajectories, metrics = await rollout(run, step)
-                advantages, keep, shaping = shaped_advantages(trajectories, cfg)
-                metrics.update(shaping)
-                t0 = time.perf_counter()
-                async with generation_paused(run.generator):
-                    stats = update_policy(run, trajectories, advantages, keep, step)
-                    await publish(run, step + 1, stats)
-                metrics["update_s"] = time.perf_counter() - t0
-                metrics.update(update_metrics(run, stats))
-                log_and_save(run, step + 1, metrics)
-            eval_after = await evaluate(run, "after")
+        stop = StopRequest()
+        stop.install()
+        try:
+            async with open_run(cfg, resume=self.resume, progress=self.progress) as run:
+                summary_inputs = await self._train(run, stop)
+        finally:
+            stop.uninstall()
+        eval_before, eval_after = summary_inputs
         return summarize(
             run.run_dir,
             steps=cfg.train.steps,
@@ -342,3 +379,36 @@ class EmbeddedTrainer:
             plot=cfg.train.plot,
             started=started,
         )
+
+    async def _train(
+        self, run: RunState, stop: StopRequest
+    ) -> tuple[EvalResult | None, EvalResult | None]:
+        """Every step from ``run.start_step``, between the held-out evaluations before and after."""
+        cfg = self.config
+        eval_before = await stop.abandonable(evaluate(run, "before", reuse=True))
+        (run.run_dir / "rollouts").mkdir(exist_ok=True)
+        for step in range(run.start_step, cfg.train.steps):
+            if stop.requested:
+                break
+            rolled = await stop.abandonable(rollout(run, step))
+            if rolled is None:
+                raise interrupted(run, stop, step, saved_now=save_if_pending(run))
+            trajectories, metrics = rolled
+            reason = failure_reason(trajectories, metrics, cfg.train)
+            if reason is not None:
+                raise backend_failure(run, step, reason, saved_now=save_if_pending(run))
+            advantages, keep, shaping = shaped_advantages(trajectories, cfg)
+            metrics.update(shaping)
+            t0 = time.perf_counter()
+            async with generation_paused(run.generator):  # a signal waits for the update
+                stats = update_policy(run, trajectories, advantages, keep, step)
+                await publish(run, step + 1, stats)
+            metrics["update_s"] = time.perf_counter() - t0
+            metrics.update(update_metrics(run, stats))
+            log_and_save(run, step + 1, metrics)
+        if stop.requested:
+            raise interrupted(run, stop, None, saved_now=save_if_pending(run))
+        eval_after = await stop.abandonable(evaluate(run, "after"))
+        if stop.requested:
+            raise interrupted(run, stop, None, saved_now=save_if_pending(run))
+        return eval_before, eval_after

@@ -1,9 +1,10 @@
 """The training logger: one JSON line per step, TensorBoard when available, a progress bar.
 
 ``run_dir/metrics.jsonl`` holds one object per step, ``{"step": 12, "time": ..., "reward_mean": ...}``,
-flushed as written so a crashed run keeps every completed step. Non-finite values are
-written as ``null`` (strict JSON). On resume the file is cut back to the resumed step, so
-steps replayed after the checkpoint are not duplicated.
+flushed as written so a crashed run keeps every completed step; a line torn by a kill is
+dropped before the next run appends. Non-finite values are written as ``null`` (strict
+JSON). On resume the file is cut back to the resumed step, so steps replayed after the
+checkpoint are not duplicated.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from aipo_env.jsonl import open_for_append
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +99,8 @@ class MetricsLogger:
             dropped = truncate_after(self.path, resume_step)
             if dropped:
                 logger.info("dropped %d metric records after resumed step %d", dropped, resume_step)
-        self._file = self.path.open("a", encoding="utf-8")
+        # A torn last line (a killed run) is dropped first, or this step's record would be glued to it.
+        self._file = open_for_append(self.path)
         self.postfix_keys = tuple(postfix_keys)
         self._writer = None
         if tensorboard:

@@ -4,9 +4,11 @@
 write ``config.yaml``, seed, make the tasks, load the policy (and the frozen reference
 model when the loss has a KL term), build the optimizer, scheduler and loss, restore
 the last checkpoint on ``--resume``, start the generator and publish the weights to
-it, start the agents, the rollout driver and the metrics logger. The order is part of
-the contract: every seeded operation happens in it, so a fixed-seed run is repeatable
-and a resumed run draws what an uninterrupted one would.
+it, start the agents (their replies seeded from the run's seed) and probe every remote
+backend (:func:`trainers.stopping.check_backends`), then the rollout driver and the
+metrics logger. The order is part of the contract: every seeded operation happens in
+it, so a fixed-seed run is repeatable and a resumed run draws what an uninterrupted one
+would.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,16 +32,15 @@ from aipo_env.masks import MaskRule
 from aipo_env.rollout import RolloutDriver
 from policies.base import Generator
 from tasks.base import Task
-from trainers.checkpoint import load_latest, restore
+from trainers.checkpoint import restore_latest
 from trainers.config import PolicySection, TaskSection, TrainConfig, write_config
 from trainers.losses import AIPOLoss
 from trainers.metrics import MetricsLogger
 from trainers.optim import OptimConfig, build_optimizer, build_scheduler
+from trainers.stopping import check_backends
 from trainers.weights import publish_weights
 
 logger = logging.getLogger(__name__)
-
-#: Loads the policy model and its tokenizer (called again for the reference model).
 
 
 class RunDirError(RuntimeError):
@@ -69,17 +71,46 @@ class RunState:
     start_step: int  #: the first step to run (the checkpoint's step on resume, else 0)
     checkpoint: Path | None = None  #: the last checkpoint this invocation saved
     skipped_updates: int = 0  #: optimizer steps skipped for a non-finite loss or gradient
+    completed_step: int = 0  #: steps whose update is applied and logged
+    saved_step: int | None = None  #: the step of the newest checkpoint on disk, if any
+    saved_path: Path | None = None  #: that checkpoint's directory
+    rng_state: dict[str, Any] | None = None  #: RNG states at the end of ``completed_step``
+
+
+def _run_contents(run_dir: Path) -> list[str]:
+    """What of a run ``run_dir`` holds: a logged step, a checkpoint or a trajectory.
+
+    Empty files and folders do not count, so a start that failed before its first step
+    (a backend that is down, a model that does not load) never blocks a rerun.
+    """
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    for name in ("checkpoints", "rollouts"):
+        folder = run_dir / name
+        if folder.is_dir() and any(p.is_dir() or p.stat().st_size > 0 for p in folder.iterdir()):
+            found.append(name)
+    return found
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir``; refuse one that holds a run unless resuming it."""
-    existing = [p for p in ("metrics.jsonl", "checkpoints", "rollouts") if (run_dir / p).exists()]
+    """Create ``run_dir`` and check it is writable; refuse one that holds a run unless resuming it."""
+    existing = _run_contents(run_dir) if run_dir.is_dir() else []
     if existing and not resume:
         raise RunDirError(
             f"run_dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it, or choose another run_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(
+            f"run_dir {str(run_dir)!r} is not writable: {exc.strerror or exc}"
+        ) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -180,10 +211,13 @@ async def open_run(
         loss_fn = AIPOLoss(config.loss)
 
         start_step = 0
-        saved = load_latest(run_dir) if resume else None
+        saved = (
+            restore_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+            if resume
+            else None
+        )
         if saved is not None:
-            position = restore(saved, model=model, optimizer=optimizer, scheduler=scheduler)
-            start_step = int(position.get("step", saved.step))
+            start_step = int(saved.data_position.get("step", saved.step))
             logger.info("resuming %s from step %d", run_dir, start_step)
 
         generator = make_policy_generator(config, model, tokenizer)
@@ -200,8 +234,10 @@ async def open_run(
             task=task,
             max_reply_tokens=config.env.max_reply_tokens,
             timeout_s=config.env.agent_timeout_s,
+            seed=config.seed,
         )
         stack.push_async_callback(agents.aclose)
+        await check_backends(config, generator, agents)
         rollout_cfg = (
             config.rollout
             if config.rollout.seed is not None
@@ -242,4 +278,7 @@ async def open_run(
             driver=driver,
             metrics_log=metrics_log,
             start_step=start_step,
+            completed_step=start_step,
+            saved_step=saved.step if saved is not None else None,
+            saved_path=saved.path if saved is not None else None,
         )

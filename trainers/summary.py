@@ -1,18 +1,22 @@
 """What an embedded training run reports: per-step rollout metrics, held-out accuracy, the summary.
 
 :func:`rollout_metrics` turns one step's trajectories into the scalars logged to
-``metrics.jsonl``; :class:`EvalResult` is the held-out accuracy of the policy alone,
-written to ``eval/before.json`` and ``eval/after.json``; :func:`summarize` reads the
-run back at the end and writes ``summary.json`` (and ``curves.png``).
+``metrics.jsonl``, failures by kind included (``errors/<kind>`` of episodes,
+``consult_errors/<kind>`` of consults); :class:`EvalResult` is the held-out accuracy of
+the policy alone, written to ``eval/before.json`` and ``eval/after.json``;
+:func:`summarize` reads the run back at the end and writes ``summary.json`` (and
+``curves.png``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aipo_env.trajectory import Trajectory
 from trainers.checkpoint import load_latest
@@ -20,6 +24,61 @@ from trainers.metrics import plot_curves, read_metrics
 
 #: Finish reasons of episodes that ran into a budget rather than ending on their own.
 TRUNCATED_REASONS = ("length", "max_turns", "context_overflow")
+#: Consult error kinds where an agent was asked and failed (the rest are the policy's doing).
+AGENT_FAILURES = ("timeout", "agent_error")
+
+
+def consult_error_kind(message: str) -> str:
+    """The kind of a consult's error feedback (``ConsultRecord.error``), read from its message.
+
+    ``timeout`` and ``agent_error``: the agent was asked and failed. ``malformed``,
+    ``unknown_agent``, ``empty_question``, ``budget``, ``unavailable``: the policy's
+    request could not be sent. ``other``: anything else.
+    """
+    text = message.lower()
+    if "timed out" in text or "timeout after" in text:
+        return "timeout"
+    for needle, kind in (
+        ("empty question", "empty_question"),
+        ("unknown agent", "unknown_agent"),
+        ("malformed", "malformed"),
+        ("budget", "budget"),
+        ("not available", "unavailable"),
+        ("no agents are available", "unavailable"),
+    ):
+        if needle in text:
+            return kind
+    if text.startswith("agent "):  # the env's wording for a failed call to an agent
+        return "agent_error"
+    return "other"
+
+
+def error_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """Failures by kind, as shares: ``errors/<kind>`` and ``consult_errors/<kind>``.
+
+    ``errors/<kind>``: episodes that ended in ``error:<kind>``; ``consult_errors/<kind>``:
+    consults whose feedback was an error of that kind (:func:`consult_error_kind`);
+    ``agent_error_rate``: consults that reached an agent and failed, among those that
+    reached one (absent when none did).
+    """
+    metrics: dict[str, float] = {}
+    n = len(trajectories)
+    kinds = Counter(
+        t.finish_reason.partition(":")[2]
+        for t in trajectories
+        if t.finish_reason.startswith("error:")
+    )
+    for kind, count in sorted(kinds.items()):
+        metrics[f"errors/{kind}"] = count / n
+    records = [turn.consult for t in trajectories for turn in t.turns if turn.consult is not None]
+    consult_kinds = Counter(consult_error_kind(r.error) for r in records if r.error is not None)
+    for kind, count in sorted(consult_kinds.items()):
+        metrics[f"consult_errors/{kind}"] = count / len(records)
+    failed = sum(consult_kinds[kind] for kind in AGENT_FAILURES)
+    reached = failed + sum(r.error is None for r in records)
+    if reached:
+        metrics["agent_error_rate"] = failed / reached
+    return metrics
 
 
 def _mean(values: list[float]) -> float:
@@ -58,6 +117,7 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         reasons[key] = reasons.get(key, 0) + 1
     for key, count in reasons.items():
         metrics[f"finish_{key}"] = count / n
+    metrics.update(error_metrics(trajectories))
     return metrics
 
 
@@ -115,6 +175,9 @@ class TrainSummary:
     plot: str | None
     metrics: str
     skipped_updates: int = 0
+    #: Mean over steps of every failure rate logged (finish_error, errors/<kind>,
+    #: consult_errors/<kind>, agent_error_rate); empty when nothing failed.
+    errors: dict[str, float] = field(default_factory=dict)
 
     def render(self) -> str:
         """A few lines for a terminal."""
@@ -139,7 +202,25 @@ class TrainSummary:
             lines.append(
                 f"  skipped     : {self.skipped_updates} optimizer steps had a non-finite loss or gradient"
             )
+        if self.errors:
+            shown = ", ".join(f"{key} {value:.1%}" for key, value in self.errors.items())
+            lines.append(f"  errors      : {shown} (mean over steps)")
         return "\n".join(lines)
+
+
+def error_summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Each failure rate of the run's metrics records, averaged over steps (absent: 0); only those above 0."""
+    keys = sorted(
+        {
+            key
+            for r in records
+            for key in r
+            if key in ("finish_error", "agent_error_rate")
+            or key.startswith(("errors/", "consult_errors/"))
+        }
+    )
+    means = {key: sum(r.get(key) or 0.0 for r in records) / len(records) for key in keys}
+    return {key: value for key, value in means.items() if value > 0}
 
 
 def summarize(
@@ -183,6 +264,7 @@ def summarize(
         plot=plot_path,
         metrics=str(run_dir / "metrics.jsonl"),
         skipped_updates=skipped_updates,
+        errors=error_summary(records),
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

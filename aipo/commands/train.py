@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -50,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail("--engine openrlhf needs --config configs/openrlhf/<recipe>.yaml")
         from trainers.openrlhf.config import OpenRLHFRecipe
         from trainers.openrlhf.launcher import run_openrlhf
+        from trainers.openrlhf.patch import OpenRLHFVersionError
 
         try:
             recipe = load_config(OpenRLHFRecipe, args.config, args.overrides)
             return run_openrlhf(recipe, dry_run=args.dry_run)
-        except (ConfigError, ValueError, FileNotFoundError) as exc:
+        except (ConfigError, ValueError, FileNotFoundError, OpenRLHFVersionError) as exc:
             return _fail(str(exc))
 
     from trainers.config import TrainConfig, default_config_path
@@ -68,21 +70,61 @@ def run(args: argparse.Namespace) -> int:
         print(config.model_dump_json(indent=2))
         return 0
 
-    from trainers.embedded import EmbeddedTrainer, RunDirError
+    from trainers.checkpoint import CheckpointError
+    from trainers.embedded import (
+        BackendFailure,
+        EmbeddedTrainer,
+        RunDirError,
+        TrainingInterrupted,
+    )
 
     trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
+    resume = (
+        "aipo train --resume"
+        + (f" --config {args.config}" if args.config else "")
+        + "".join(f" {o}" for o in args.overrides)
+    )
     try:
         summary = trainer.run()
     except RunDirError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
+    except CheckpointError as exc:
+        print(f"aipo train: {exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        print(f"\naipo train: {exc}\nContinue with: {resume}", file=sys.stderr)
+        return 128 + int(exc.signal)
+    except BackendFailure as exc:
+        print(f"aipo train: {exc}\nAfter fixing it, continue with: {resume}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
         print(
-            f"\naipo train: interrupted; finished trajectories and checkpoints are in {config.run_dir}. "
-            "Continue with: aipo train --resume"
-            + (f" --config {args.config}" if args.config else "")
-            + "".join(f" {o}" for o in args.overrides),
+            f"aipo train: {exc.strerror or 'no space left on device'}{where}; free some space, "
+            f"then continue with: {resume}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the trainer handles signals
+        print(
+            f"\naipo train: {_left_on_disk(config.run_dir)}\nContinue with: {resume}",
             file=sys.stderr,
         )
         return 130
     print(summary.render())
     return 0
+
+
+def _left_on_disk(run_dir: str) -> str:
+    """What a run killed at once (no clean stop) has on disk: its newest checkpoint, if any."""
+    from trainers.checkpoint import load_latest
+
+    latest = load_latest(run_dir)
+    saved = (
+        f"the newest checkpoint is step {latest.step} in {latest.path}"
+        if latest is not None
+        else "no checkpoint was saved"
+    )
+    return f"interrupted at once: {saved}; finished trajectories are in {run_dir}/rollouts."

@@ -9,6 +9,7 @@ A results file is plain JSON so that it can be read without this package::
       "tasks": {
         "math500": {
           "n": 4,                           # samples per problem requested
+          "skipped_rows": 0,                # dataset rows skipped as malformed
           "metrics": {"avg@n": .., "pass@1": .., ..., "consult_attempt_rate": ..,
                       "mean_response_tokens": .., "truncation_rate": .., ...},
           "ci": {"pass@1": {"mean": .., "ci_low": .., "ci_high": ..}, ...},
@@ -88,9 +89,12 @@ def task_summary(
     n: int | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    skipped_rows: int = 0,
 ) -> dict[str, Any]:
     """One task's section of the results: problems with their samples, metrics and CIs.
 
+    ``skipped_rows``: dataset rows the task skipped as malformed (``Task.skipped``), so
+    a results file says when it covers less than the whole dataset.
     Raises ValueError naming the problem when one has fewer samples than the largest k.
     """
     by_problem: dict[str, list[SampleRecord]] = {}
@@ -128,6 +132,7 @@ def task_summary(
     return {
         "n": n if n is not None else max((len(p["samples"]) for p in problems), default=0),
         "problems_evaluated": len(problems),
+        "skipped_rows": skipped_rows,
         "samples": total,
         "metrics": metrics,
         "ci": metrics_with_ci(per_problem_metrics, n_boot=n_boot, seed=seed),
@@ -207,6 +212,14 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         row = ["**overall (macro)**", "", ""] + [_fmt(o.get(k)) for k in keys]
         row += [_fmt(o.get(k), k) for k, _ in extra]
         lines.append("| " + " | ".join(row) + " |")
+    skipped = {name: t.get("skipped_rows", 0) for name, t in tasks.items()}
+    if any(skipped.values()):
+        lines += [
+            "",
+            "Dataset rows skipped as malformed (not evaluated): "
+            + ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
+            + ".",
+        ]
     lines += ["", "95% bootstrap confidence intervals over problems:", ""]
     lines.append("| task | " + " | ".join(keys) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * len(keys)) + "|")

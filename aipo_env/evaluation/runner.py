@@ -227,17 +227,10 @@ def _check_resume(output: Path, config: EvalConfig, resume: bool) -> None:
 
 
 def _existing_trajectories(path: Path) -> list[Any]:
-    """Read what an interrupted run wrote and rewrite the file without a torn last line."""
-    from aipo_env.trajectory import read_jsonl, write_jsonl
+    """What an interrupted run wrote (a torn last line is skipped here and dropped by the writer)."""
+    from aipo_env.trajectory import read_jsonl
 
-    if not path.exists():
-        return []
-    kept = read_jsonl(path)
-    # A kill mid-write leaves a partial line; appending after it would corrupt the file.
-    tmp = path.with_name(f".{path.name}.resume")
-    write_jsonl(tmp, kept)
-    tmp.replace(path)
-    return kept
+    return read_jsonl(path) if path.exists() else []
 
 
 def _sample_record(t: Any) -> SampleRecord:
@@ -361,7 +354,13 @@ async def evaluate(
         records = [_sample_record(done[tid]) for tid in wanted.get(name, [])]
         references = {p.id: p.reference for p in task.problems}
         summaries[name] = task_summary(
-            records, ks, references=references, n=config.n, n_boot=config.n_boot, seed=config.seed
+            records,
+            ks,
+            references=references,
+            n=config.n,
+            n_boot=config.n_boot,
+            seed=config.seed,
+            skipped_rows=task.skipped,
         )
     results = build_results(config.model_dump(), summaries, ks)
     write_json(results, output / "results.json")
@@ -377,7 +376,11 @@ def _make_pools(
     generator: Any,
     env_config: Any,
 ) -> dict[str, Any]:
-    """One agent pool per task (oracle agents need the task); the env's reply cap and deadline."""
+    """One agent pool per task (oracle agents need the task); the env's reply cap and deadline.
+
+    Replies are seeded from ``config.seed`` and each request, like the policy's samples,
+    so ``--resume`` completes a run with the replies an uninterrupted one would have got.
+    """
     from agents.pool import AgentPool, AgentPoolConfig
 
     if agents is None and config.agents:
@@ -392,6 +395,7 @@ def _make_pools(
             task=task,
             max_reply_tokens=env_config.max_reply_tokens,
             timeout_s=env_config.agent_timeout_s,
+            seed=config.seed,
         )
         for name, task in tasks.items()
     }

@@ -16,10 +16,24 @@ from agents.serve import EndpointsFile
 from aipo_env.config import EnvConfig
 from trainers.config import check_agent_limits
 from trainers.losses import LossConfig
-from trainers.openrlhf.flags import OPENRLHF_VERSION
-from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, check_agent_token_fields
+from trainers.openrlhf.flags import (
+    DATA_MAX_LEN_DEFAULT,
+    OPENRLHF_RAY_ENV_DEFAULTS,
+    OPENRLHF_VERSION,
+)
+from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, LOSS_CONFIG_ENV, check_agent_token_fields
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
+
+#: Environment variable holding the executor's JSON config on every worker.
+EXECUTOR_CONFIG_ENV = "AIPO_OPENRLHF_EXECUTOR"
+#: Set in a submitted job's runtime env, so the driver knows the setup hook is in place.
+HOOK_MARKER_ENV = "AIPO_OPENRLHF_HOOK"
+#: The job's Ray runtime env as JSON, handed to a driver the launcher starts itself
+#: (``ray.submit: false``), which starts Ray with it.
+RUNTIME_ENV_ENV = "AIPO_OPENRLHF_RUNTIME_ENV"
+#: Variables the launcher writes into the job's runtime env; a recipe may not set them.
+LAUNCHER_ENV_VARS = (LOSS_CONFIG_ENV, EXECUTOR_CONFIG_ENV, HOOK_MARKER_ENV, RUNTIME_ENV_ENV)
 
 
 class RayJobConfig(BaseModel):
@@ -43,8 +57,34 @@ class RayJobConfig(BaseModel):
         description="Paths left out of the uploaded working_dir.",
     )
     env_vars: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for every Ray worker."
+        default_factory=dict,
+        description=(
+            "Extra environment variables for every Ray worker. Not the ones OpenRLHF's own "
+            "ray.init sets (" + ", ".join(OPENRLHF_RAY_ENV_DEFAULTS) + ": export them where the "
+            "driver starts) nor the launcher's (" + ", ".join(LAUNCHER_ENV_VARS) + ")."
+        ),
     )
+
+    @field_validator("env_vars")
+    @classmethod
+    def _not_owned_elsewhere(cls, env_vars: dict[str, str]) -> dict[str, str]:
+        openrlhf = sorted(set(env_vars) & set(OPENRLHF_RAY_ENV_DEFAULTS))
+        if openrlhf:
+            raise ValueError(
+                f"may not set {', '.join(openrlhf)}: OpenRLHF's ray.init puts "
+                f"{', '.join(OPENRLHF_RAY_ENV_DEFAULTS)} in its own runtime env and Ray refuses "
+                "a job whose runtime env sets them too. OpenRLHF reads them from the driver's "
+                "environment: export them where the driver starts (the environment of "
+                "'ray start' on the head node for a submitted job; your shell with "
+                "ray.submit: false)"
+            )
+        launcher = sorted(set(env_vars) & set(LAUNCHER_ENV_VARS))
+        if launcher:
+            raise ValueError(
+                f"may not set {', '.join(launcher)}: the launcher writes it from "
+                "the recipe (agent_loss, executor)"
+            )
+        return env_vars
 
 
 class ExecutorConfig(BaseModel):
@@ -63,7 +103,11 @@ class ExecutorConfig(BaseModel):
     )
     env: EnvConfig = Field(
         default_factory=EnvConfig,
-        description="The episodes' EnvConfig; env.max_total_tokens, when unset, is OpenRLHF's max_length.",
+        description=(
+            "The episodes' EnvConfig; env.max_total_tokens, when unset, is OpenRLHF's data.max_len, "
+            "and env.max_new_tokens_per_turn its rollout.max_new_tokens (see "
+            "OpenRLHFRecipe.executor_for_workers); neither may exceed that flag."
+        ),
     )
     agents: AgentPoolConfig = Field(
         default_factory=lambda: AgentPoolConfig(agents={}),
@@ -167,3 +211,65 @@ class OpenRLHFRecipe(BaseModel):
                     "train.agent_func_path is set by the launcher; remove it from the recipe"
                 )
         return flags
+
+    @model_validator(mode="after")
+    def _token_limits_fit_openrlhf(self) -> OpenRLHFRecipe:
+        env = self.executor.env
+        per_sample = int_flag(self.openrlhf, "rollout.max_new_tokens")
+        if (
+            "max_new_tokens_per_turn" in env.model_fields_set
+            and per_sample is not None
+            and env.max_new_tokens_per_turn > per_sample
+        ):
+            raise ValueError(
+                f"executor.env.max_new_tokens_per_turn={env.max_new_tokens_per_turn} exceeds "
+                f"openrlhf rollout.max_new_tokens={per_sample} (OpenRLHF's most tokens of one "
+                "generation); lower the one or raise the other"
+            )
+        max_len = self.max_len()
+        if "max_total_tokens" in env.model_fields_set and env.max_total_tokens > max_len:
+            raise ValueError(
+                f"executor.env.max_total_tokens={env.max_total_tokens} exceeds openrlhf "
+                f"data.max_len={max_len} (OpenRLHF cuts every sample to data.max_len tokens, "
+                "prompt plus response); lower the one or raise the other"
+            )
+        return self
+
+    def max_len(self) -> int:
+        """OpenRLHF's ``data.max_len``: the recipe's flag, or OpenRLHF's default."""
+        value = int_flag(self.openrlhf, "data.max_len")
+        return DATA_MAX_LEN_DEFAULT if value is None else value
+
+    def executor_for_workers(self) -> ExecutorConfig:
+        """The executor config the workers get: the per-turn limit follows OpenRLHF's flags unless set.
+
+        ``env.max_new_tokens_per_turn``, when the recipe leaves it unset, is
+        ``rollout.max_new_tokens`` (OpenRLHF's most tokens of one generation), or, when
+        that flag is unset too, ``data.max_len``: OpenRLHF then limits a generation by
+        the context alone, and so does the env (it never generates past
+        ``max_total_tokens``).
+        """
+        env = self.executor.env
+        if "max_new_tokens_per_turn" in env.model_fields_set:
+            return self.executor
+        per_sample = int_flag(self.openrlhf, "rollout.max_new_tokens")
+        limit = self.max_len() if per_sample is None else per_sample
+        env = env.model_copy(update={"max_new_tokens_per_turn": limit})
+        return self.executor.model_copy(update={"env": env})
+
+
+def int_flag(flags: dict[str, FlagValue], name: str) -> int | None:
+    """The integer value of the OpenRLHF flag ``name`` in ``flags``; None when it is absent or null.
+
+    Raises:
+        ValueError: the value is not an integer (named with the flag).
+    """
+    value = flags.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"openrlhf flag {name} must be an integer; got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"openrlhf flag {name} must be an integer; got {value!r}") from None

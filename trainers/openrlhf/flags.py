@@ -25,6 +25,24 @@ from typing import Any
 #: The OpenRLHF release whose flags the recipes use.
 OPENRLHF_VERSION = "0.11.2"
 
+#: The variables OpenRLHF's ``train()`` puts in the runtime env of its own ``ray.init``
+#: (``cli/train_ppo_ray.py``), each read from the driver's environment with this default.
+#: Ray refuses to merge a submitted job's runtime env that sets one of them too.
+OPENRLHF_RAY_ENV_DEFAULTS: dict[str, str] = {
+    "TOKENIZERS_PARALLELISM": "true",
+    "NCCL_DEBUG": "WARN",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+
+#: OpenRLHF's defaults for the flags naming what it writes (relative: they would
+#: resolve inside each worker's working directory).
+OUTPUT_FLAG_DEFAULTS: dict[str, str] = {
+    "ckpt.path": "./ckpt/checkpoints_ppo_ray",
+    "ckpt.output_dir": "./ckpt",
+}
+#: OpenRLHF's default for ``--data.max_len`` (prompt plus response).
+DATA_MAX_LEN_DEFAULT = 2048
+
 
 class OpenRLHFArgumentError(ValueError):
     """OpenRLHF's parser or its validation refused a command line."""
@@ -135,9 +153,20 @@ def parse_openrlhf_args(argv: Sequence[str]) -> Any:
 
 
 @functools.cache
-def flag_names() -> frozenset[str]:
-    """Every ``--flag`` OpenRLHF's PPO parser defines."""
+def _parser() -> argparse.ArgumentParser:
     code, namespace = _compiled_main(parser_only=True)
     exec(code, namespace)  # noqa: S102 - OpenRLHF's own parser code, from its installed source
-    parser: argparse.ArgumentParser = namespace["parser"]
-    return frozenset(n for n in parser._option_string_actions if n.startswith("--"))
+    return namespace["parser"]
+
+
+def flag_names() -> frozenset[str]:
+    """Every ``--flag`` OpenRLHF's PPO parser defines."""
+    return frozenset(n for n in _parser()._option_string_actions if n.startswith("--"))
+
+
+def flag_default(name: str) -> Any:
+    """OpenRLHF's default for the flag ``name`` (without dashes: ``"ckpt.path"``)."""
+    action = _parser()._option_string_actions.get(f"--{name}")
+    if action is None:
+        raise OpenRLHFArgumentError(f"OpenRLHF's PPO parser defines no flag --{name}")
+    return action.default

@@ -7,11 +7,34 @@ The runtime env carries, to every Ray worker: ``worker_process_setup_hook`` (ins
 and the working directory. ``FLAGS`` are the recipe's OpenRLHF flags plus
 ``--train.agent_func_path`` pointing at ``trainers/openrlhf/executor.py``. The recipe
 arrives typed (:class:`OpenRLHFRecipe`); reading it from YAML is the application's job.
+
+With ``ray.submit: false`` the launcher runs ``python -m trainers.openrlhf.entry FLAGS``
+here, with the same runtime env as JSON in ``AIPO_OPENRLHF_RUNTIME_ENV``: the entry
+module starts Ray with it, so the hook and the configs reach the workers either way.
+
+Paths. Ray runs workers inside the unpacked copy of ``working_dir`` (or wherever Ray
+was started on their node), so a relative path in a flag names a place inside that
+copy: checkpoints and the final model would be written there and lost, data would be
+looked for there. The launcher makes every path absolute against the directory it is
+run from (``launch_dir``) before it builds the flags:
+
+* outputs (:data:`OUTPUT_PATH_FLAGS`), OpenRLHF's relative defaults included;
+* datasets (:data:`DATASET_FLAGS`): comma-separated entries ``NAME[@DATA_DIR]``, read as
+  OpenRLHF's ``blending_datasets`` reads them. An entry is a local path when it has a
+  file extension OpenRLHF loads as a file (:data:`DATA_FILE_SUFFIXES`), is written as a
+  path (absolute, ``./``, ``../``, ``~``) or exists in ``launch_dir``; anything else is a
+  Hugging Face dataset id and is passed as it is. A launch whose local entry does not
+  exist is refused (a dry run notes it);
+* models (:data:`MODEL_PATH_FLAGS`): resolved when written as a path or existing here.
+
+Every node must see those absolute paths (a shared filesystem), as OpenRLHF's
+multi-node checkpoints need anyway.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -19,15 +42,107 @@ from pathlib import Path
 from typing import Any
 
 from agents.serve import EndpointsFile, load_endpoints
-from trainers.openrlhf.config import ExecutorConfig, OpenRLHFRecipe
+from trainers.openrlhf.config import (
+    EXECUTOR_CONFIG_ENV,
+    HOOK_MARKER_ENV,
+    RUNTIME_ENV_ENV,
+    ExecutorConfig,
+    FlagValue,
+    OpenRLHFRecipe,
+)
+from trainers.openrlhf.flags import OUTPUT_FLAG_DEFAULTS
 from trainers.openrlhf.loss import LOSS_CONFIG_ENV, loss_config_to_env
-from trainers.openrlhf.patch import SETUP_HOOK
+from trainers.openrlhf.patch import SETUP_HOOK, check_openrlhf_version
 
-#: Environment variable holding the executor's JSON config on every worker.
-EXECUTOR_CONFIG_ENV = "AIPO_OPENRLHF_EXECUTOR"
-#: Set in the job's runtime env, so the entry module knows the setup hook is in place.
-HOOK_MARKER_ENV = "AIPO_OPENRLHF_HOOK"
 EXECUTOR_RELPATH = "trainers/openrlhf/executor.py"
+#: Flags naming what OpenRLHF writes: checkpoints, the final model, TensorBoard logs.
+OUTPUT_PATH_FLAGS = ("ckpt.path", "ckpt.output_dir", "logger.tensorboard_dir")
+#: Flags naming datasets (comma-separated, each ``NAME[@DATA_DIR]``).
+DATASET_FLAGS = ("data.prompt_dataset", "eval.dataset")
+#: Flags naming models: a Hugging Face id or a local directory.
+MODEL_PATH_FLAGS = (
+    "actor.model_name_or_path",
+    "reward.model_name_or_path",
+    "critic.model_name_or_path",
+)
+#: Extensions OpenRLHF's ``blending_datasets`` loads as local files.
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")
+
+
+def _written_as_path(entry: str) -> bool:
+    return entry.startswith(("/", "./", "../", "~")) or entry in (".", "..")
+
+
+def _absolute(entry: str, launch_dir: Path) -> str:
+    # normpath, not resolve(): a symlinked shared mount keeps the name every node knows it by.
+    path = Path(entry).expanduser()
+    return os.path.normpath(path if path.is_absolute() else launch_dir / path)
+
+
+def is_local_dataset(entry: str, launch_dir: Path) -> bool:
+    """Whether a dataset entry (``NAME`` without ``@DATA_DIR``) is a local path rather than a Hub id."""
+    return (
+        _written_as_path(entry)
+        or Path(entry).suffix.lower() in DATA_FILE_SUFFIXES
+        or (launch_dir / entry).exists()
+    )
+
+
+def _resolve_datasets(value: str, launch_dir: Path) -> str:
+    entries = []
+    for raw in value.split(","):
+        name, at, data_dir = raw.strip().partition("@")
+        name = name.strip()
+        if name and is_local_dataset(name, launch_dir):
+            name = _absolute(name, launch_dir)
+        entries.append(f"{name}{at}{data_dir.strip()}")
+    return ",".join(entries)
+
+
+def resolved_flags(recipe: OpenRLHFRecipe, launch_dir: Path | None = None) -> dict[str, FlagValue]:
+    """The recipe's OpenRLHF flags with every path absolute against ``launch_dir`` (default: cwd).
+
+    Output flags the recipe leaves unset get OpenRLHF's default, resolved, so nothing is
+    written inside a worker's working directory.
+    """
+    here = Path.cwd() if launch_dir is None else Path(launch_dir)
+    flags = dict(recipe.openrlhf)
+    for name, default in OUTPUT_FLAG_DEFAULTS.items():
+        if flags.get(name) is None:
+            flags[name] = default
+    for name in OUTPUT_PATH_FLAGS:
+        if isinstance(flags.get(name), str):
+            flags[name] = _absolute(flags[name], here)
+    for name in DATASET_FLAGS:
+        if isinstance(flags.get(name), str):
+            flags[name] = _resolve_datasets(flags[name], here)
+    for name in MODEL_PATH_FLAGS:
+        value = flags.get(name)
+        if isinstance(value, str) and (_written_as_path(value) or (here / value).exists()):
+            flags[name] = _absolute(value, here)
+    return flags
+
+
+def dataset_entries(flags: dict[str, FlagValue]) -> list[tuple[str, str, bool]]:
+    """``(flag, entry, is_local)`` of every dataset entry of already resolved ``flags``."""
+    found = []
+    for name in DATASET_FLAGS:
+        value = flags.get(name)
+        if not isinstance(value, str):
+            continue
+        for raw in value.split(","):
+            entry = raw.partition("@")[0].strip()
+            found.append((name, entry, Path(entry).is_absolute()))
+    return found
+
+
+def missing_data(flags: dict[str, FlagValue]) -> list[str]:
+    """``flag=path`` of each local dataset entry of resolved ``flags`` that does not exist."""
+    return [
+        f"{name}={entry}"
+        for name, entry, local in dataset_entries(flags)
+        if local and not Path(entry).exists()
+    ]
 
 
 def flag_argv(flags: dict[str, Any]) -> list[str]:
@@ -74,44 +189,56 @@ def executor_payload(config: ExecutorConfig, *, dry_run: bool = False) -> dict[s
     return payload
 
 
-def runtime_env(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> dict[str, Any]:
-    """The Ray runtime env of the job."""
+def runtime_env(
+    recipe: OpenRLHFRecipe, *, dry_run: bool = False, launch_dir: Path | None = None
+) -> dict[str, Any]:
+    """The Ray runtime env of the job (``working_dir`` absolute against ``launch_dir``)."""
     env_vars = {
         **recipe.ray.env_vars,
         LOSS_CONFIG_ENV: loss_config_to_env(recipe.agent_loss),
-        EXECUTOR_CONFIG_ENV: json.dumps(executor_payload(recipe.executor, dry_run=dry_run)),
+        EXECUTOR_CONFIG_ENV: json.dumps(
+            executor_payload(recipe.executor_for_workers(), dry_run=dry_run)
+        ),
         HOOK_MARKER_ENV: "1",
     }
     env: dict[str, Any] = {"env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK}
     if recipe.ray.working_dir is not None:
-        env["working_dir"] = recipe.ray.working_dir
+        here = Path.cwd() if launch_dir is None else Path(launch_dir)
+        env["working_dir"] = _absolute(recipe.ray.working_dir, here)
         env["excludes"] = list(recipe.ray.excludes)
     return env
 
 
-def training_argv(recipe: OpenRLHFRecipe) -> list[str]:
-    """The OpenRLHF flags of the run, ``--train.agent_func_path`` included."""
+def training_argv(recipe: OpenRLHFRecipe, launch_dir: Path | None = None) -> list[str]:
+    """The OpenRLHF flags of the run (paths resolved), ``--train.agent_func_path`` included."""
     if recipe.ray.working_dir is not None:
         executor = EXECUTOR_RELPATH  # workers run inside the unpacked working_dir
     else:
         executor = str(Path(__file__).with_name("executor.py").resolve())
-    return ["--train.agent_func_path", executor, *flag_argv(recipe.openrlhf)]
+    return ["--train.agent_func_path", executor, *flag_argv(resolved_flags(recipe, launch_dir))]
 
 
-def build_command(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> list[str]:
-    """The full command line (a list, for subprocess); ``dry_run`` tolerates a missing endpoints file."""
-    driver = ["python", "-m", "trainers.openrlhf.entry", *training_argv(recipe)]
+def build_command(
+    recipe: OpenRLHFRecipe, *, dry_run: bool = False, launch_dir: Path | None = None
+) -> list[str]:
+    """The full command line (a list, for subprocess); ``dry_run`` tolerates a missing endpoints file.
+
+    With ``ray.submit: false`` this is the driver alone; it needs the runtime env in
+    ``RUNTIME_ENV_ENV`` (:func:`run_openrlhf` puts it there).
+    """
+    driver = ["python", "-m", "trainers.openrlhf.entry", *training_argv(recipe, launch_dir)]
     if not recipe.ray.submit:
         return driver
+    runtime = runtime_env(recipe, dry_run=dry_run, launch_dir=launch_dir)
     return [
         "ray", "job", "submit",
         "--address", recipe.ray.address,
-        "--runtime-env-json", json.dumps(runtime_env(recipe, dry_run=dry_run), sort_keys=True),
+        "--runtime-env-json", json.dumps(runtime, sort_keys=True),
         "--", *driver,
     ]  # fmt: skip
 
 
-def check_flags(recipe: OpenRLHFRecipe) -> None:
+def check_flags(recipe: OpenRLHFRecipe, launch_dir: Path | None = None) -> None:
     """Run OpenRLHF's own parser and validation over the flags (where openrlhf is installed)."""
     from trainers.openrlhf.flags import (
         OpenRLHFArgumentError,
@@ -130,25 +257,48 @@ def check_flags(recipe: OpenRLHFRecipe) -> None:
             f"unknown OpenRLHF flag(s) {', '.join(unknown)}; expected flags of "
             "openrlhf/cli/train_ppo_ray.py (0.11.2), spelled out in full"
         )
-    parse_openrlhf_args(training_argv(recipe))
+    parse_openrlhf_args(training_argv(recipe, launch_dir))
 
 
-def run_openrlhf(recipe: OpenRLHFRecipe, *, dry_run: bool = False) -> int:
+def run_openrlhf(
+    recipe: OpenRLHFRecipe, *, dry_run: bool = False, launch_dir: Path | None = None
+) -> int:
     """``aipo train --engine openrlhf``: print (dry run) or run the launch command; returns the exit code.
 
-    Raises:
-        OpenRLHFArgumentError: OpenRLHF's parser refuses the flags.
-        FileNotFoundError: the endpoints file is missing (a real launch only).
-    """
-    check_flags(recipe)
-    command = build_command(recipe, dry_run=dry_run)
-    if dry_run:
-        print(shlex.join(command))
-        return 0
-    if not recipe.ray.submit:
-        # Run the driver in-process environment: the entry module sets up Ray itself.
-        import os
+    Paths are resolved against ``launch_dir`` (default: the current directory).
 
-        os.environ.update(runtime_env(recipe)["env_vars"])
-        command = [sys.executable, *command[1:]]
-    return subprocess.call(command)
+    Raises:
+        OpenRLHFVersionError: the OpenRLHF installed here is not the pinned release.
+        OpenRLHFArgumentError: OpenRLHF's parser refuses the flags.
+        FileNotFoundError: the endpoints file or a local dataset is missing (a real launch only).
+    """
+    here = Path.cwd() if launch_dir is None else Path(launch_dir)
+    check_openrlhf_version()
+    check_flags(recipe, here)
+    missing = missing_data(resolved_flags(recipe, here))
+    if missing and not dry_run:
+        raise FileNotFoundError(
+            f"training data not found: {', '.join(missing)} (paths are resolved against the "
+            f"launch directory {here}; a Hugging Face dataset id is passed as it is)"
+        )
+    for entry in missing:
+        print(f"note: {entry} does not exist yet; a real launch refuses it", file=sys.stderr)
+    command = build_command(recipe, dry_run=dry_run, launch_dir=here)
+    if recipe.ray.submit:
+        if dry_run:
+            print(shlex.join(command))
+            return 0
+        return subprocess.call(command)
+    runtime = runtime_env(recipe, dry_run=dry_run, launch_dir=here)
+    handover = json.dumps(runtime, sort_keys=True)
+    if dry_run:
+        print(shlex.join([f"{RUNTIME_ENV_ENV}={handover}", *command]))
+        return 0
+    # The driver gets the job's variables too (as a submitted driver would), but not the
+    # submit marker: it starts Ray itself, with the runtime env handed over.
+    driver_env = {
+        **os.environ,
+        **{k: v for k, v in runtime["env_vars"].items() if k != HOOK_MARKER_ENV},
+        RUNTIME_ENV_ENV: handover,
+    }
+    return subprocess.call([sys.executable, *command[1:]], env=driver_env)

@@ -23,23 +23,38 @@ agent-token term is :func:`trainers.losses.agent_token_terms`, the embedded trai
 own, configured by the same :class:`~trainers.losses.LossConfig` fields
 (:data:`AGENT_TOKEN_FIELDS`). In mode ``mask`` it is the stock ``PolicyLoss`` call,
 unchanged.
+
+Every call adds its statistics to ``loss.stats`` (:class:`~trainers.openrlhf.metrics.LossStats`):
+the agent-token coefficient, its clip fraction, and the PPO clip fraction and approximate KL of
+the policy tokens alone; :func:`trainers.openrlhf.metrics.install_metrics` puts them in
+OpenRLHF's logged status. A micro-batch without a trained token (every sample in it a failed
+episode) returns a clip ratio and KL of 0 instead of the stock 0/0 = NaN, which would turn the
+whole step's all-reduced ``ppo_clip_ratio`` and ``ppo_kl`` into NaN on every rank.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from aipo_env.masks import trained_token_masks
-from trainers.losses import LossConfig, agent_token_terms
+from trainers.losses import LOG_RATIO_BOUND, LossConfig, agent_token_terms
+from trainers.openrlhf.dump import dump_micro_batch
+from trainers.openrlhf.metrics import LossStats, install_metrics
+
+logger = logging.getLogger(__name__)
 
 #: Agent tokens carry ``AGENT_FLAG_OFFSET - mu_logprob`` in ``rollout_log_probs``.
 AGENT_FLAG_OFFSET = 1.0
+#: The OpenRLHF module whose ``ActorPPOTrainer`` builds and calls the policy loss.
+PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 #: Environment variable holding the JSON of the agent-token fields of
 #: :class:`trainers.losses.LossConfig` on every Ray worker.
 LOSS_CONFIG_ENV = "AIPO_OPENRLHF_AGENT_LOSS"
@@ -114,6 +129,13 @@ def decode_rollout_log_probs(
     return agent_mask, behavior, policy
 
 
+def _zero_nan(value: torch.Tensor | None) -> torch.Tensor | None:
+    """``value`` with NaN replaced by 0 (a mean over no token); None stays None."""
+    if value is None:
+        return None
+    return torch.where(torch.isnan(value), torch.zeros_like(value), value)
+
+
 def _policy_loss_base() -> type:
     from openrlhf.models.loss import PolicyLoss
 
@@ -132,7 +154,7 @@ def make_aipo_policy_loss_class() -> type:
         Same constructor as ``PolicyLoss`` plus ``agent_loss`` (a
         :class:`~trainers.losses.LossConfig`; default: read from :data:`LOSS_CONFIG_ENV`);
         same ``forward`` signature and return tuple, so OpenRLHF's actor uses it
-        unchanged. Per-batch agent metrics are kept in ``self.last_metrics``.
+        unchanged. Each call adds its statistics to ``self.stats``.
         """
 
         def __init__(self, *args: Any, agent_loss: LossConfig | None = None, **kwargs: Any) -> None:
@@ -143,7 +165,35 @@ def make_aipo_policy_loss_class() -> type:
                     f"agent-token mode {self.agent_loss.agent_mode!r} needs policy_loss_type 'ppo'; "
                     f"got {self.policy_loss_type!r} (GSPO's sequence ratio would mix agent tokens in)"
                 )
-            self.last_metrics: dict[str, float] = {}
+            self.stats = LossStats()
+            # OpenRLHF builds its loss in ActorPPOTrainer.__init__: ppo_actor is fully
+            # imported now and no ppo_train has run yet, so this is where the metrics go in.
+            install_metrics(sys.modules.get(PPO_ACTOR_MODULE))
+            # WARNING, not INFO: Ray workers have no handler, and this line is the evidence
+            # in a worker's log that the AIPO term is the one being trained.
+            logger.warning(
+                "AIPO policy loss built in this worker: agent_mode=%s (%s)",
+                self.agent_loss.agent_mode,
+                "agent tokens trained through the AIPO coefficient"
+                if self.agent_loss.trains_agent_tokens()
+                else "agent tokens not trained; stock PPO on policy tokens",
+            )
+
+        def _policy_token_stats(
+            self,
+            log_probs: torch.Tensor,
+            old_log_probs: torch.Tensor,
+            advantages: torch.Tensor,
+            policy: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Count, clipped count and sum of ``old_logp - logp`` over ``policy`` (stock formulas)."""
+            raw = (log_probs - old_log_probs).detach()
+            ratio = raw.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+            adv = advantages.detach()
+            surr1 = ratio * adv
+            surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * adv
+            clipped = (surr2 < surr1) & policy
+            return policy.sum(), clipped.sum(), torch.where(policy, -raw, 0.0).sum()
 
         def forward(
             self,
@@ -162,9 +212,20 @@ def make_aipo_policy_loss_class() -> type:
                 global_batch_size=global_batch_size,
             )
             if not self.agent_loss.trains_agent_tokens() or rollout_log_probs is None:
-                return super().forward(
+                loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = super().forward(
                     log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, **stock
                 )
+                clip_ratio, ppo_kl = _zero_nan(clip_ratio), _zero_nan(ppo_kl)
+                with torch.no_grad():
+                    # Every trained token is a policy token here: the stock metrics are
+                    # already policy-only (and exact for GSPO's sequence ratio too).
+                    n = (
+                        action_mask.sum()
+                        if action_mask is not None
+                        else log_probs.new_tensor(float(log_probs.numel()))
+                    )
+                    self.stats.add_policy(n, clip_ratio * n, ppo_kl * n)
+                return loss, clip_ratio, ppo_kl, _zero_nan(vllm_kl), _zero_nan(is_filter_ratio)
             agent_mask, behavior, policy_rollout = decode_rollout_log_probs(rollout_log_probs)
             if action_mask is None:
                 action_mask = torch.ones_like(log_probs)
@@ -188,14 +249,25 @@ def make_aipo_policy_loss_class() -> type:
             loss = loss + aggregate_loss(
                 per_token, trained, token_level_loss=self.token_level_loss, **stock
             )
-            n_agent = int(agent.sum().item())
-            n_trained = int(trained.sum().item())
-            self.last_metrics = {
-                "agent_token_frac": n_agent / n_trained if n_trained else 0.0,
-                "agent_is_coef": float(coef[agent].mean().item()) if n_agent else 0.0,
-                "agent_clip_frac": float(clipped.sum().item()) / n_agent if n_agent else 0.0,
-            }
-            return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+            with torch.no_grad():
+                self.stats.add_policy(
+                    *self._policy_token_stats(log_probs, old_log_probs, advantages, policy)
+                )
+                self.stats.add_agent(coef, clipped, agent)
+                if agent.any():
+                    dump_micro_batch(
+                        action_mask=action_mask,
+                        rollout_log_probs=rollout_log_probs,
+                        agent=agent,
+                        coef=coef,
+                    )
+            return (
+                loss,
+                _zero_nan(clip_ratio),
+                _zero_nan(ppo_kl),
+                _zero_nan(vllm_kl),
+                _zero_nan(is_filter_ratio),
+            )
 
     AIPOPolicyLoss.__module__ = __name__
     AIPOPolicyLoss.__qualname__ = "AIPOPolicyLoss"

@@ -4,10 +4,19 @@
 executor (``await llm_engine.generate(ids, vllm_sampling_params)`` returning a vLLM
 ``RequestOutput``). :func:`trajectory_to_openrlhf` maps a finished trajectory onto
 the dict ``MultiTurnAgentExecutor.execute`` returns, with the ids untouched.
+
+A failed episode (``error:<kind>``) still becomes a well-formed sample, since one
+exception in an executor fails ``asyncio.gather`` in ``LLMRayActor.generate_responses``
+and with it the run: reward 0, ``truncated`` True, no action range (nothing of it is
+trained, as in the embedded trainer; its reward still counts in its group's baseline).
+OpenRLHF 0.11.2 handles a sample without action tokens: its action mask is all zero,
+``compute_reward`` and the returns mask its reward away, and the loss's token counts
+skip it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +27,8 @@ from policies.base import Generation, GenerationError, Generator, SamplingParams
 from trainers.openrlhf.loss import encode_agent_logprob
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+#: A sampled token's log-prob above this is not a log-prob (a tiny positive is rounding).
+_LOGPROB_TOLERANCE = 1e-4
 
 
 class OpenRLHFEngineGenerator(Generator):
@@ -79,6 +90,7 @@ class OpenRLHFEngineGenerator(Generator):
             raise GenerationError(
                 f"engine returned an output this adapter cannot read: {exc!r}"
             ) from exc
+        logprobs = _checked_sample(tokens, logprobs)
         stop_match = getattr(out, "stop_reason", None) if finish == "stop" else None
         return Generation(
             token_ids=tokens,
@@ -88,6 +100,32 @@ class OpenRLHFEngineGenerator(Generator):
             prompt_tokens=len(ids),
             cached_tokens=int(getattr(output, "num_cached_tokens", 0) or 0),
         )
+
+
+def _checked_sample(tokens: list[Any], logprobs: list[float]) -> list[float]:
+    """The log-probs with rounding above 0 clamped; raises on ids or log-probs that are garbage.
+
+    A NaN or positive log-prob would otherwise reach the loss, where a value >= 0.5 on a
+    policy token reads as an agent token's flag.
+    """
+    for i, tok in enumerate(tokens):
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise GenerationError(
+                f"engine returned token {tok!r} at position {i}; expected an id >= 0"
+            )
+    for i, lp in enumerate(logprobs):
+        if not math.isfinite(lp) or lp > _LOGPROB_TOLERANCE:
+            raise GenerationError(
+                f"engine returned log-prob {lp!r} for token {i}; expected a finite number <= 0"
+            )
+    return [min(lp, 0.0) for lp in logprobs]
+
+
+def _agent_entry(logprob: float | None) -> float:
+    """The channel entry of a trained agent token; an unknown, non-finite or rounded-up mu is read as 1."""
+    if logprob is None or not math.isfinite(logprob):
+        return encode_agent_logprob(None)
+    return encode_agent_logprob(min(logprob, 0.0))
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -102,37 +140,60 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
     return ranges
 
 
+def is_failed(trajectory: Trajectory) -> bool:
+    """Whether the episode failed (``error:<kind>``): it has no honest reward to learn from."""
+    return trajectory.finish_reason.startswith("error:")
+
+
 def trajectory_to_openrlhf(
-    trajectory: Trajectory, *, prompt: str, label: Any, rule: MaskRule
+    trajectory: Trajectory,
+    *,
+    prompt: str,
+    label: Any,
+    rule: MaskRule,
+    placeholder_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The dict OpenRLHF expects from ``AgentExecutorBase.execute`` for one trajectory.
 
     ``action_ranges`` cover the tokens ``rule`` trains (:mod:`aipo_env.masks`): policy
-    tokens, plus agent tokens when the loss trains them. ``rollout_log_probs`` holds
-    the engine's log-prob on policy tokens, the encoded behaviour log-prob on trained
-    agent tokens (see :mod:`trainers.openrlhf.loss`) and 0.0 elsewhere.
+    tokens, plus agent tokens when the loss trains them; none for a failed episode.
+    ``rollout_log_probs`` holds the engine's log-prob on policy tokens, the encoded
+    behaviour log-prob on trained agent tokens (see :mod:`trainers.openrlhf.loss`) and
+    0.0 elsewhere. A trajectory without tokens (its reset failed) is given
+    ``placeholder_ids`` (the prompt's ids), since OpenRLHF cannot batch an empty sample.
     """
+    failed = is_failed(trajectory)
     trained = [
-        bool(m)
+        bool(m) and not failed
         for m in masks.loss_mask(trajectory.source, rule, drift=trajectory.tokenization_drift)
     ]
     rollout: list[float] = []
     for src, keep, lp in zip(trajectory.source, trained, trajectory.behavior_logprobs, strict=True):
         if keep and sources.is_injected(src):
-            rollout.append(encode_agent_logprob(lp))
-        elif src == sources.POLICY and lp is not None and lp == lp:
-            rollout.append(float(lp))
+            rollout.append(_agent_entry(lp))
+        elif src == sources.POLICY and lp is not None and math.isfinite(lp):
+            rollout.append(min(float(lp), 0.0))
         else:
             rollout.append(0.0)
+    ids = list(trajectory.token_ids)
+    if not ids:
+        ids = [int(t) for t in placeholder_ids]
+        if not ids:
+            raise ValueError(
+                f"trajectory {trajectory.trajectory_id} ({trajectory.finish_reason}) has no tokens "
+                "and no placeholder_ids were given; OpenRLHF cannot batch an empty sample"
+            )
+        rollout = [0.0] * len(ids)
     agent_tokens = sum(1 for s in trajectory.source if sources.is_injected(s))
+    reward = 0.0 if failed or not math.isfinite(trajectory.reward) else float(trajectory.reward)
     return {
         "prompt": prompt,
         "label": label,
         "images": None,
         "mm_train_inputs": None,
-        "reward": float(trajectory.reward),
-        "scores": float(trajectory.reward),
-        "observation_tokens": list(trajectory.token_ids),
+        "reward": reward,
+        "scores": reward,
+        "observation_tokens": ids,
         "action_ranges": _runs(trained),
         "rollout_log_probs": rollout,
         "truncated": trajectory.finish_reason != "eos",
@@ -142,5 +203,6 @@ def trajectory_to_openrlhf(
             "agent_tokens": float(agent_tokens),
             "tokenization_drift": float(trajectory.tokenization_drift),
             "finished_eos": float(trajectory.finish_reason == "eos"),
+            "episode_error": float(failed),
         },
     }

@@ -1,0 +1,125 @@
+"""Bad configs fail before anything loads, in one line that names the problem (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aipo.cli import main
+from trainers import run_state
+
+
+@pytest.fixture(autouse=True)
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(policy):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run_state, "load_policy", refuse)
+
+
+def train(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Exit code and stderr of ``aipo train --dry-run ARGS``; stdout stays in ``capsys``."""
+    code = main(["train", "--dry-run", *args])
+    captured = capsys.readouterr()
+    print(captured.out, end="")
+    return code, captured.err
+
+
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  plot: [true,\n")
+    code, err = train(capsys, "--config", str(bad))
+    assert code == 2
+    assert f"{bad}:4:1: not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override", ["train.steps=true", "optim.lr=false"])
+def test_a_switch_where_a_number_belongs_is_refused(capsys, override: str) -> None:
+    code, err = train(capsys, override)
+    assert code == 2 and "is not a number" in err and override.split("=")[0] in err
+
+
+def test_an_unknown_task_names_the_closest_ones(capsys) -> None:
+    code, err = train(capsys, "task.name=rg:chain_sum_esy")
+    assert code == 2 and "unknown task 'rg:chain_sum_esy'" in err
+    assert "did you mean 'rg:chain_sum_easy'" in err
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    code, err = train(capsys, f"policy.model={missing}")
+    assert code == 2 and f"model path '{missing}' does not exist" in err
+
+
+def test_a_negative_seed_is_refused(capsys) -> None:
+    code, err = train(capsys, "seed=-1")
+    assert code == 2 and "seed: -1 is out of range" in err
+
+
+def test_an_sglang_agent_without_a_tokenizer_is_refused(capsys) -> None:
+    code, err = train(capsys, "agents.agents.knowledge.backend=sglang://127.0.0.1:30000")
+    assert code == 2 and "agents.agents.knowledge.tokenizer is not set" in err
+
+
+def test_an_empty_config_file_is_valid(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    code, err = train(capsys, "--config", str(empty))
+    assert code == 0, err
+    # The env's context follows the policy's when left at its default.
+    assert '"max_total_tokens": 1024' in capsys.readouterr().out
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_before_anything_loads(
+    tmp_path: Path, capsys
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["train", f"run_dir={blocker / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not writable" in err and "a-file" in err
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_a_rerun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "rollouts").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")  # opened, never written: the start failed
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    run_state.check_run_dir(run_dir, resume=False)  # no error
+    (run_dir / "rollouts" / "step_000000.jsonl").write_text('{"trajectory_id": "a"}\n')
+    with pytest.raises(run_state.RunDirError, match="already holds a run"):
+        run_state.check_run_dir(run_dir, resume=False)
+
+
+def test_a_full_disk_is_said_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+    import shutil
+
+    import torch
+
+    from trainers import checkpoint
+    from trainers.embedded import EmbeddedTrainer
+
+    def unexpected_pos(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", unexpected_pos)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+
+    class Model(torch.nn.Linear):
+        def save_pretrained(self, path, **kwargs) -> None:
+            (Path(path) / "model.safetensors").write_bytes(b"")
+
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_checkpoint(tmp_path, 1, model=Model(1, 1))
+    assert raised.value.errno == errno.ENOSPC and "no space left on device" in str(raised.value)
+
+    def full(self):
+        raise raised.value
+
+    monkeypatch.setattr(EmbeddedTrainer, "run", full)
+    code = main(["train", f"run_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "no space left on device while saving checkpoint" in err and "--resume" in err
