@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +15,7 @@ pytest.importorskip("openrlhf.utils.agent", reason="openrlhf not installed")
 
 from openrlhf.utils.agent import AgentExecutorBase  # noqa: E402
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator  # noqa: E402
+from vllm_standin import VLLMSamplingParams  # noqa: E402
 
 from policies.base import SamplingParams  # noqa: E402
 from trainers.openrlhf.config import ExecutorConfig  # noqa: E402
@@ -23,29 +23,12 @@ from trainers.openrlhf.executor import AgentExecutor  # noqa: E402
 from trainers.openrlhf.loss import LOSS_CONFIG_ENV, decode_rollout_log_probs  # noqa: E402
 
 
-@dataclass
-class FakeVLLMSamplingParams:
-    """The fields of vllm.SamplingParams the adapter sets."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int | None = None
-    min_tokens: int = 1
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = False
-    logprobs: int | None = None
-    seed: int | None = None
-
-
 class FakeEngine:
     """``await generate(ids, params)`` -> vLLM-like RequestOutput, backed by a scripted policy."""
 
     def __init__(self, policy: ScriptedGenerator) -> None:
         self.policy = policy
-        self.params: list[FakeVLLMSamplingParams] = []
+        self.params: list[VLLMSamplingParams] = []
 
     async def generate(self, ids, params, multi_modal_data=None):
         self.params.append(params)
@@ -83,7 +66,7 @@ async def _run(tokenizer, mode: str, monkeypatch):
     executor = AgentExecutor(config=ExecutorConfig(), agents=agents, task=task)
     assert isinstance(executor, AgentExecutorBase)
     result = await executor.execute(
-        problem.question, problem.reference, FakeVLLMSamplingParams(temperature=0.7), 4096,
+        problem.question, problem.reference, VLLMSamplingParams(temperature=0.7), 4096,
         tokenizer, engine,
     )  # fmt: skip
     return result, engine, script
@@ -163,7 +146,7 @@ async def test_first_episodes_build_the_pool_once_without_blocking_the_loop(
     async def episode():
         engine = FakeEngine(ScriptedGenerator(tokenizer, [answer]))
         return await executor.execute(
-            problem.question, problem.reference, FakeVLLMSamplingParams(), 4096, tokenizer, engine
+            problem.question, problem.reference, VLLMSamplingParams(), 4096, tokenizer, engine
         )
 
     ticking = asyncio.create_task(ticker())

@@ -10,7 +10,6 @@ compiled from the installed source and run here on the executor's dicts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +21,7 @@ from openrlhf.models.utils import compute_reward  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf_source import stock_methods  # noqa: E402
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator  # noqa: E402
+from vllm_standin import VLLMSamplingParams  # noqa: E402
 
 from aipo_env import sources  # noqa: E402
 from aipo_env.env import ConsultEnv  # noqa: E402
@@ -60,23 +60,6 @@ RESULT_KEYS = {
     "extra_logs",
 }
 CONSULT = 'Let me ask. <consult agent="knowledge">How do I add?</consult>'
-
-
-@dataclass
-class VLLMSamplingParams:
-    """The fields of vllm.SamplingParams the adapter sets."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int | None = None
-    min_tokens: int = 1
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = False
-    logprobs: int | None = None
-    seed: int | None = None
 
 
 def request_output(token_ids, logprobs=None, finish="stop"):
