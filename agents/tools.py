@@ -5,6 +5,10 @@ requests. The code runs in the project's code sandbox (:mod:`tasks.sandbox`:
 bubblewrap where it runs, with no network, a private filesystem view and process,
 CPU, wall-time and memory limits; else the documented weaker fallback), and its
 standard output, or the last line of its error, is the reply.
+
+:class:`ToolBox` answers :mod:`aipo_env.protocols.tools`' requests (ARPO's tool set):
+``python`` through a :class:`PythonRunner`, ``search`` through an
+:class:`agents.search.SearchIndex`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import signal
 import time
 
 from agents.base import AgentReply, ConsultRequest
+from agents.search import SearchIndex
 from tasks.sandbox import Limits, resolve_sandbox, run_python
+
+#: The error of a search request when no index was given, naming the setting that is missing.
+NO_SEARCH_INDEX = (
+    "no search index configured: pass ToolBox(search=SearchIndex.from_jsonl(PATH)) "
+    "or ToolBox(search=SearchIndex([...passages]))"
+)
 
 
 class PythonRunner:
@@ -56,3 +67,64 @@ class PythonRunner:
             last = run.stderr.strip().splitlines()[-1:] or ["error"]
             text = last[0]
         return AgentReply(agent="python", text=text, latency_s=time.monotonic() - began)
+
+
+class ToolBox:
+    """A consult service with two tools, ``python`` and ``search``: ARPO's tool set.
+
+    ``python`` runs code with ``python`` (a :class:`PythonRunner`; a default one when
+    None); ``search`` ranks the passages of ``search`` (a :class:`SearchIndex`). Without
+    an index, a search request gets an error reply naming the missing setting; call
+    :meth:`require_search` at start-up to fail early instead. A reply's text is cut to
+    ``max_reply_chars`` (a program may print megabytes; the env then cuts it again to
+    ``EnvConfig.max_reply_tokens``), and every reply records its latency.
+    """
+
+    def __init__(
+        self,
+        python: PythonRunner | None = None,
+        search: SearchIndex | None = None,
+        *,
+        max_reply_chars: int = 8000,
+    ) -> None:
+        if max_reply_chars < 1:
+            raise ValueError(f"max_reply_chars={max_reply_chars}; expected at least 1")
+        self.python = python if python is not None else PythonRunner()
+        self.search = search
+        self.max_reply_chars = max_reply_chars
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tool names."""
+        return ("python", "search")
+
+    def require_search(self) -> SearchIndex:
+        """The search index; ``ValueError`` naming the missing setting when there is none."""
+        if self.search is None:
+            raise ValueError(NO_SEARCH_INDEX)
+        return self.search
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        """Route ``request`` to the tool it names; never raises."""
+        began = time.monotonic()
+        tool = request.agent
+        if tool == "python":
+            reply = await self.python.consult(request)
+        elif tool == "search" and self.search is None:
+            reply = AgentReply(agent=tool, error=NO_SEARCH_INDEX)
+        elif tool == "search":
+            # BM25 scoring is CPU work: off the event loop, so other episodes go on.
+            text = await asyncio.to_thread(self.search.reply_text, request.question)
+            reply = AgentReply(agent=tool, text=text)
+        else:
+            reply = AgentReply(
+                agent=tool, error=f"unknown tool {tool[:32]!r}; expected one of python, search"
+            )
+        cut = len(reply.text) > self.max_reply_chars
+        return reply.model_copy(
+            update={
+                "text": reply.text[: self.max_reply_chars],
+                "truncated": reply.truncated or cut,
+                "latency_s": time.monotonic() - began,
+            }
+        )

@@ -16,7 +16,7 @@ class EnvConfig(BaseModel):
 
     protocol: str = Field(
         default="consult",
-        description="The interaction protocol (aipo_env/protocols): consult (AIPO's consult tags) or python_tool (<python> code runs).",
+        description="The interaction protocol (aipo_env/protocols): consult (AIPO's consult tags), python_tool (<python> code runs) or tools (ARPO: <python> and <search>).",
     )
     agent_names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_AGENT_NAMES),

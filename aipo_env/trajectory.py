@@ -111,6 +111,15 @@ class Trajectory(BaseModel):
         description="An incremental tokenization disagreed with a full render where the format claims they match.",
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form extras.")
+    parent_id: str | None = Field(
+        default=None,
+        description="The trajectory this one was forked from (a rollout tree), None for a root.",
+    )
+    branch_point: int | None = Field(
+        default=None,
+        ge=0,
+        description="Token index where it left its parent: ids before it are the parent's, verbatim.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -130,6 +139,23 @@ class Trajectory(BaseModel):
                 )
         if self.prompt_len > n:
             raise ValueError(f"prompt_len {self.prompt_len} exceeds the {n} tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _tree_record(self) -> Trajectory:
+        # A fork is only meaningful with both: whom it left and where.
+        if (self.parent_id is None) != (self.branch_point is None):
+            raise ValueError(
+                f"trajectory {self.trajectory_id}: parent_id ({self.parent_id!r}) and branch_point "
+                f"({self.branch_point!r}) must both be set (a fork) or both be None (a root)"
+            )
+        if self.parent_id == self.trajectory_id:
+            raise ValueError(f"trajectory {self.trajectory_id} names itself as its parent")
+        if self.branch_point is not None and self.branch_point > len(self.token_ids):
+            raise ValueError(
+                f"trajectory {self.trajectory_id}: branch_point {self.branch_point} exceeds its "
+                f"{len(self.token_ids)} tokens"
+            )
         return self
 
     @property

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aipo_env.protocols.base import InteractionProtocol, Request, encode_injected
 from aipo_env.protocols.consult import ConsultProtocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
+from aipo_env.protocols.tools import ToolProtocol
 
 if TYPE_CHECKING:
     from aipo_env.config import EnvConfig
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 PROTOCOLS: dict[str, type[InteractionProtocol]] = {
     ConsultProtocol.name: ConsultProtocol,
     PythonToolProtocol.name: PythonToolProtocol,
+    ToolProtocol.name: ToolProtocol,
 }
 
 
@@ -37,6 +39,7 @@ __all__ = [
     "InteractionProtocol",
     "PythonToolProtocol",
     "Request",
+    "ToolProtocol",
     "encode_injected",
     "make_protocol",
 ]
