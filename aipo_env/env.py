@@ -441,6 +441,34 @@ class ConsultEnv(AsyncEnv):
         reason = kind if kind.startswith("error:") or kind in plain else f"error:{kind}"
         return self._finish_unscored(episode, reason, message or None)
 
+    def fork(self, trajectory_id: str) -> ConsultEnv:
+        """A new env continuing a deep copy of this episode as ``trajectory_id`` (a rollout tree).
+
+        The copy shares the task, agents, tokenizer, config, protocol and mask rule, keeps the
+        group id and every fact so far (ids, sources, log-probs, turns, consult counts and
+        budget, drift), and its trajectory records ``parent_id`` (this episode's id) and
+        ``branch_point`` (the token count now). The two episodes then evolve independently.
+
+        Forking happens at a turn boundary only: between ``astep`` calls, where the last
+        segment's reply is fully injected. Called from another task while ``astep`` or
+        ``areset`` awaits an agent or the verifier, it raises, as it does for an episode that
+        has not started or has ended (ValueError).
+        """
+        if self._episode is None:
+            raise ValueError("cannot fork: no episode has started; call reset/areset first")
+        state = self._episode.fork(trajectory_id)
+        child = ConsultEnv(
+            self.task,
+            self.agents,
+            self.tokenizer,
+            self.config,
+            self.render_mode,
+            protocol=self.protocol,
+            mask_rule=self.mask_rule,
+        )
+        child._episode = state
+        return child
+
     # -- rendering ---------------------------------------------------------------
 
     def render(self) -> str | None:  # type: ignore[override]

@@ -7,6 +7,7 @@ turns, consult counts, drift) and freezes them into a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,12 +42,40 @@ class EpisodeState:
     drift: bool = False
     chat_contents: dict[int, str] = field(default_factory=dict)
     trajectory: Trajectory | None = None
+    parent_id: str | None = None  # set on a fork: the episode it was copied from
+    branch_point: int | None = None  # set on a fork: its token count when copied
 
     def extend(self, ids: Sequence[int], source: str, lps: Sequence[float | None]) -> None:
         """Append ``ids`` produced by ``source`` with their behaviour log-probs."""
         self.token_ids.extend(int(i) for i in ids)
         self.source.extend([source] * len(ids))
         self.logprobs.extend(lps)
+
+    def fork(self, trajectory_id: str) -> EpisodeState:
+        """A deep copy that continues as ``trajectory_id``, recording this episode as its parent.
+
+        Only between steps: an episode that has ended, or whose last turn is still being
+        answered, cannot be forked (ValueError).
+        """
+        if self.trajectory is not None:
+            raise ValueError(
+                f"cannot fork episode {self.trajectory_id}: it has ended "
+                f"({self.trajectory.finish_reason})"
+            )
+        # Between steps every turn of a running episode has had its request answered.
+        if self.turns and self.turns[-1].consult is None:
+            raise ValueError(
+                f"cannot fork episode {self.trajectory_id} mid-step (turn "
+                f"{self.turns[-1].index} is still being answered); fork between astep calls"
+            )
+        if trajectory_id == self.trajectory_id:
+            raise ValueError(
+                f"a fork needs a new trajectory id, not its parent's {trajectory_id!r}"
+            )
+        state = copy.deepcopy(self, memo={id(self.problem): self.problem})
+        state.trajectory_id = trajectory_id
+        state.parent_id, state.branch_point = self.trajectory_id, len(self.token_ids)
+        return state
 
     def policy_text(self, decode: Callable[[list[int]], str]) -> str:
         """The policy's own text: its segments decoded and joined, replies left out."""
@@ -87,6 +116,8 @@ class EpisodeState:
             consult_errors=self.consult_errors,
             consult_attempts=self.attempts,
             tokenization_drift=self.drift,
+            parent_id=self.parent_id,
+            branch_point=self.branch_point,
         )
 
 
