@@ -162,6 +162,20 @@ class _Killed(Exception):
     """Stands in for the process dying right after a checkpoint."""
 
 
+def run_killed_after_first_checkpoint(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``config`` and stop it as a kill would, right after its first checkpoint is on disk."""
+    real_save = embedded.save_checkpoint
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        path = real_save(*args, **kwargs)
+        raise _Killed(str(path))
+
+    monkeypatch.setattr(embedded, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        EmbeddedTrainer(config, progress=False).run()
+    monkeypatch.setattr(embedded, "save_checkpoint", real_save)
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(
     tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,16 +185,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(
     EmbeddedTrainer(config("straight"), progress=False).run()
 
     # The same run, killed as soon as step 1's checkpoint is on disk.
-    real_save = embedded.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        path = real_save(*args, **kwargs)
-        raise _Killed(str(path))
-
-    monkeypatch.setattr(embedded, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        EmbeddedTrainer(config("killed"), progress=False).run()
-    monkeypatch.setattr(embedded, "save_checkpoint", real_save)
+    run_killed_after_first_checkpoint(config("killed"), monkeypatch)
     killed = tmp_path / "killed"
     assert load_latest(killed).step == 1
     assert not (killed / "rollouts" / "step_000001.jsonl").exists()
@@ -463,16 +468,7 @@ def test_resume_replays_the_agents_replies_of_an_uninterrupted_run(
 
     EmbeddedTrainer(config("straight"), progress=False).run()
 
-    real_save = embedded.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        path = real_save(*args, **kwargs)
-        raise _Killed(str(path))
-
-    monkeypatch.setattr(embedded, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        EmbeddedTrainer(config("killed"), progress=False).run()
-    monkeypatch.setattr(embedded, "save_checkpoint", real_save)
+    run_killed_after_first_checkpoint(config("killed"), monkeypatch)
     EmbeddedTrainer(config("killed"), resume=True, progress=False).run()
 
     # Step 2 ran in a fresh process state after the kill, and still got the same replies.

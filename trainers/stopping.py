@@ -179,6 +179,15 @@ async def check_backends(config: TrainConfig, generator: Generator, agents: Agen
         )
 
 
+def _shares(metrics: dict[str, float], prefix: str) -> str:
+    """``kind 40%, kind 10%`` from the metrics named ``<prefix><kind>``."""
+    return ", ".join(
+        f"{key.removeprefix(prefix)} {value:.0%}"
+        for key, value in metrics.items()
+        if key.startswith(prefix)
+    )
+
+
 def failure_reason(
     trajectories: list[Trajectory], metrics: dict[str, float], cfg: TrainSection
 ) -> str | None:
@@ -190,11 +199,7 @@ def failure_reason(
     """
     error_rate = metrics.get("finish_error", 0.0)
     if error_rate > cfg.max_error_rate:
-        kinds = ", ".join(
-            f"{key.removeprefix('errors/')} {value:.0%}"
-            for key, value in metrics.items()
-            if key.startswith("errors/")
-        )
+        kinds = _shares(metrics, "errors/")
         first = next(t for t in trajectories if t.finish_reason.startswith("error:"))
         return (
             f"{error_rate:.0%} of its trajectories ended in error ({kinds}), above "
@@ -203,11 +208,7 @@ def failure_reason(
         )
     agent_rate = metrics.get("agent_error_rate", 0.0)
     if agent_rate > cfg.max_agent_error_rate:
-        kinds = ", ".join(
-            f"{key.removeprefix('consult_errors/')} {value:.0%}"
-            for key, value in metrics.items()
-            if key.startswith("consult_errors/")
-        )
+        kinds = _shares(metrics, "consult_errors/")
         first = next(
             turn.consult.error
             for t in trajectories
