@@ -293,15 +293,6 @@ def read_model_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
-    """Load the safetensors weights of ``checkpoint_dir`` into ``model`` in place.
-
-    Keys absent from the files must be weights tied to a saved one (e.g. ``lm_head``
-    tied to the embeddings), which ``save_pretrained`` writes once.
-    """
-    _apply_weights(model, read_model_weights(checkpoint_dir), Path(checkpoint_dir))
-
-
 def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
