@@ -1,19 +1,34 @@
-"""Generation throughput of the embedded generator against plain ``model.generate``.
+"""Generation throughput of the embedded generator, forward path against forward path.
 
-On the real SmolLM2-135M-Instruct and the same chat prompts it measures new tokens
-per second of: ``model.generate`` one prompt at a time and left-padded in one batch;
-``TransformersGenerator`` one request at a time and with all requests concurrent
-(gathered into one decode batch); and consult-like multi-turn trajectories (generate,
-append an injected feedback segment, generate again) with and without session
-prefix reuse. Every run is greedy with EOS ignored, so all produce the same number
-of tokens. Prints the figures and writes ``generation.json`` and ``generation.png``
-(``--tag`` names them ``generation.<tag>.*``), with the load average of the machine
-before and after, since other processes sharing the CPU change every figure.
+On SmolLM2-135M-Instruct (float32, as the trainer holds it) and the same chat prompts it
+measures new tokens per second of ``model.generate`` (left-padded in one batch, and
+one prompt at a time) and of ``TransformersGenerator`` in each ``--variants`` entry
+(``path:dtype``: the transformers forward ``hf`` or the lean Llama forward ``lean``, in
+float32 or bfloat16 matmuls), all requests concurrent (one decode batch), one at a
+time, and as consult-like multi-turn trajectories with and without session prefix
+reuse. The variants run interleaved, round after round (A, B, A, B, ...), so load
+from other processes falls on all of them alike; each figure is the median of the
+rounds, and every variant is also given as a ratio to the first one.
+
+Every run is greedy with EOS ignored, so all produce the same number of tokens.
+``--logprob-diff`` also samples rollouts (temperature 1) from each variant that is not
+float32 and compares their log-probs with the float32 model's teacher-forced ones
+(what the trainer computes): the mismatch a rollout correction has to cover.
+
+``--compare-generate`` measures the embedded generator against ``model.generate`` on a
+randomly initialised model of the default's architecture instead (speed does not
+depend on the weights; no model files, tokenizer or network needed), on ``--device``.
+
+Prints the figures and writes ``generation.json`` and ``generation.png`` (``--tag``
+names them ``generation.<tag>.*``), with the load average before and after.
 
     python benchmarks/generation.py --prompts 8 --max-new-tokens 32 --turns 3
     # the trainer's rollout shape: 32 distinct ~240-token prompts at once
-    python benchmarks/generation.py --prompts 32 --prompt-tokens 240 --turns 0 \
-        --no-sequential --tag batch32
+    python benchmarks/generation.py --prompts 32 --prompt-tokens 240 --turns 0 \\
+        --no-sequential --rounds 3 --logprob-diff --tag batch32
+    # on a GPU: embedded generator against model.generate, bfloat16
+    python benchmarks/generation.py --compare-generate --device cuda --prompts 32 \\
+        --prompt-tokens 240 --variants hf:bfloat16,lean:bfloat16 --tag gpu
 """
 
 from __future__ import annotations
@@ -22,13 +37,13 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from policies.base import SamplingParams
-from policies.default_model import ensure_default_model
+from policies.base import Generation, SamplingParams
 from policies.transformers_generator import GeneratorStats, TransformersGenerator
 
 QUESTIONS = [
@@ -42,6 +57,23 @@ QUESTIONS = [
     "Solve for x: 3x + 7 = 22.",
 ]
 FEEDBACK = '\n<feedback agent="verify">Check the last step again; it may be wrong.</feedback>\n'
+#: SmolLM2-135M-Instruct's architecture, for --compare-generate's random model.
+DEFAULT_ARCHITECTURE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    tie_word_embeddings=True,
+)
+
+
+# -- prompts and models -----------------------------------------------------------
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -65,9 +97,67 @@ def long_chat_ids(tokenizer, question: str, index: int, tokens: int) -> list[int
     return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
 
 
-def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, batch: bool) -> float:
+class _IdsTokenizer:
+    """Just enough of a tokenizer for the generator on a random model (no stop strings)."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, **_: object) -> str:
+        return " ".join(map(str, ids))
+
+    def encode(self, text: str, **_: object) -> list[int]:
+        return [1 + (ord(c) % 200) for c in text]
+
+
+def random_default_model(device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialised model of the default's architecture (no weights downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DEFAULT_ARCHITECTURE))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list[list[int]], str]:
+    """The model, tokenizer, prompts and a model description for this run."""
+    if args.compare_generate:
+        dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+        model = random_default_model(args.device, dtype)
+        gen = torch.Generator().manual_seed(1)
+        length = max(args.prompt_tokens, 16)
+        prompts = [
+            torch.randint(100, 40000, (length + i % 8,), generator=gen).tolist()
+            for i in range(args.prompts)
+        ]
+        return model, _IdsTokenizer(), prompts, f"random {DEFAULT_ARCHITECTURE} ({dtype})"
+    from policies.default_model import ensure_default_model
+    from policies.loading import load_causal_lm, load_tokenizer
+
+    path = ensure_default_model()
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), dtype=torch.float32).to(args.device).eval()
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
+    if args.prompt_tokens:
+        prompts = [
+            long_chat_ids(tokenizer, q, i, args.prompt_tokens) for i, q in enumerate(questions)
+        ]
+    else:
+        prompts = [chat_ids(tokenizer, q) for q in questions]
+    return model, tokenizer, prompts, str(path)
+
+
+# -- measurements ----------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def hf_generate(model, pad: int, prompts: list[list[int]], new_tokens: int, batch: bool) -> float:
     """Seconds ``model.generate`` takes for all prompts, one at a time or in one padded batch."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
     )
@@ -75,20 +165,23 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int, bat
     with torch.inference_mode():
         if batch:
             width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device
+            )
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             assert out.shape[1] == width + new_tokens
         else:
             for p in prompts:
-                model.generate(input_ids=torch.tensor([p]), **kwargs)
+                model.generate(input_ids=torch.tensor([p], device=device), **kwargs)
+    sync(str(device))
     return time.perf_counter() - start
 
 
 async def embedded(
     gen: TransformersGenerator, prompts: list[list[int]], new_tokens: int, concurrent: bool
-) -> float:
-    """Seconds the embedded generator takes for all prompts, sequential or concurrent."""
+) -> tuple[float, list[Generation]]:
+    """Seconds the embedded generator takes for all prompts, sequential or concurrent; outputs."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     if concurrent:
@@ -96,33 +189,77 @@ async def embedded(
     else:
         outs = [await gen.generate(p, params) for p in prompts]
     assert all(len(o.token_ids) == new_tokens for o in outs)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, outs
+
+
+def agreement(outs: list[Generation], reference: list[Generation]) -> dict[str, float]:
+    """How far greedy outputs follow the reference's: identical rows, shared tokens, log-probs."""
+    same_rows = 0
+    shared = 0
+    diffs = [0.0]
+    for out, ref in zip(outs, reference, strict=True):
+        n = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids, strict=True))
+                if a != b
+            ),
+            len(out.token_ids),
+        )
+        same_rows += n == len(out.token_ids)
+        shared += n
+        # Log-probs of the same tokens after the same prefix, before the first difference.
+        diffs += [abs(a - b) for a, b in zip(out.logprobs[:n], ref.logprobs[:n], strict=True)]
+    return {
+        "identical_rows": round(same_rows / len(outs), 3),
+        "tokens_before_first_difference": round(shared / sum(len(o.token_ids) for o in outs), 3),
+        "max_abs_logprob_difference": round(max(diffs), 5),
+    }
 
 
 async def trajectories(
     gen: TransformersGenerator, prompts: list[list[int]], new_tokens: int, turns: int, reuse: bool
-) -> dict[str, float]:
-    """Run consult-like multi-turn trajectories concurrently; time and prompt tokens computed."""
+) -> float:
+    """Seconds for consult-like multi-turn trajectories, run concurrently."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     feedback = gen.tokenizer.encode(FEEDBACK, add_special_tokens=False)
-    computed = 0
-    cached = 0
 
     async def one(i: int, ids: list[int]) -> None:
-        nonlocal computed, cached
         ids = list(ids)
         for _ in range(turns):
             out = await gen.generate(ids, params, session_id=f"traj-{i}" if reuse else None)
-            computed += out.prompt_tokens - out.cached_tokens
-            cached += out.cached_tokens
             ids = ids + out.token_ids + feedback
 
     start = time.perf_counter()
     await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return time.perf_counter() - start
+
+
+async def logprob_difference(
+    gen: TransformersGenerator, model, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
+    """Sampled rollouts' log-probs against the float32 model's teacher-forced ones."""
+    params = [
+        SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=i)
+        for i in range(len(prompts))
+    ]
+    outs = await asyncio.gather(*(gen.generate(p, s) for p, s in zip(prompts, params, strict=True)))
+    diffs = []
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([prompt + out.token_ids], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+        trainer = logp.gather(1, torch.tensor(out.token_ids, device=logp.device)[:, None])[:, 0]
+        diffs.append(torch.tensor(out.logprobs) - trainer.cpu())
+    d = torch.cat(diffs)
+    ratio = torch.exp(-d)  # trainer / rollout probability: the rollout correction's weight
     return {
-        "seconds": time.perf_counter() - start,
-        "prompt_tokens_computed": computed,
-        "prompt_tokens_cached": cached,
+        "tokens": int(d.numel()),
+        "max_abs": round(float(d.abs().max()), 4),
+        "mean_abs": round(float(d.abs().mean()), 5),
+        "p99_abs": round(float(d.abs().quantile(0.99)), 4),
+        "mean_signed": round(float(d.mean()), 5),
+        "ratio_outside_0.5_5": round(float(((ratio < 0.5) | (ratio > 5)).float().mean()), 5),
     }
 
 
@@ -131,89 +268,119 @@ async def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = ensure_default_model()
-    gen = TransformersGenerator(str(path), device="cpu", max_batch_size=args.prompts)
-    model, tokenizer = gen.model, gen.tokenizer
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
-    if args.prompt_tokens:
-        prompts = [
-            long_chat_ids(tokenizer, q, i, args.prompt_tokens) for i, q in enumerate(questions)
-        ]
-    else:
-        prompts = [chat_ids(tokenizer, q) for q in questions]
+    model, tokenizer, prompts, description = load_setup(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    gens = {}
+    for v in variants:
+        path, _, dtype = v.partition(":")
+        gens[v] = TransformersGenerator.from_model(
+            model,
+            tokenizer,
+            max_batch_size=args.prompts,
+            generator_dtype=dtype or "auto",
+            forward_path=path,
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     load_before = os.getloadavg()
     total = args.prompts * args.max_new_tokens
-    # Warm up kernels and allocators once so the first measurement is not penalised.
-    await embedded(gen, prompts[:1], 4, concurrent=False)
-    hf_generate(model, tokenizer, prompts[:1], 4, batch=False)
+    for gen in gens.values():  # warm up kernels and allocators once
+        await embedded(gen, prompts[:2], 4, concurrent=True)
+    greedy: dict[str, list[Generation]] = {}
+    if args.hf_generate:
+        hf_generate(model, pad, prompts[:1], 4, batch=False)
 
-    results: dict[str, dict] = {}
+    runs: dict[str, list[float]] = {}
+    extra: dict[str, dict] = {}
 
-    def record(name: str, seconds: float, tokens: int, **extra: float) -> None:
-        results[name] = {
-            "seconds": round(seconds, 3),
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1),
-            **extra,
+    def record(name: str, seconds: float, tokens: int) -> None:
+        runs.setdefault(name, []).append(tokens / seconds)
+        print(f"{name:48s} {tokens:6d} tokens {seconds:8.2f} s {tokens / seconds:9.1f} tok/s")
+
+    for rnd in range(args.rounds):
+        print(f"-- round {rnd + 1} of {args.rounds}, load {os.getloadavg()[0]:.2f}")
+        if args.hf_generate:
+            record(
+                "hf_generate_batched",
+                hf_generate(model, pad, prompts, args.max_new_tokens, batch=True),
+                total,
+            )
+            if args.sequential:
+                record(
+                    "hf_generate_sequential",
+                    hf_generate(model, pad, prompts, args.max_new_tokens, batch=False),
+                    total,
+                )
+        for v, gen in gens.items():
+            gen.stats = GeneratorStats()
+            seconds, greedy[v] = await embedded(gen, prompts, args.max_new_tokens, concurrent=True)
+            record(f"embedded_concurrent[{v}]", seconds, total)
+            extra[f"embedded_concurrent[{v}]"] = {
+                "decode_forwards": gen.stats.decode_forwards,
+                "max_batch_rows": gen.stats.max_batch_rows,
+                "forward": f"{gen.forward.name}:{str(gen.forward.dtype).removeprefix('torch.')}",
+            }
+            if args.sequential:
+                seconds, _ = await embedded(gen, prompts, args.max_new_tokens, concurrent=False)
+                record(f"embedded_sequential[{v}]", seconds, total)
+            for reuse in (False, True) if args.turns > 0 else ():
+                gen.weights_updated()  # start each variant with empty caches
+                seconds = await trajectories(gen, prompts, args.max_new_tokens, args.turns, reuse)
+                name = f"multi_turn_{'with' if reuse else 'without'}_prefix_reuse[{v}]"
+                record(name, seconds, total * args.turns)
+    same = {v: agreement(greedy[v], greedy[variants[0]]) for v in variants[1:]}
+    for v, figures in same.items():
+        print(f"greedy outputs [{v}] against [{variants[0]}]: {figures}")
+    diffs = {}
+    if args.logprob_diff:
+        for v, gen in gens.items():
+            if gen.forward.dtype != torch.float32:
+                diffs[v] = await logprob_difference(gen, model, prompts, args.max_new_tokens)
+                print(f"log-prob difference [{v}] against float32: {diffs[v]}")
+    for gen in gens.values():
+        await gen.aclose()
+    results = {
+        name: {
+            "tokens_per_s": round(statistics.median(values), 1),
+            "runs": [round(x, 1) for x in values],
+            **extra.get(name, {}),
         }
-        print(f"{name:38s} {tokens:6d} tokens {seconds:8.2f} s {tokens / seconds:9.1f} tok/s")
-
-    if args.sequential:
-        record(
-            "hf_generate_sequential",
-            hf_generate(model, tokenizer, prompts, args.max_new_tokens, batch=False),
-            total,
-        )
-    record(
-        "hf_generate_batched",
-        hf_generate(model, tokenizer, prompts, args.max_new_tokens, batch=True),
-        total,
-    )
-    if args.sequential:
-        record(
-            "embedded_sequential",
-            await embedded(gen, prompts, args.max_new_tokens, concurrent=False),
-            total,
-        )
-    gen.stats = GeneratorStats()
-    seconds = await embedded(gen, prompts, args.max_new_tokens, concurrent=True)
-    record(
-        "embedded_concurrent",
-        seconds,
-        total,
-        decode_forwards=gen.stats.decode_forwards,
-        max_batch_rows=gen.stats.max_batch_rows,
-    )
-    traj_tokens = total * args.turns
-    for reuse in (False, True) if args.turns > 0 else ():
-        gen.weights_updated()  # start each variant with empty caches
-        r = await trajectories(gen, prompts, args.max_new_tokens, args.turns, reuse)
-        record(
-            f"multi_turn_{'with' if reuse else 'without'}_prefix_reuse",
-            r["seconds"],
-            traj_tokens,
-            prompt_tokens_computed=r["prompt_tokens_computed"],
-            prompt_tokens_cached=r["prompt_tokens_cached"],
-        )
-        print(
-            f"{'':38s} prompt tokens computed {r['prompt_tokens_computed']}, served from cache {r['prompt_tokens_cached']}"
-        )
-    await gen.aclose()
+        for name, values in runs.items()
+    }
     return {
-        "model": str(path),
-        "device": "cpu",
+        "model": description,
+        "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "turns": args.turns,
+        "rounds": args.rounds,
+        "variants": variants,
         "prompt_tokens": [min(len(p) for p in prompts), max(len(p) for p in prompts)],
         "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
+        "ratios_to_first_variant": ratios(runs, variants),
+        "greedy_agreement_with_first_variant": same,
+        "logprob_difference_vs_float32": diffs,
     }
 
 
+def ratios(runs: dict[str, list[float]], variants: list[str]) -> dict[str, float]:
+    """Each variant's median tokens/s over the first variant's, per measurement."""
+    out = {}
+    base = variants[0]
+    for name, values in runs.items():
+        if not name.endswith(f"[{base}]"):
+            continue
+        stem = name[: -len(f"[{base}]")]
+        for v in variants[1:]:
+            other = runs.get(f"{stem}[{v}]")
+            if other:
+                out[f"{stem}[{v}]"] = round(statistics.median(other) / statistics.median(values), 2)
+    return out
+
+
 def plot(report: dict, out: Path) -> None:
-    """A bar chart of tokens per second per configuration."""
+    """A bar chart of tokens per second per configuration (median over rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,14 +388,18 @@ def plot(report: dict, out: Path) -> None:
 
     names = list(report["results"])
     values = [report["results"][n]["tokens_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    palette = ["#999999", "#666666", "#4c72b0", "#2b5aa0", "#dd8452", "#c44e52"]
-    ax.barh(names, values, color=palette[: len(names)])
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    colors = ["#999999" if n.startswith("hf_generate") else "#4c72b0" for n in names]
+    colors = [
+        "#dd8452" if "lean" in n and "bfloat16" in n else "#55a868" if "lean" in n else c
+        for n, c in zip(names, colors, strict=True)
+    ]
+    ax.barh(names, values, color=colors)
     ax.invert_yaxis()
-    ax.set_xlabel("new tokens per second (greedy, CPU)")
+    ax.set_xlabel(f"new tokens per second (greedy, {report['device']}, median of rounds)")
     ax.set_title(
-        f"SmolLM2-135M: {report['prompts']} prompts x {report['max_new_tokens']} tokens, "
-        f"{report['turns']} turns for multi-turn"
+        f"{report['prompts']} prompts x {report['max_new_tokens']} tokens, "
+        f"load {report['load_average_1m'][0]} -> {report['load_average_1m'][1]}"
     )
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:.0f}", va="center")
@@ -257,11 +428,35 @@ def main() -> None:
         help="pad each prompt with a distinct system passage to about this many tokens (0: none)",
     )
     parser.add_argument(
+        "--variants",
+        default="hf:float32,lean:float32,lean:bfloat16",
+        help="comma-separated path:dtype generator variants (path hf|lean|auto, dtype "
+        "float32|bfloat16|auto); ratios are given against the first",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every run")
+    parser.add_argument(
         "--no-sequential",
         dest="sequential",
         action="store_false",
         help="skip the one-prompt-at-a-time runs (slow for many prompts)",
     )
+    parser.add_argument(
+        "--no-hf-generate",
+        dest="hf_generate",
+        action="store_false",
+        help="skip model.generate (it runs once per round otherwise)",
+    )
+    parser.add_argument(
+        "--logprob-diff",
+        action="store_true",
+        help="compare sampled rollouts' log-probs of non-float32 variants with float32's",
+    )
+    parser.add_argument(
+        "--compare-generate",
+        action="store_true",
+        help="a random model of the default's architecture (no files needed), on --device",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--tag", default="", help="suffix of the output names: generation.<tag>.*")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -273,6 +468,7 @@ def main() -> None:
     stem = f"generation.{args.tag}" if args.tag else "generation"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / f"{stem}.png")
+    print(f"ratios to {report['variants'][0]}: {report['ratios_to_first_variant']}")
     print(f"load average (1 min) before and after: {report['load_average_1m']}")
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
 

@@ -172,16 +172,20 @@ class KVSlab:
         """
         from transformers import DynamicCache
 
+        self.reserve(extra)
+        layer_class = _slab_layer_class()
+        cache = DynamicCache()
+        cache.layers = [layer_class(k, v, self.width) for k, v in self.layers]
+        return cache
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more columns, growing (copying) the buffers when they lack it."""
         if self.width + extra > self.capacity:
             grown = _allocate(self.layers, self.rows, 0, self.width + extra + HEADROOM)
             for (k, v), (ok, ov) in zip(grown, self.layers, strict=True):
                 k[:, :, : self.width].copy_(ok[:, :, : self.width])
                 v[:, :, : self.width].copy_(ov[:, :, : self.width])
             self.layers = grown
-        layer_class = _slab_layer_class()
-        cache = DynamicCache()
-        cache.layers = [layer_class(k, v, self.width) for k, v in self.layers]
-        return cache
 
     def advance(self, extra: int) -> None:
         """Record that every row gained ``extra`` computed tokens."""

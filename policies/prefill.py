@@ -39,37 +39,6 @@ class PrefillItem:
         return len(self.ids) - self.cached
 
 
-def forward_with_cache(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    past: KV | object,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, KV]:
-    """One forward keeping only the last position's logits (float32) and all keys/values.
-
-    ``past`` is per-layer keys/values (an empty list for none) or a ready
-    transformers cache (the decode batch's in-place :class:`~policies.kv_slab.KVSlab`).
-    """
-    from transformers import DynamicCache
-
-    if isinstance(past, list):
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(past):
-            cache.update(k, v, layer)
-    else:
-        cache = past
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1].float(), [(lay.keys, lay.values) for lay in out.past_key_values.layers]
-
-
 def plan_groups(
     suffix_lengths: Sequence[int], max_tokens: int = MAX_GROUP_TOKENS
 ) -> list[list[int]]:

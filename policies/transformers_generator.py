@@ -9,6 +9,11 @@ rows' keys/values then live right-aligned in preallocated buffers
 (:mod:`policies.kv_slab`) that each decode step extends in place; sampling runs on
 all rows at once (:func:`policies.sampling.sample_batch`).
 
+The forwards run on :func:`policies.forward.make_forward`'s choice: the lean Llama
+forward where the architecture allows, transformers' own otherwise, in
+``generator_dtype`` (``"auto"``: bfloat16 matmuls for a float32 Llama on a CPU with
+native bfloat16, the model's dtype otherwise).
+
 Log-probs are those of the sampled tokens under the model's own distribution:
 ``log_softmax`` of the raw logits, at temperature 1 whatever temperature the row
 samples at. That is the behaviour probability the trainer's importance ratio needs.
@@ -36,8 +41,9 @@ from policies.decode_rows import (
     deliver,
     eos_token_ids,
 )
+from policies.forward import make_forward
 from policies.kv_slab import KVSlab
-from policies.prefill import PrefillItem, forward_with_cache, prefill
+from policies.prefill import PrefillItem, prefill
 from policies.prefix_cache import KV, PrefixCache
 from policies.sampling import StopChecker, row_generator, sample_batch
 
@@ -52,8 +58,8 @@ class TransformersGenerator(Generator):
     The trainer that updates ``model``'s weights in place should wrap the update in
     ``async with generator.paused():`` (or the blocking ``pause()``/``resume()``),
     which lets the rows in flight finish and holds new ones back, then call
-    ``weights_updated(version)`` so cached prefixes computed with the old weights are
-    dropped. ``weights_lock`` is held during every forward pass, for callers that only
+    ``weights_updated(version)`` so the forward's bfloat16 copies (if any) take the new
+    weights and cached prefixes computed with the old ones are dropped. ``weights_lock`` is held during every forward pass, for callers that only
     need a forward never to see half-updated weights.
     """
 
@@ -69,6 +75,8 @@ class TransformersGenerator(Generator):
         seed: int = 0,
         max_cached_sessions: int = 64,
         max_cached_tokens: int = 65536,
+        generator_dtype: str = "auto",
+        forward_path: str = "auto",
     ) -> None:
         from policies.default_model import resolve_model_path
         from policies.loading import load_causal_lm, load_tokenizer
@@ -91,6 +99,8 @@ class TransformersGenerator(Generator):
             seed=seed,
             max_cached_sessions=max_cached_sessions,
             max_cached_tokens=max_cached_tokens,
+            generator_dtype=generator_dtype,
+            forward_path=forward_path,
         )
 
     @classmethod
@@ -105,8 +115,14 @@ class TransformersGenerator(Generator):
         seed: int = 0,
         max_cached_sessions: int = 64,
         max_cached_tokens: int = 65536,
+        generator_dtype: str = "auto",
+        forward_path: str = "auto",
     ) -> TransformersGenerator:
-        """Serve an already-loaded ``model`` (the trainer's module, shared, not copied)."""
+        """Serve an already-loaded ``model`` (the trainer's module, shared, not copied).
+
+        In a ``generator_dtype`` other than the model's, the forward holds cast copies
+        of the weights, refreshed by :meth:`weights_updated`.
+        """
         self = cls.__new__(cls)
         self._setup(
             model,
@@ -117,6 +133,8 @@ class TransformersGenerator(Generator):
             seed=seed,
             max_cached_sessions=max_cached_sessions,
             max_cached_tokens=max_cached_tokens,
+            generator_dtype=generator_dtype,
+            forward_path=forward_path,
         )
         return self
 
@@ -131,11 +149,15 @@ class TransformersGenerator(Generator):
         seed: int,
         max_cached_sessions: int,
         max_cached_tokens: int,
+        generator_dtype: str,
+        forward_path: str,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1; got {max_batch_size}")
         self.model = model
         self._tokenizer = tokenizer
+        #: The forward every prefill and decode step runs (lean or transformers', its dtype).
+        self.forward = make_forward(model, generator_dtype, forward_path)
         config = model.config
         model_max = int(getattr(config, "max_position_embeddings", 0) or max_context_cap)
         if max_context is None:
@@ -233,7 +255,9 @@ class TransformersGenerator(Generator):
         self.prefix_cache.register_static(ids)
 
     def weights_updated(self, version: int | str | None = None) -> None:
-        """Record new weights: drop every cached prefix computed with the old ones."""
+        """Record new weights: refresh the forward's copies, drop every cached prefix."""
+        with self.weights_lock:
+            self.forward.sync_weights()
         self.prefix_cache.invalidate()
         if version is None:
             version = self.weights_version + 1 if isinstance(self.weights_version, int) else 0
@@ -324,11 +348,11 @@ class TransformersGenerator(Generator):
             self._active = 0
             self._cond.notify_all()
 
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, past: object, mask: torch.Tensor | None
+    def _prefill_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, past: KV, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, KV]:
         with self.weights_lock:
-            return forward_with_cache(self.model, ids, positions, past, mask)
+            return self.forward.prefill(ids, positions, past, mask)
 
     def _ensure_static_prefixes(self) -> None:
         device = self.device
@@ -336,7 +360,7 @@ class TransformersGenerator(Generator):
             epoch = self.prefix_cache.epoch
             tokens = torch.tensor([ids], device=device)
             positions = torch.arange(len(ids), device=device)[None]
-            _, kv = self._forward(tokens, positions, [], None)
+            _, kv = self._prefill_forward(tokens, positions, [], None)
             self.stats.prefill_forwards += 1
             self.prefix_cache.set_static_kv(ids, kv, epoch)
 
@@ -348,7 +372,7 @@ class TransformersGenerator(Generator):
         for req in reqs:
             cached, entry = self.prefix_cache.lookup(req.ids, req.session_id)
             items.append(PrefillItem(tuple(req.ids), cached, entry))
-        logits, sources, forwards = prefill(self._forward, items, self.device)
+        logits, sources, forwards = prefill(self._prefill_forward, items, self.device)
         self.stats.prefill_forwards += forwards
         rows = []
         for req, item in zip(reqs, items, strict=True):
@@ -370,8 +394,10 @@ class TransformersGenerator(Generator):
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Sample every row's next token; return the indices of rows that are done."""
-        tokens, logprobs = sample_batch(logits, [r.req.params for r in rows], [r.gen for r in rows])
-        return append_tokens(rows, tokens, logprobs)
+        tokens, logprobs, top = sample_batch(
+            logits, [r.req.params for r in rows], [r.gen for r in rows]
+        )
+        return append_tokens(rows, tokens, logprobs, top)
 
     def _drop(self, rows: list[Row], slab: KVSlab, finished: list[int]) -> tuple[list[Row], KVSlab]:
         done = set(finished)
@@ -394,7 +420,8 @@ class TransformersGenerator(Generator):
         ids = torch.tensor([[r.out[-1]] for r in rows], device=device)
         positions = torch.tensor([[r.length] for r in rows], device=device)
         mask = slab.attention_mask(1)
-        logits, _ = self._forward(ids, positions, slab.cache(1), mask)
+        with self.weights_lock:
+            logits = self.forward.decode(ids, positions, slab, mask)
         slab.advance(1)
         self.stats.decode_forwards += 1
         for row in rows:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from policies.base import ContextOverflowError, GenerationError, SamplingParams
-from policies.prefill import PrefillItem, forward_with_cache, plan_groups, prefill
+from policies.hf_forward import forward_with_cache
+from policies.prefill import PrefillItem, plan_groups, prefill
 from policies.sampling import _filtered_probs, sample_batch
 from policies.transformers_generator import GeneratorStats, TransformersGenerator
 
@@ -21,12 +22,32 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_model_dir: str):
-    """One tiny-model generator shared by this module's tests."""
-    generator = TransformersGenerator(tiny_model_dir, device="cpu", max_batch_size=8)
+@pytest.fixture(scope="module", params=["lean", "hf"])
+def gen(request, tiny_model_dir: str):
+    """One tiny-model generator per forward path, shared by this module's tests.
+
+    float32, so log-probs are exact on either path (policies/forward.py).
+    """
+    generator = TransformersGenerator(
+        tiny_model_dir,
+        device="cpu",
+        max_batch_size=8,
+        generator_dtype="float32",
+        forward_path=request.param,
+    )
     yield generator
     asyncio.run(generator.aclose())
+
+
+def twin(gen: TransformersGenerator, **options) -> TransformersGenerator:
+    """A second front end on ``gen``'s module, with the same forward path and dtype."""
+    return TransformersGenerator.from_model(
+        gen.model,
+        gen.tokenizer,
+        generator_dtype="float32",
+        forward_path=gen.forward.name,
+        **options,
+    )
 
 
 def encode(gen: TransformersGenerator, text: str) -> list[int]:
@@ -117,7 +138,7 @@ async def test_eos_stops_unless_ignored(gen):
         prompt, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     )
     # A second front end on the same module whose EOS is a token the model emits.
-    other = TransformersGenerator.from_model(gen.model, gen.tokenizer)
+    other = twin(gen)
     other.eos_token_ids = [free.token_ids[3]]
     try:
         stopped = await other.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=8))
@@ -173,7 +194,7 @@ async def test_registered_prefix_is_reused_in_a_mixed_batch(gen):
         static + encode(gen, q) for q in (" Q: pi?", " Q: the boiling point of water in kelvin?")
     ]
     plain = [encode(gen, TEXTS[0]), encode(gen, TEXTS[2])]
-    other = TransformersGenerator.from_model(gen.model, gen.tokenizer)
+    other = twin(gen)
     other.register_prefix(static)
     try:
         expected = [await gen.generate(p, GREEDY) for p in questions + plain]
@@ -200,7 +221,7 @@ async def test_weights_update_invalidates_cached_prefixes(gen):
 
 
 async def test_context_overflow_refused_and_new_tokens_capped(gen):
-    small = TransformersGenerator.from_model(gen.model, gen.tokenizer, max_context=32)
+    small = twin(gen, max_context=32)
     try:
         with pytest.raises(ContextOverflowError):
             await small.generate(list(range(100, 132)), GREEDY)
@@ -229,7 +250,7 @@ async def test_paused_generator_admits_nothing_until_resumed(gen):
 
 
 async def test_closed_generator_refuses_requests(gen):
-    other = TransformersGenerator.from_model(gen.model, gen.tokenizer)
+    other = twin(gen)
     await other.generate(encode(gen, TEXTS[0]), GREEDY)
     await other.aclose()
     with pytest.raises(GenerationError, match="closed"):
@@ -340,7 +361,7 @@ def test_batched_sampling_matches_each_row_alone():
     def gens():
         return [None] + [torch.Generator().manual_seed(p.seed) for p in params[1:]]
 
-    tokens, logprobs = sample_batch(logits, params, gens())
+    tokens, logprobs, _ = sample_batch(logits, params, gens())
     alone = [
         sample_batch(logits[i : i + 1], [params[i]], [gens()[i]])[0][0] for i in range(len(params))
     ]
@@ -366,7 +387,7 @@ def test_top_p_keeps_exactly_the_full_sort_nucleus(scale):
 
 @pytest.mark.slow
 async def test_real_model_batched_greedy_and_logprobs(default_model_dir: str):
-    real = TransformersGenerator("default", device="cpu")
+    real = TransformersGenerator("default", device="cpu", generator_dtype="float32")
     chat = [
         real.tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True
