@@ -1,7 +1,10 @@
 """The one episode loop: a policy generator drives one environment episode to its end.
 
 Every caller runs episodes through :func:`run_episode`: the rollout driver (training
-and evaluation), the OpenRLHF agent executor, and the tests. One failing episode
+and evaluation), the OpenRLHF agent executor, and the tests. Its three steps
+(:func:`start_episode`, :func:`generate_segment`, :func:`apply_segment`) are the same
+loop for a caller that must act between turns: the tree rollout
+(:mod:`aipo_env.tree_rollout`) measures each segment and forks at turn boundaries. One failing episode
 never raises: a reset that fails, a generation that fails or an env bug ends the
 episode with an ``error:<kind>`` trajectory; a context the generator refuses ends
 it with ``context_overflow``.
@@ -16,7 +19,7 @@ from typing import Any
 
 from aipo_env.env import ConsultEnv
 from aipo_env.trajectory import Trajectory
-from policies.base import ContextOverflowError, Generator, SamplingParams
+from policies.base import ContextOverflowError, Generation, Generator, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,58 @@ def _reset_failed(env: ConsultEnv, options: dict[str, Any], exc: Exception) -> T
     )
 
 
+async def start_episode(env: ConsultEnv, options: dict[str, Any]) -> dict[str, Any]:
+    """Reset ``env`` with ``options``; the reset's ``info``, whose ``trajectory`` is set when it ended the episode.
+
+    A reset that fails (a bad problem reference) ends the episode with
+    ``error:reset_<kind>`` when ``options`` names a ``trajectory_id`` (else it raises);
+    a prompt that fills the context ends it with ``context_overflow``. Without
+    ``trajectory`` the episode is running and awaits its first segment; ``sources``
+    labels the ids so far (an auto consult's reply after the prompt, say).
+    """
+    try:
+        _, info = await env.areset(options=options)
+    except Exception as exc:  # a bad problem reference ends this episode only
+        if "trajectory_id" not in options:
+            raise
+        return {"trajectory": _reset_failed(env, options, exc), "sources": []}
+    return info
+
+
+async def generate_segment(
+    env: ConsultEnv, generator: Generator, params: SamplingParams
+) -> Generation | Trajectory:
+    """The policy's next segment of ``env``'s episode, generated in the episode's session.
+
+    A prompt the generator refuses ends the episode with ``context_overflow``, a failed
+    generation with ``error:<kind>``: the ended episode's trajectory is returned instead.
+    """
+    try:
+        return await generator.generate(env.token_ids, params, session_id=env.trajectory_id)
+    except ContextOverflowError as exc:
+        return env.abort("context_overflow", str(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # one failing generation must not kill the batch
+        return env.abort(type(exc).__name__, str(exc))
+
+
+async def apply_segment(env: ConsultEnv, generation: Generation) -> Trajectory | None:
+    """Step ``env`` with ``generation``; the trajectory when the episode ended, else None.
+
+    Not ended means a request was answered: the reply is injected and the episode
+    stands at a turn boundary (where a rollout tree may fork it).
+    """
+    try:
+        _, _, terminated, truncated, info = await env.astep(generation)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # an env bug ends this episode, not the batch
+        logger.exception("episode %s failed in the env", env.trajectory_id)
+        return env.abort(f"env_{type(exc).__name__}", str(exc))
+    return info["trajectory"] if terminated or truncated else None
+
+
 async def run_episode(
     env: ConsultEnv,
     generator: Generator,
@@ -77,36 +132,15 @@ async def run_episode(
     each turn samples with :func:`turn_seed`. Returns the finished trajectory.
     """
     sampling = sampling or SamplingParams()
-    try:
-        _, info = await env.areset(options=options)
-    except Exception as exc:  # a bad problem reference ends this episode only
-        if "trajectory_id" not in options:
-            raise
-        return _reset_failed(env, options, exc)
-    if "trajectory" in info:
-        return info["trajectory"]
+    ended: Trajectory | None = (await start_episode(env, options)).get("trajectory")
     turn = 0
-    while True:
+    while ended is None:
         params = turn_params(
             env, sampling, max_new_tokens, turn_seed(seed, env.trajectory_id, turn)
         )
-        try:
-            generation = await generator.generate(
-                env.token_ids, params, session_id=env.trajectory_id
-            )
-        except ContextOverflowError as exc:
-            return env.abort("context_overflow", str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # one failing generation must not kill the batch
-            return env.abort(type(exc).__name__, str(exc))
-        try:
-            _, _, terminated, truncated, info = await env.astep(generation)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # an env bug ends this episode, not the batch
-            logger.exception("episode %s failed in the env", env.trajectory_id)
-            return env.abort(f"env_{type(exc).__name__}", str(exc))
-        if terminated or truncated:
-            return info["trajectory"]
+        generation = await generate_segment(env, generator, params)
+        if isinstance(generation, Trajectory):
+            return generation
+        ended = await apply_segment(env, generation)
         turn += 1
+    return ended

@@ -2,7 +2,9 @@
 
 Episodes run concurrently under a semaphore; ``n`` samples of one problem form a group
 (one group id); a :class:`ConsultSchedule` decides which samples may consult and how
-often, decaying over training steps. Each trajectory is appended to a JSONL file as
+often, decaying over training steps. ``strategy: grpo`` (default) samples a group's
+episodes independently; ``strategy: arpo`` grows it as ARPO's rollout tree
+(:mod:`aipo_env.tree_rollout`). Each trajectory is appended to a JSONL file as
 it finishes (flushed and fsynced), so a killed process loses only the episodes in
 flight, and a resumed run skips ids already written. One failing episode never kills
 the batch: it ends with ``error:<kind>`` and is still returned and written.
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.base import ConsultService
 from aipo_env.config import EnvConfig
@@ -25,6 +27,7 @@ from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.masks import MaskRule
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
+from aipo_env.tree_rollout import TreeRollout, TreeStats
 from policies.base import Generator, SamplingParams
 from tasks.base import Task
 
@@ -86,6 +89,67 @@ class RolloutConfig(BaseModel):
         default_factory=ConsultSchedule, description="Who may consult, over training steps."
     )
 
+    # -- the rollout strategy (ARPO's tree: aipo_env/tree_rollout.py) --------------------
+    strategy: Literal["grpo", "arpo"] = Field(
+        default="grpo",
+        description=(
+            "grpo: n_samples independent episodes per prompt. arpo: a rollout tree per prompt "
+            "with n_samples leaves: initial_samples global samples, branches forked at "
+            "tool-result and consult-reply boundaries by the entropy rule, fresh samples to fill."
+        ),
+    )
+    initial_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="arpo: M, the global samples a tree starts with; None: half of n_samples, rounded up.",
+    )
+    beam_size: int = Field(
+        default=2,
+        ge=1,
+        description="arpo: a path may spawn up to beam_size - 1 branches at each boundary (1: never branch).",
+    )
+    branch_probability: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="arpo: branch chance at dH = 0; a branch is made unless clip(u - entropy_weight * dH, 0, 1) > branch_probability.",
+    )
+    entropy_weight: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="arpo: how much a rise in entropy after a boundary raises the branch chance (0.2).",
+    )
+    entropy_top_k: int = Field(
+        default=10,
+        ge=1,
+        description="arpo: top log-probs per position that the entropy is computed over (10).",
+    )
+    entropy_tokens: int = Field(
+        default=20,
+        ge=1,
+        description="arpo: the entropy is measured over the first this many tokens of a segment (20); a branch needs room for them.",
+    )
+    attribution: Literal["soft", "hard"] = Field(
+        default="soft",
+        description="arpo: soft, every leaf's tokens get its group advantage; hard, tokens shared by several leaves get their mean (trainers/tree_advantages.py).",
+    )
+
+    @model_validator(mode="after")
+    def _tree_fits(self) -> RolloutConfig:
+        if self.initial_samples is not None and self.initial_samples > self.n_samples:
+            raise ValueError(
+                f"initial_samples={self.initial_samples} exceeds n_samples={self.n_samples}: "
+                "a tree starts with at most its n_samples leaves"
+            )
+        return self
+
+    @property
+    def tree_initial_samples(self) -> int:
+        """M: the global samples an ARPO tree starts with (``initial_samples`` or half of N)."""
+        if self.initial_samples is not None:
+            return self.initial_samples
+        return (self.n_samples + 1) // 2
+
 
 ProgressCallback = Callable[[int, int, Trajectory], None]
 
@@ -114,22 +178,28 @@ class RolloutDriver:
         self.task = task
         self.config = config or RolloutConfig()
         self.env_config = env_config or EnvConfig()
+        #: What the trees of the last :meth:`run` cost and decided (``strategy: arpo``).
+        self.last_tree_stats = TreeStats()
         self._factory = env_factory or (
             lambda: ConsultEnv(
                 task, agents, generator.tokenizer, self.env_config, mask_rule=mask_rule
             )
         )
 
-    async def run_episode(self, options: dict[str, Any]) -> Trajectory:
-        """One episode to its end (:func:`aipo_env.episode.run_episode`); failures become ``error:<kind>``."""
-        sampling = SamplingParams(
+    @property
+    def sampling(self) -> SamplingParams:
+        """The policy's sampling parameters (temperature, top-p, top-k)."""
+        return SamplingParams(
             temperature=self.config.temperature, top_p=self.config.top_p, top_k=self.config.top_k
         )
+
+    async def run_episode(self, options: dict[str, Any]) -> Trajectory:
+        """One episode to its end (:func:`aipo_env.episode.run_episode`); failures become ``error:<kind>``."""
         return await run_episode(
             self._factory(),
             self.generator,
             options,
-            sampling=sampling,
+            sampling=self.sampling,
             max_new_tokens=self.config.max_new_tokens,
             seed=self.config.seed,
         )
@@ -171,29 +241,37 @@ class RolloutDriver:
     ) -> list[Trajectory]:
         """Roll out every problem ``n_samples`` times; returns trajectories by (group, sample).
 
-        With ``output`` each trajectory is appended as it finishes. With ``resume`` the
-        episodes whose ids are already in ``output`` are not rerun; they are read back
-        and returned with the new ones.
+        With ``output`` each trajectory is appended as it finishes (under ``strategy:
+        arpo``, a tree's leaves when the tree is done). With ``resume`` the episodes whose
+        ids are already in ``output`` are not rerun (a tree is regrown unless all its
+        leaves are there); they are read back and returned with the new ones. What the
+        trees cost and decided is left in :attr:`last_tree_stats`.
         """
         plan = self.plan(problems, step)
         done: dict[str, Trajectory] = {}
         if resume and output is not None and Path(output).exists():
             wanted = {o["trajectory_id"] for o in plan}
             done = {t.trajectory_id: t for t in read_jsonl(output) if t.trajectory_id in wanted}
-        todo = [o for o in plan if o["trajectory_id"] not in done]
+        arpo = self.config.strategy == "arpo"
+        if arpo:  # a tree is grown whole or not at all
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for option in plan:
+                groups.setdefault(option["group_id"], []).append(option)
+            todo = [g for g in groups.values() if any(o["trajectory_id"] not in done for o in g)]
+        else:
+            todo = [[o] for o in plan if o["trajectory_id"] not in done]
+        finished = len(plan) - sum(len(g) for g in todo)
         writer = TrajectoryWriter(output) if output is not None else None
         semaphore = asyncio.Semaphore(self.config.concurrency)
         bar = None
         if show_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(plan), initial=len(done), desc=f"rollout step {step}")
-        finished = len(done)
+            bar = tqdm(total=len(plan), initial=finished, desc=f"rollout step {step}")
+        self.last_tree_stats = TreeStats()
 
-        async def one(option: dict[str, Any]) -> None:
+        def record(trajectory: Trajectory) -> None:
             nonlocal finished
-            async with semaphore:
-                trajectory = await self.run_episode(option)
             done[trajectory.trajectory_id] = trajectory
             if writer is not None:
                 writer.write(trajectory)
@@ -203,8 +281,21 @@ class RolloutDriver:
             if progress is not None:
                 progress(finished, len(plan), trajectory)
 
+        async def one(option: dict[str, Any]) -> None:
+            async with semaphore:
+                trajectory = await self.run_episode(option)
+            record(trajectory)
+
+        trees = TreeRollout(self.generator, self._factory, self.config, self.sampling, semaphore)
+
+        async def tree(group: list[dict[str, Any]]) -> None:
+            leaves, stats = await trees.run_group(group)
+            self.last_tree_stats.add(stats)
+            for trajectory in leaves:
+                record(trajectory)
+
         try:
-            await asyncio.gather(*(one(o) for o in todo))
+            await asyncio.gather(*(tree(g) if arpo else one(g[0]) for g in todo))
         finally:
             if writer is not None:
                 writer.close()

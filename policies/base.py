@@ -67,6 +67,14 @@ class SamplingParams(BaseModel):
         default=None,
         description="Seed for this request's sampling; None draws from the backend's generator.",
     )
+    top_logprobs: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Also return, for every generated token, the log-probs of this many most likely "
+            "tokens (Generation.top_logprobs; ARPO's entropy). 0 (default): none."
+        ),
+    )
 
     @model_validator(mode="after")
     def _no_empty_stop(self) -> SamplingParams:
@@ -101,12 +109,25 @@ class Generation(BaseModel):
         default=0,
         description="Prompt tokens served from a prefix cache instead of being recomputed.",
     )
+    top_logprobs: list[list[float]] = Field(
+        default_factory=list,
+        description=(
+            "Per generated token, the log-probs of the SamplingParams.top_logprobs most likely "
+            "tokens at that position, highest first, under the same distribution as logprobs; "
+            "empty when none were asked for."
+        ),
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> Generation:
         if len(self.logprobs) != len(self.token_ids):
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries for {len(self.token_ids)} tokens; they must align"
+            )
+        if self.top_logprobs and len(self.top_logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"top_logprobs has {len(self.top_logprobs)} entries for {len(self.token_ids)} "
+                "tokens; expected one list per token (or none)"
             )
         return self
 
@@ -158,6 +179,20 @@ class Generator(ABC):
                 *(self.generate(input_ids, params, session_id=session_id) for _ in range(n))
             )
         )
+
+    def fork_session(self, parent_session: str, child_session: str) -> None:
+        """Declare that ``child_session`` starts from ``parent_session``'s ids (a rollout-tree branch).
+
+        The child's first prompt is a prefix of what the parent's session already
+        processed, so a backend can serve it from the parent's cache: a generator with a
+        session-keyed ``prefix_cache`` (the embedded one) lets the child's lookups fall
+        back to the parent's cached sequence until the child stores its own; SGLang's
+        radix cache shares any prefix by itself and only needs the child routed to the
+        parent's server (its override). Backends without a cache do nothing.
+        """
+        link = getattr(getattr(self, "prefix_cache", None), "link_session", None)
+        if link is not None:
+            link(child_session, parent_session)
 
     def check_context(self, input_ids: Sequence[int]) -> None:
         """Refuse a prompt that leaves no room to generate, before any server call."""

@@ -48,6 +48,7 @@ class Row:
     length: int  # tokens whose keys/values are computed
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)  # only when the request asks
 
 
 def deliver(req: Request, result: Generation | BaseException) -> None:
@@ -81,8 +82,16 @@ def eos_token_ids(model: object, tokenizer: object) -> list[int]:
     return sorted(eos)
 
 
-def append_tokens(rows: list[Row], tokens: list[int], logprobs: list[float]) -> list[int]:
+def append_tokens(
+    rows: list[Row],
+    tokens: list[int],
+    logprobs: list[float],
+    top_logprobs: list[list[float]] | None = None,
+) -> list[int]:
     """Give each row its sampled token; deliver the rows now done and return their indices.
+
+    ``top_logprobs`` (from :func:`policies.sampling.sample_batch`) is kept for the rows
+    whose request asked for it.
 
     A row is done when its request was cancelled, when the token completes a stop
     condition (EOS, a stop token id, a stop string) or when it reached its token cap.
@@ -94,6 +103,8 @@ def append_tokens(rows: list[Row], tokens: list[int], logprobs: list[float]) -> 
             continue
         row.out.append(tokens[i])
         row.logprobs.append(logprobs[i])
+        if top_logprobs is not None and row.req.params.top_logprobs > 0:
+            row.top_logprobs.append(top_logprobs[i])
         match = row.stop.check(row.out)
         if match is not None:
             _finish(row, "stop", match)
@@ -112,5 +123,6 @@ def _finish(row: Row, reason: str, match: str | int | None) -> None:
         stop_match=match,
         prompt_tokens=len(row.req.ids),
         cached_tokens=row.cached_tokens,
+        top_logprobs=row.top_logprobs,
     )
     deliver(row.req, generation)

@@ -58,6 +58,8 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self._sessions: OrderedDict[str, CachedPrefix] = OrderedDict()
         self._static: dict[tuple[int, ...], CachedPrefix] = {}
+        #: Forked session -> the session it was forked from (:meth:`link_session`).
+        self._links: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         #: Bumped on every invalidation; a row admitted under an older epoch
         #: must not store its keys/values (they may mix two weight versions).
@@ -90,6 +92,7 @@ class PrefixCache:
             if epoch != self.epoch:
                 return
             self._sessions.pop(session_id, None)
+            self._links.pop(session_id, None)  # its own entry now; the parent's no longer needed
             self._sessions[session_id] = CachedPrefix(tuple(ids), kv)
             total = sum(len(p.ids) for p in self._sessions.values())
             while self._sessions and (
@@ -104,20 +107,33 @@ class PrefixCache:
         best_len, best = 0, None
         with self._lock:
             candidates = [p for p in self._static.values() if p.kv is not None]
-            if session_id is not None and session_id in self._sessions:
-                self._sessions.move_to_end(session_id)
-                candidates.append(self._sessions[session_id])
+            owner = session_id
+            for _ in range(8):  # a fork without an entry of its own reads its ancestors'
+                if owner is None or owner in self._sessions:
+                    break
+                owner = self._links.get(owner)
+            if owner is not None and owner in self._sessions:
+                self._sessions.move_to_end(owner)
+                candidates.append(self._sessions[owner])
             for entry in candidates:
                 n = min(common_prefix_len(entry.ids, ids), limit)
                 if n > best_len:
                     best_len, best = n, entry
         return best_len, best
 
+    def link_session(self, child: str, parent: str) -> None:
+        """Let ``child``'s lookups use ``parent``'s cached sequence until ``child`` stores one (a fork)."""
+        with self._lock:
+            self._links[child] = parent
+            while len(self._links) > 4 * max(1, self.max_sessions):
+                self._links.popitem(last=False)
+
     def invalidate(self) -> None:
         """Drop every computed key/value (the weights changed); keep static prefix ids."""
         with self._lock:
             self.epoch += 1
             self._sessions.clear()
+            self._links.clear()
             self._static = {k: CachedPrefix(k, None) for k in self._static}
 
     def session_count(self) -> int:

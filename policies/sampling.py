@@ -13,11 +13,14 @@ def sample_batch(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], list[list[float]]]:
     """Draw every row's next token from raw ``logits`` ([rows, vocab], float32) at once.
 
-    Returns the token ids and their log-probs under the model's own distribution
-    (``log_softmax`` of the raw logits, temperature 1). Temperature 0 is greedy
+    Returns the token ids, their log-probs under the model's own distribution
+    (``log_softmax`` of the raw logits, temperature 1), and per row the
+    ``top_logprobs`` highest log-probs of that same distribution, highest first (an
+    empty list for a row that asked for none; one ``topk`` serves every row that
+    asked, at the largest k asked, each row then keeping its own k). Temperature 0 is greedy
     (argmax). Otherwise a row's logits are divided by its temperature, restricted to
     its ``top_k`` most likely tokens and to the smallest set holding ``top_p`` of the
     mass, then sampled with the row's own generator, so a seeded request draws the
@@ -37,8 +40,23 @@ def sample_batch(
         probs = _filtered_probs(logits, [params[i] for i in sampled], sampled)
         for j, i in enumerate(sampled):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), chosen.tolist()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), chosen.tolist(), _top_logprobs(logprobs, params)
+
+
+def _top_logprobs(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> list[list[float]]:
+    """Each row's ``top_logprobs`` highest log-probs, highest first; [] for rows that asked none."""
+    asking = [i for i, p in enumerate(params) if p.top_logprobs > 0]
+    out: list[list[float]] = [[] for _ in params]
+    if not asking:
+        return out
+    k = min(max(params[i].top_logprobs for i in asking), logprobs.shape[-1])
+    rows = logprobs if len(asking) == len(params) else logprobs[asking]
+    top = torch.topk(rows, k, dim=-1).values.tolist()
+    for values, i in zip(top, asking, strict=True):
+        out[i] = values[: params[i].top_logprobs]
+    return out
 
 
 def _filtered_probs(

@@ -2,7 +2,10 @@
 
 Requests carry ``input_ids`` and come back as ``output_ids`` with
 ``meta_info.output_token_logprobs`` ``[(logprob, token_id, text), ...]``, so no text
-is re-tokenized. Every request of one ``session_id`` goes to the same server
+is re-tokenized. A request with ``SamplingParams.top_logprobs = k`` also sends
+``top_logprobs_num: k`` and reads ``meta_info.output_top_logprobs``: per output token,
+a list of ``k`` ``[logprob, token_id, text]`` entries (text null unless
+``return_text_in_logprobs``), highest first. Every request of one ``session_id`` goes to the same server
 (sticky, bounded LRU map) so SGLang's RadixAttention reuses the session's prefix;
 new sessions go to the server with the fewest requests in flight.
 
@@ -31,8 +34,12 @@ logger = logging.getLogger(__name__)
 _FINISH_TYPES = {"stop", "length", "abort"}
 
 
-def parse_generate_response(body: Any, server: str) -> Generation:
-    """Turn one ``/generate`` JSON reply into a :class:`Generation`; GenerationError names what is missing."""
+def parse_generate_response(body: Any, server: str, top_logprobs: int = 0) -> Generation:
+    """Turn one ``/generate`` JSON reply into a :class:`Generation`; GenerationError names what is missing.
+
+    With ``top_logprobs`` > 0 (the ``top_logprobs_num`` sent), ``output_top_logprobs``
+    must hold one list of entries per output token.
+    """
 
     def bad(what: str) -> GenerationError:
         return GenerationError(f"malformed /generate reply from {server}: {what}")
@@ -67,6 +74,7 @@ def parse_generate_response(body: Any, server: str) -> Generation:
         if not isinstance(logprob, (int, float)):
             raise bad(f"output_token_logprobs[{i}] has logprob {logprob!r}; expected a number")
         logprobs.append(float(logprob))
+    top = _parse_top_logprobs(meta, len(output_ids), top_logprobs, bad) if top_logprobs else []
     finish = meta.get("finish_reason")
     if not isinstance(finish, dict) or finish.get("type") not in _FINISH_TYPES:
         raise bad(f"'meta_info.finish_reason' is {finish!r}; expected {{type: stop|length|abort}}")
@@ -81,7 +89,38 @@ def parse_generate_response(body: Any, server: str) -> Generation:
         stop_match=matched,
         prompt_tokens=int(meta.get("prompt_tokens") or 0),
         cached_tokens=int(meta.get("cached_tokens") or 0),
+        top_logprobs=top,
     )
+
+
+def _parse_top_logprobs(meta: dict[str, Any], n_tokens: int, k: int, bad: Any) -> list[list[float]]:
+    """``meta_info.output_top_logprobs`` as per-token lists of at most ``k`` log-probs, highest first."""
+    entries = meta.get("output_top_logprobs")
+    if not isinstance(entries, list):
+        raise bad("'meta_info.output_top_logprobs' is missing (was top_logprobs_num sent?)")
+    if len(entries) != n_tokens:
+        raise bad(
+            f"'meta_info.output_top_logprobs' has {len(entries)} entries for {n_tokens} output_ids"
+        )
+    out: list[list[float]] = []
+    for i, position in enumerate(entries):
+        if not isinstance(position, list) or not position:
+            raise bad(
+                f"output_top_logprobs[{i}] is {position!r}; expected a list of [logprob, token_id, text]"
+            )
+        values = []
+        for entry in position:
+            if (
+                not isinstance(entry, (list, tuple))
+                or len(entry) < 2
+                or not isinstance(entry[0], (int, float))
+            ):
+                raise bad(
+                    f"output_top_logprobs[{i}] holds {entry!r}; expected [logprob, token_id, text]"
+                )
+            values.append(float(entry[0]))
+        out.append(sorted(values, reverse=True)[:k])
+    return out
 
 
 class SGLangGenerator(Generator):
@@ -182,6 +221,8 @@ class SGLangGenerator(Generator):
             "logprob_start_len": -1,
             "rid": uuid.uuid4().hex,
         }
+        if params.top_logprobs:
+            body["top_logprobs_num"] = params.top_logprobs
         if self.cache_salt_by_version:
             body["cache_salt"] = f"weights-{self.weights_version}"
         return body
@@ -212,7 +253,7 @@ class SGLangGenerator(Generator):
                 raise
             finally:
                 self._in_flight[server] -= 1
-        return parse_generate_response(reply, server)
+        return parse_generate_response(reply, server, params.top_logprobs)
 
     async def _post(
         self, server: str, route: str, body: dict[str, Any] | None, *, parse_json: bool = True
@@ -247,6 +288,15 @@ class SGLangGenerator(Generator):
                     f"malformed reply from {url}: not JSON ({response.text[:200]!r})"
                 ) from exc
         raise GenerationError(f"{url} failed after {self.max_retries + 1} attempts; last: {last}")
+
+    def fork_session(self, parent_session: str, child_session: str) -> None:
+        """Route ``child_session`` to ``parent_session``'s server, whose radix cache holds their prefix."""
+        server = self._sessions.get(parent_session)
+        if server is not None:
+            self._assigned[server] += 1
+            self._sessions[child_session] = server
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
 
     def register_prefix(self, ids: Sequence[int]) -> None:
         """Accepted for parity with the embedded backend: RadixAttention caches shared prefixes by itself."""

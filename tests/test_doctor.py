@@ -87,7 +87,7 @@ def _recipe(launch_dir: Path, served: dict, *, data: str = "data/train.jsonl") -
     recipe = launch_dir / "recipe.yaml"
     recipe.write_text(
         "ray: {submit: false, working_dir: null}\n"
-        "executor: {task: math, endpoints_file: endpoints.json, env: {max_total_tokens: 1024}}\n"
+        "executor: {task: deepmath, endpoints_file: endpoints.json, env: {max_total_tokens: 1024}}\n"
         "openrlhf:\n"
         "  actor.model_name_or_path: ./tok\n"
         f"  data.prompt_dataset: {data}\n"

@@ -36,6 +36,11 @@ from trainers.openrlhf.flags import (  # noqa: E402
 )
 
 RECIPES = sorted(Path(__file__).parents[1].joinpath("configs", "openrlhf").glob("*.yaml"))
+#: The recipes the tests below use by name (RECIPES also holds the tool-protocol ones).
+DAPO, GRPO = (
+    Path(__file__).parents[1] / "configs" / "openrlhf" / f
+    for f in ("dapo_1node.yaml", "grpo_1node.yaml")
+)
 
 
 def _endpoints(tmp_path: Path) -> str:
@@ -104,8 +109,11 @@ def test_recipe_validation_names_the_bad_value(tmp_path):
     recipe.write_text("openrlhf:\n  train.agent_func_path: x.py\n")
     with pytest.raises(ValueError, match="set by the launcher"):
         load_recipe(recipe)
+    recipe.write_text("executor:\n  task: math\n")  # not registered: every worker would fail
+    with pytest.raises(ValueError, match="executor.task: .*math"):
+        load_recipe(recipe)
     with pytest.raises(FileNotFoundError, match="aipo serve"):
-        build_command(load_recipe(RECIPES[0]).model_copy(update={}))  # endpoints file absent
+        build_command(load_recipe(DAPO).model_copy(update={}))  # endpoints file absent
 
 
 def test_flag_argv_switches_lists_and_omissions():
@@ -116,7 +124,7 @@ def test_flag_argv_switches_lists_and_omissions():
 
 def test_direct_driver_without_ray_submit_and_overrides(tmp_path):
     recipe = load_recipe(
-        RECIPES[0],
+        DAPO,
         ["ray.submit=false", "ray.working_dir=null", "executor.endpoints_file=null",
          "openrlhf.actor.adam.lr=3e-7"],
     )  # fmt: skip
@@ -130,14 +138,14 @@ def test_direct_driver_without_ray_submit_and_overrides(tmp_path):
 def test_dry_run_before_serving_prints_the_command_and_a_note(tmp_path, capsys):
     missing = str(tmp_path / "not-yet.json")
     overrides = [f"executor.endpoints_file={missing}"]
-    assert run_openrlhf(load_recipe(RECIPES[0], overrides), dry_run=True) == 0
+    assert run_openrlhf(load_recipe(DAPO, overrides), dry_run=True) == 0
     out, err = capsys.readouterr()
     assert (
         "trainers.openrlhf.entry" in out and f"endpoints file {missing} does not exist yet" in err
     )
     # A real launch still refuses to start without the agents' endpoints.
     with pytest.raises(FileNotFoundError, match="start the agents with 'aipo serve' first"):
-        build_command(load_recipe(RECIPES[0], overrides))
+        build_command(load_recipe(DAPO, overrides))
 
 
 # -- paths: resolved against the launch directory ------------------------------------------
@@ -158,7 +166,7 @@ def test_relative_outputs_and_data_are_absolute_against_the_launch_directory(tmp
         "openrlhf.logger.tensorboard_dir=runs/tb",
         "openrlhf.eval.dataset=OpenRLHF/prompt-collection-v0.1@main,data/deepmath_train.jsonl",
     ]
-    args = _dry_run_args(load_recipe(RECIPES[1], overrides), tmp_path, capsys)  # grpo_1node
+    args = _dry_run_args(load_recipe(GRPO, overrides), tmp_path, capsys)  # grpo_1node
     assert args.ckpt.path == str(tmp_path / "ckpt" / "grpo_1node")
     assert args.ckpt.output_dir == str(tmp_path / "ckpt")
     assert args.logger.tensorboard_dir == str(tmp_path / "runs" / "tb")
@@ -174,12 +182,12 @@ def test_a_missing_local_dataset_refuses_the_launch_but_not_a_hub_id(tmp_path, m
     calls: list[list[str]] = []
     monkeypatch.setattr("subprocess.call", lambda command, **_: calls.append(command) or 0)
     endpoints = f"executor.endpoints_file={_endpoints(tmp_path)}"
-    recipe = load_recipe(RECIPES[1], [endpoints])
+    recipe = load_recipe(GRPO, [endpoints])
     with pytest.raises(FileNotFoundError) as err:
         run_openrlhf(recipe, launch_dir=tmp_path)
     assert f"data.prompt_dataset={tmp_path / 'data' / 'deepmath_train.jsonl'}" in str(err.value)
     assert not calls  # nothing was submitted
-    hub = load_recipe(RECIPES[1], [endpoints, "openrlhf.data.prompt_dataset=some-org/some-set"])
+    hub = load_recipe(GRPO, [endpoints, "openrlhf.data.prompt_dataset=some-org/some-set"])
     assert run_openrlhf(hub, launch_dir=tmp_path) == 0
     assert calls and "some-org/some-set" in calls[0]
 
@@ -196,7 +204,7 @@ def test_launcher_defaults_are_openrlhfs_own():
 def _direct_recipe(tmp_path: Path) -> OpenRLHFRecipe:
     (tmp_path / "train.jsonl").write_text("{}\n")
     return load_recipe(
-        RECIPES[1],
+        GRPO,
         ["ray.submit=false", "ray.working_dir=null", f"executor.endpoints_file={_endpoints(tmp_path)}",
          f"openrlhf.data.prompt_dataset={tmp_path / 'train.jsonl'}"],
     )  # fmt: skip
@@ -284,8 +292,8 @@ def test_openrlhf_runtime_env_variables_are_the_ones_we_know():
 @pytest.mark.parametrize("name", sorted(OPENRLHF_RAY_ENV_DEFAULTS))
 def test_a_recipe_setting_openrlhfs_runtime_env_variables_is_refused(name):
     with pytest.raises(ConfigError) as err:
-        load_recipe(RECIPES[1], [f"ray.env_vars.{name}=x"])
+        load_recipe(GRPO, [f"ray.env_vars.{name}=x"])
     assert f"may not set {name}" in str(err.value) and "ray start" in str(err.value)
-    assert load_recipe(RECIPES[1], ["ray.env_vars.MY_FLAG=verbose"]).ray.env_vars == {
+    assert load_recipe(GRPO, ["ray.env_vars.MY_FLAG=verbose"]).ray.env_vars == {
         "MY_FLAG": "verbose"
     }

@@ -35,7 +35,7 @@ def _worker_side(recipe: OpenRLHFRecipe) -> ExecutorConfig:
 def test_payload_round_trips_into_the_executor_config(tmp_path) -> None:
     recipe = _recipe(tmp_path)
     worker = _worker_side(recipe)
-    assert worker.task == recipe.executor.task == "math"
+    assert worker.task == recipe.executor.task == "deepmath"
     assert worker.env == recipe.executor_for_workers().env
     assert (worker.env.max_consults, worker.env.max_turns) == (3, 4)
     assert worker.endpoints_file is None  # read at launch, inlined below

@@ -145,7 +145,9 @@ class StopRequest:
             self._abandonable.discard(task)
 
 
-async def check_backends(config: TrainConfig, generator: Generator, agents: AgentPool) -> None:
+async def check_backends(
+    config: TrainConfig, generator: Generator, agents: AgentPool | None
+) -> None:
     """Fail before the first step when a remote policy backend or an agent's backend is down.
 
     Each answers a one-token greedy probe with a fixed seed (no random state drawn, no
@@ -165,7 +167,7 @@ async def check_backends(config: TrainConfig, generator: Generator, agents: Agen
                 completed_step=0,
                 checkpoint=None,
             )
-    down = await agents.probe(skip=(generator,))
+    down = await agents.probe(skip=(generator,)) if agents is not None else {}
     if down:
         backends = {name: agent.backend for name, agent in config.agents.agents.items()}
         detail = "; ".join(

@@ -202,7 +202,8 @@ class LoopbackSGLangServer:
             seed = sampling.pop("sampling_seed", None)
             for key in ("no_stop_trim", "skip_special_tokens"):
                 sampling.pop(key, None)
-            params = SamplingParams(**sampling, seed=seed)
+            top = int(body.get("top_logprobs_num") or 0)
+            params = SamplingParams(**sampling, seed=seed, top_logprobs=top)
             ids = body["input_ids"]
         except (KeyError, TypeError, ValueError) as exc:
             return 400, {"error": f"bad /generate request: {exc}"}
@@ -213,6 +214,11 @@ class LoopbackSGLangServer:
         except GenerationError as exc:
             return 500, {"error": str(exc)}
         tokenizer = self.generator.tokenizer
+        meta_top: dict[str, Any] = {}
+        if params.top_logprobs:  # SGLang's shape; the embedded generator gives no ids here
+            meta_top["output_top_logprobs"] = [
+                [[lp, None, None] for lp in position] for position in gen.top_logprobs
+            ]
         finish: dict[str, Any] = {"type": gen.finish_reason}
         if gen.finish_reason == "stop":
             finish["matched"] = gen.stop_match
@@ -231,6 +237,7 @@ class LoopbackSGLangServer:
                     [lp, tok, tokenizer.decode([tok])]
                     for lp, tok in zip(gen.logprobs, gen.token_ids, strict=True)
                 ],
+                **meta_top,
             },
         }
 

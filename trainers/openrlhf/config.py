@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.config import AgentConfig, AgentPoolConfig
+from agents.oracle import check_oracle_task
 from agents.serve import EndpointsFile
 from aipo_env.config import EnvConfig
 from trainers.config import check_agent_limits
@@ -22,6 +23,7 @@ from trainers.openrlhf.flags import (
     OPENRLHF_VERSION,
 )
 from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, LOSS_CONFIG_ENV, check_agent_token_fields
+from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
 
@@ -98,7 +100,7 @@ class ExecutorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field(
-        default="math",
+        default="deepmath",
         description="Registered task whose answer extraction and verifier score the episodes; prompts come from OpenRLHF's dataset (input_key = question, label_key = reference).",
     )
     env: EnvConfig = Field(
@@ -125,6 +127,13 @@ class ExecutorConfig(BaseModel):
         default=None,
         description="The endpoints file's content; the launcher fills it from endpoints_file (which then wins).",
     )
+    tools: ToolsConfig = Field(
+        default_factory=ToolsConfig,
+        description=(
+            "The tool set answering env.protocol tools or python_tool (ARPO's <python> and "
+            "<search>) in every rollout worker; a search_index must be readable on every node."
+        ),
+    )
 
     @field_validator("agents", mode="before")
     @classmethod
@@ -137,7 +146,22 @@ class ExecutorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self) -> ExecutorConfig:
+        if self.env.protocol in TOOL_PROTOCOLS:
+            self.tools.check_for(self.env.protocol)
+            missing = [n for n in TOOL_NAMES[self.env.protocol] if n not in self.env.agent_names]
+            if missing:
+                raise ValueError(
+                    f"executor.env.agent_names {self.env.agent_names} lacks {missing}: "
+                    f"env.protocol {self.env.protocol!r} injects tool results as agent:<tool>"
+                )
         check_agent_limits(self.env, self.agents)
+        from tasks.registry import UnknownTaskError, check_task_name
+
+        try:
+            check_task_name(self.task)  # a typo fails here, not in every Ray worker
+        except UnknownTaskError as exc:
+            raise ValueError(f"executor.task: {exc}") from None
+        check_oracle_task(self.agents, self.task, {})  # before any worker starts
         return self
 
     def agent_pool(self) -> AgentPoolConfig:
@@ -215,6 +239,11 @@ class OpenRLHFRecipe(BaseModel):
     @model_validator(mode="after")
     def _token_limits_fit_openrlhf(self) -> OpenRLHFRecipe:
         env = self.executor.env
+        if env.protocol in TOOL_PROTOCOLS and self.agent_loss.agent_mode != "mask":
+            raise ValueError(
+                f"agent_loss.agent_mode {self.agent_loss.agent_mode!r} would train the tools' "
+                f"output under executor.env.protocol {env.protocol!r}; set agent_loss.agent_mode: mask"
+            )
         per_sample = int_flag(self.openrlhf, "rollout.max_new_tokens")
         if (
             "max_new_tokens_per_turn" in env.model_fields_set
