@@ -2,8 +2,15 @@
 
 from agents.base import DEFAULT_AGENT_NAMES, Agent, AgentReply, ConsultRequest, ConsultService
 from agents.config import AgentConfig, AgentPoolConfig, tokenizers_match
+from agents.leak_guard import guard_reply
 from agents.llm_agent import KnowledgeAgent, LLMAgent, ReasoningAgent, VerifyAgent, render_prompt
-from agents.oracle import OracleVerifyAgent, find_candidate
+from agents.oracle import (
+    OracleKnowledgeAgent,
+    OracleReasoningAgent,
+    OracleVerifyAgent,
+    check_oracle_agents,
+    find_candidate,
+)
 from agents.pool import AgentPool
 from agents.templates import PromptTemplate, load_template
 
@@ -18,11 +25,15 @@ __all__ = [
     "ConsultService",
     "KnowledgeAgent",
     "LLMAgent",
+    "OracleKnowledgeAgent",
+    "OracleReasoningAgent",
     "OracleVerifyAgent",
     "PromptTemplate",
     "ReasoningAgent",
     "VerifyAgent",
+    "check_oracle_agents",
     "find_candidate",
+    "guard_reply",
     "load_template",
     "render_prompt",
     "tokenizers_match",

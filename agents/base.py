@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,6 +82,10 @@ class AgentReply(BaseModel):
     error: str | None = Field(
         default=None,
         description="What went wrong ('timeout after 30.0 s', 'unknown agent ...'); None on success.",
+    )
+    leak: Literal["blocked", "rewritten"] | None = Field(
+        default=None,
+        description="What the pool's leak guard did to a reply that stated the reference answer (agents/leak_guard.py); None when it did nothing.",
     )
 
     @property

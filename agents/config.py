@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.base import DEFAULT_AGENT_NAMES
 from policies.base import SamplingParams
@@ -21,6 +21,10 @@ DEFAULT_MAX_REPLY_TOKENS = 256
 #: Per-attempt timeout of an agent that sets none, in a pool built without the env's
 #: ``agent_timeout_s`` (the env's own default is the same).
 DEFAULT_TIMEOUT_S = 60.0
+#: What an agent of kind ``oracle`` draws on, by its name: the privileged information the
+#: task must provide (``tasks.base.PRIVILEGED_KINDS``), or None for the task's verifier,
+#: which every task has.
+ORACLE_SOURCES: dict[str, str | None] = {"verify": None, "knowledge": "facts", "reasoning": "steps"}
 
 
 class AgentConfig(BaseModel):
@@ -39,7 +43,23 @@ class AgentConfig(BaseModel):
     )
     kind: Literal["llm", "oracle"] = Field(
         default="llm",
-        description="'llm' samples replies from the backend; 'oracle' (verify only) checks the candidate answer with the task's verifier, no model.",
+        description=(
+            "'llm' samples replies from the backend; 'oracle' answers from the task's privileged "
+            "information, no model, by the agent's name: verify checks the candidate with the "
+            "task's verifier (and says too large/too small for numbers), knowledge states the "
+            "task's facts, reasoning gives the next step of its reference solution. The task must "
+            "provide them (docs/agents.md lists which do); checked before anything loads."
+        ),
+    )
+    leak_guard: Literal["block", "rewrite", "off"] = Field(
+        default="block",
+        description=(
+            "What the pool does with a reply that states the reference answer (more often than "
+            "the problem or the policy's question does; the task's states_answer): 'block' "
+            "(default) replaces it with an error feedback, never trained; 'rewrite' replaces the "
+            "extra mentions with [withheld] (the reply loses its log-probs); 'off' lets it "
+            "through. Counted in the step metrics as agents/leak_rate."
+        ),
     )
     template: str | None = Field(
         default=None,
@@ -140,6 +160,16 @@ class AgentPoolConfig(BaseModel):
             "(train: seed; eval: --seed); a pool built without either samples unseeded."
         ),
     )
+
+    @model_validator(mode="after")
+    def _oracles_have_a_role(self) -> AgentPoolConfig:
+        for name, settings in self.agents.items():
+            if settings.kind == "oracle" and name not in ORACLE_SOURCES:
+                raise ValueError(
+                    f"agent {name!r} has kind 'oracle', whose name says what it draws on; "
+                    f"expected one of {', '.join(ORACLE_SOURCES)}"
+                )
+        return self
 
 
 _FINGERPRINTS: dict[int, tuple[Any, str]] = {}

@@ -31,6 +31,7 @@ from agents.config import (
     AgentPoolConfig,
     tokenizers_match,
 )
+from agents.leak_guard import guard_reply
 from agents.llm_agent import (
     KnowledgeAgent,
     LLMAgent,
@@ -38,7 +39,7 @@ from agents.llm_agent import (
     VerifyAgent,
     probe_backend,
 )
-from agents.oracle import OracleVerifyAgent
+from agents.oracle import check_oracle_agents, make_oracle
 from policies.base import Generator
 from tasks.base import Task
 
@@ -82,7 +83,9 @@ class AgentPool:
     no ``max_reply_tokens`` or ``timeout_s`` gets ``max_reply_tokens`` and
     ``timeout_s`` here: pass the env's ``max_reply_tokens`` and ``agent_timeout_s``
     (the defaults are the env's defaults). ``tokenizer`` is the policy's: it decodes
-    capped token ids and counts tokens of text-only replies.
+    capped token ids and counts tokens of text-only replies. Every answered reply passes
+    the agent's leak guard (:mod:`agents.leak_guard`), which asks ``task`` whether it
+    states the answer (without a task: the reference as a token).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class AgentPool:
         owned: Sequence[Generator] = (),
         max_reply_tokens: int = DEFAULT_MAX_REPLY_TOKENS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        task: Task | None = None,
     ) -> None:
         if not agents:
             raise ValueError("an agent pool needs at least one agent; got none")
@@ -109,6 +113,7 @@ class AgentPool:
             name: asyncio.Semaphore(s.max_concurrency) for name, s in self._settings.items()
         }
         self._tokenizer = tokenizer
+        self._task = task
         self._owned = list(owned)
         self._cache: OrderedDict[tuple[Any, ...], AgentReply] = OrderedDict()
         self._closed = False
@@ -192,6 +197,10 @@ class AgentPool:
                 )
             return reply
         reply = self._cap(reply, agent, settings.max_reply_tokens)
+        # After the cap: the guard judges what would be injected.
+        reply = guard_reply(reply, request, settings.leak_guard, self._task)
+        if not reply.ok:
+            return reply
         if key is not None:
             self._cache[key] = reply
             while len(self._cache) > self.config.cache_size:
@@ -338,6 +347,8 @@ class AgentPool:
                 raise ValueError(
                     f"agent {name!r} uses backend 'policy' but no policy_generator was given"
                 )
+        if task is not None:
+            check_oracle_agents(config, task)
         base_seed = config.seed if config.seed is not None else seed
         backends: dict[str, Generator] = {}
         owned: list[Generator] = []
@@ -345,7 +356,7 @@ class AgentPool:
         for name, settings in config.agents.items():
             if settings.kind == "oracle":
                 assert task is not None
-                agents[name] = OracleVerifyAgent(task, name=name)
+                agents[name] = make_oracle(name, task)
                 continue
             generator = backends.get(settings.backend)
             if generator is None:
@@ -384,6 +395,7 @@ class AgentPool:
             owned=owned,
             max_reply_tokens=max_reply_tokens,
             timeout_s=timeout_s,
+            task=task,
         )
 
     async def aclose(self) -> None:

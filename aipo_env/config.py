@@ -94,6 +94,17 @@ class EnvConfig(BaseModel):
         default="{question}",
         description="The auto consult's question; {question} is the problem statement.",
     )
+    consult_cost: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "Reward subtracted per consult tag the policy wrote (Trajectory.consult_attempts, "
+            "answered or not; the env's auto consult is free), in train mode, from every episode "
+            "that did not end in error:*: reward = score - consult_cost * consult_attempts. "
+            "Teaches the policy to consult where it pays. Default 0 (free); the verifier's score "
+            "stays in Trajectory.verifier."
+        ),
+    )
 
     @model_validator(mode="after")
     def _auto_consult_fits(self) -> EnvConfig:

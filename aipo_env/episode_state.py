@@ -91,8 +91,16 @@ class EpisodeState:
         finish_reason: str,
         verifier: RewardResult | None = None,
         error: str | None = None,
+        consult_cost: float = 0.0,
     ) -> Trajectory:
-        """The record of the episode as it stands (``finish_reason`` 'running' for a partial one)."""
+        """The record of the episode as it stands (``finish_reason`` 'running' for a partial one).
+
+        The reward is the verifier's score (0 unscored) less ``consult_cost`` per consult the
+        policy wrote, except for an episode that ended in ``error:*`` (not the policy's doing).
+        """
+        score = verifier.score if verifier is not None else 0.0
+        if not finish_reason.startswith("error:"):
+            score -= consult_cost * self.attempts
         return Trajectory(
             trajectory_id=self.trajectory_id,
             problem_id=self.problem.id,
@@ -105,7 +113,7 @@ class EpisodeState:
             loss_mask=masks.loss_mask(self.source, mask_rule, drift=self.drift),
             behavior_logprobs=list(self.logprobs),
             turns=[t.model_copy(deep=True) for t in self.turns],
-            reward=verifier.score if verifier is not None else 0.0,
+            reward=score,
             verifier=verifier,
             finish_reason=finish_reason,
             error=error,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,10 @@ class ConsultRecord(BaseModel):
     cached_tokens: int = Field(default=0, description="Prompt tokens the agent's backend cached.")
     cache_hit: bool = Field(default=False, description="Served from the pool's request cache.")
     reply_truncated: bool = Field(default=False, description="Reply cut to max_reply_tokens.")
+    leak: Literal["blocked", "rewritten"] | None = Field(
+        default=None,
+        description="What the agents' leak guard did to a reply that stated the answer (agents/leak_guard.py); None when nothing.",
+    )
     error: str | None = Field(
         default=None,
         description="Why the consult got an error feedback (malformed, unknown agent, budget, timeout, ...); None when answered.",

@@ -68,3 +68,66 @@ def strip_markdown(answer: str) -> str:
     Only emphasis is removed: ``2**8`` stays a power.
     """
     return _LOOSE_MARKER.sub("", _EMPHASIS.sub(r"\2", answer).strip()).strip()
+
+
+# -- where a text states a reference answer (the agents' leak guard, direction hints) --------
+
+#: A number as written in prose: optional sign (not a hyphen between two words or numbers),
+#: thousands separators, decimals; never part of a longer word or number (``x2``, ``2nd``).
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])(?:(?<![\w)\]])-)?\d+(?:,\d{3})*(?:\.\d+)?(?![\w]|\.\d)")
+_FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def numeric_value(text: str) -> float | None:
+    """The value of a plain number or fraction (``-1,234.5``, ``3/4``, ``\\frac{3}{4}``), else None."""
+    cleaned = text.strip().strip("$").replace(" ", "")
+    cleaned = re.sub(r"^\\[dt]?frac\{(-?[\d.]+)\}\{([\d.]+)\}$", r"\1/\2", cleaned)
+    cleaned = cleaned.replace("\\!", "").replace("{,}", "")
+    if re.fullmatch(r"-?\d+(?:,\d{3})*(?:\.\d+)?", cleaned):
+        return float(cleaned.replace(",", ""))
+    fraction = _FRACTION.match(cleaned)
+    if fraction and float(fraction.group(2)) != 0:
+        return float(fraction.group(1)) / float(fraction.group(2))
+    return None
+
+
+def reference_spans(reference: str, text: str) -> list[tuple[int, int]]:
+    """Where ``text`` states ``reference``, as ``(start, end)`` character spans, in order.
+
+    A numeric reference (``500``, ``-4``, ``0.75``, ``3/4``) is stated by a number token of
+    the same value (``500``, ``500.0``, ``1,000`` for 1000; ``- 4`` in ``0 - 4`` is a minus
+    sign and a 4, not -4); a fraction also by its written form. Any other reference by its
+    text as a whole word, case-insensitively (case-sensitively when it is one character:
+    the letter b is not the option B). An empty reference is never stated.
+    """
+    reference = reference.strip()
+    if not reference:
+        return []
+    value = numeric_value(reference)
+    spans: list[tuple[int, int]] = []
+    if value is not None:
+        for match in _NUMBER_TOKEN.finditer(text):
+            if float(match.group().replace(",", "")) == value:
+                spans.append(match.span())
+        if "/" not in reference and "frac" not in reference:
+            return spans
+    written = [re.escape(reference)]
+    fraction = _FRACTION.match(reference)
+    if fraction:  # 3/4 is also written \frac{3}{4}
+        written.append(rf"\\[dt]?frac\{{{fraction.group(1)}\}}\{{{fraction.group(2)}\}}")
+    flags = 0 if len(reference) == 1 else re.IGNORECASE
+    pattern = re.compile(rf"(?<!\w)(?:{'|'.join(written)})(?!\w)", flags)
+    spans += [m.span() for m in pattern.finditer(text) if not _inside(m.span(), spans)]
+    return sorted(spans)
+
+
+def _inside(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    return any(start < span[1] and span[0] < end for start, end in spans)
+
+
+def numeric_direction(reference: str, candidate: str) -> str | None:
+    """``"too large"`` or ``"too small"`` when both are numbers and differ, else None."""
+    ref, cand = numeric_value(reference), numeric_value(candidate)
+    if ref is None or cand is None or ref == cand:
+        return None
+    return "too large" if cand > ref else "too small"

@@ -160,6 +160,26 @@ class MultipleChoiceTask(Task):
         """Scoring is a regex match: cheap enough to run on the event loop."""
         return self.score(problem, response)
 
+    def answer_spans(self, problem: Problem, text: str) -> list[tuple[int, int]]:
+        """The reference letter as a choice ("(B)", "option B", "answer is B", ``\\boxed{B}``) or the correct option's text."""
+        letter = re.escape(problem.reference)
+        pattern = (
+            rf"\({letter}\)|\\boxed\{{{letter}\}}"
+            rf"|\b(?:option|choice|letter|answer(?:\s+is)?\s*:?)\s*{letter}(?![A-Za-z])"
+        )
+        spans = [m.span() for m in re.finditer(pattern, text, re.IGNORECASE)]
+        options = problem.metadata.get("options") or []
+        index = LETTERS.find(problem.reference)
+        if 0 <= index < len(options) and str(options[index]).strip():
+            correct = re.escape(str(options[index]).strip())
+            spans += [m.span() for m in re.finditer(correct, text, re.IGNORECASE)]
+        return sorted(spans)
+
+    def states_answer(self, problem: Problem, text: str, shown: str = "") -> bool:
+        """Like :meth:`Task.states_answer`, but the statement lists every option, so only ``shown`` sets the baseline."""
+        baseline = len(self.answer_spans(problem, shown)) if shown else 0
+        return len(self.answer_spans(problem, text)) > baseline
+
 
 def make_gpqa_diamond(**kwargs: Any) -> MultipleChoiceTask:
     """GPQA-Diamond (198 questions; gated on the hub: accept its terms or pass ``path=``)."""

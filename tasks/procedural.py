@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from tasks.answers import answer_line, last_boxed, strip_markdown
-from tasks.base import Problem, RewardResult, Task
+from tasks.base import Problem, RewardResult, SolutionStep, Task
 
 #: A plain (optionally signed, decimal) number.
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -150,6 +150,29 @@ class ProceduralTask(Task):
             reason="" if correct else "wrong answer",
             details={"rg_score": raw},
         )
+
+    @property
+    def privileged(self) -> frozenset[str]:
+        """Facts and/or reference steps, for the datasets ``tasks/privileged.py`` covers."""
+        from tasks.privileged import privileged_kinds
+
+        return privileged_kinds(self.dataset)
+
+    def facts(self, problem: Problem) -> list[str]:
+        """The facts the problem's entry carries (``leg_counting``: legs per animal)."""
+        from tasks.privileged import FACTS
+
+        provider = FACTS.get(self.dataset)
+        entry = problem.metadata.get("entry")
+        return provider(entry) if provider is not None and entry else []
+
+    def solution_steps(self, problem: Problem) -> list[SolutionStep]:
+        """The reference steps the problem's entry yields (chain sums, products, ...)."""
+        from tasks.privileged import STEPS
+
+        provider = STEPS.get(self.dataset)
+        entry = problem.metadata.get("entry")
+        return provider(entry) if provider is not None and entry else []
 
 
 def make_procedural(dataset: str, **kwargs: Any) -> ProceduralTask:
