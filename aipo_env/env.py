@@ -42,7 +42,8 @@ class ConsultEnv(AsyncEnv):
     - ``await areset(seed=None, options=None) -> (obs, info)``: ``obs`` is the prompt's
       ids (int64 array). ``options``: ``problem_index`` or ``problem_id`` (else a seeded
       random problem), ``allow_consult`` (False: consults get an error feedback),
-      ``max_consults``, ``trajectory_id``, ``group_id``, ``sample_index``. ``info`` has
+      ``max_consults``, ``trajectory_id``, ``group_id``, ``sample_index``, ``auto_consult``
+      (False: no opening request in this episode even when ``config.auto_consult`` is set). ``info`` has
       ``sources``, ``problem``, ``trajectory_id``; when the prompt alone fills the
       context, ``info["trajectory"]`` is already final (``context_overflow``).
     - ``await astep(action) -> (obs, reward, terminated, truncated, info)``: ``action``
@@ -51,7 +52,8 @@ class ConsultEnv(AsyncEnv):
       (empty when the episode ends); ``info["sources"]`` labels them. ``terminated`` on
       EOS; ``truncated`` on ``length``, ``max_turns``, ``context_overflow``, ``error:*``.
       The final step's reward is the task's score of the policy's own text (replies
-      removed) and ``info["trajectory"]`` the finished record.
+      removed), less ``config.consult_cost`` per consult it wrote (train mode), and
+      ``info["trajectory"]`` the finished record.
     - ``protocol`` (default: the one ``config.protocol`` names) owns every text: stop
       strings, parsing, reply markup, instructions. ``mask_rule`` decides the stored
       ``loss_mask`` (default: policy tokens only; :mod:`aipo_env.masks`).
@@ -191,7 +193,7 @@ class ConsultEnv(AsyncEnv):
         }
         if len(ids) >= self.config.max_total_tokens:
             info["trajectory"] = self._finish_unscored(episode, "context_overflow")
-        elif self._auto_consults(episode):
+        elif self._auto_consults(episode) and options.get("auto_consult", True):
             injected = await self._auto_consult(episode)
             if injected is None:
                 info["trajectory"] = self._finish_unscored(episode, "context_overflow")
@@ -326,6 +328,7 @@ class ConsultEnv(AsyncEnv):
             record.latency_s = reply.latency_s if reply is not None and reply.latency_s else elapsed
             if reply is not None:
                 record.cached_tokens, record.cache_hit = reply.cached_tokens, reply.cache_hit
+                record.leak = reply.leak
         record.error = error
         injection = reply_pieces(
             self.protocol,
@@ -418,6 +421,7 @@ class ConsultEnv(AsyncEnv):
             finish_reason=reason,
             verifier=verifier,
             error=error,
+            consult_cost=self.config.consult_cost if self.config.mode == "train" else 0.0,
         )
 
     def _finish_unscored(

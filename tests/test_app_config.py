@@ -156,7 +156,7 @@ def test_sections_inside_a_mapping_are_addressed_and_checked_by_name():
         TrainConfig, default_config_path(), ["agents.agents.knowledge.temperature=0.2"]
     )
     assert cfg.agents.agents["knowledge"].temperature == 0.2
-    assert cfg.agents.agents["knowledge"].backend == "default"  # the file's setting stays
+    assert cfg.agents.agents["knowledge"].backend == "policy"  # the file's setting stays
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, default_config_path(), ["agents.agents.knowledge.temprature=0.2"])
     assert (

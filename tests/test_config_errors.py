@@ -123,3 +123,8 @@ def test_a_full_disk_is_said_in_one_line(tmp_path: Path, monkeypatch, capsys) ->
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "no space left on device while saving checkpoint" in err and "--resume" in err
+
+
+def test_an_empty_agent_pool_is_refused_before_anything_loads(capsys) -> None:
+    code, err = train(capsys, "agents.agents={}", "env.auto_consult=null")
+    assert code == 2 and "agents.agents is empty" in err

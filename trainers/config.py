@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agents.oracle import check_oracle_task
 from agents.pool import AgentPoolConfig
 from aipo_env.config import EnvConfig
 from aipo_env.rollout import RolloutConfig
@@ -25,6 +26,8 @@ from policies import sglang_hosts
 from trainers.advantages import ESTIMATORS
 from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
+from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
+from trainers.warmup import WarmupSection
 
 
 class PolicySection(BaseModel):
@@ -42,6 +45,18 @@ class PolicySection(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
         description="Weights and compute dtype of the trained policy (float32 on CPU).",
+    )
+    generator_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description=(
+            "Matmul dtype of the embedded generator. 'auto': bfloat16 for a float32 Llama-"
+            "architecture policy on a CPU with native bfloat16 (avx512_bf16/AMX), about twice "
+            "as fast, its log-probs about 0.02 from the float32 trainer's on average (see "
+            "docs/generation.md; set loss.rollout_correction: tis to correct for it); the "
+            "policy's dtype otherwise. "
+            "The trainer keeps policy.dtype; the generator holds bfloat16 copies, refreshed "
+            "after every update."
+        ),
     )
     max_batch_size: int = Field(
         default=32, ge=1, description="Most sequences the embedded generator decodes at once."
@@ -237,13 +252,21 @@ class TrainConfig(BaseModel):
     )
     rollout: RolloutConfig = Field(
         default_factory=RolloutConfig,
-        description="Sampling, group size, concurrency and consult schedule.",
+        description="Sampling, group size, concurrency, consult schedule and strategy (grpo, or arpo's rollout tree).",
+    )
+    tools: ToolsConfig = Field(
+        default_factory=ToolsConfig,
+        description="The Python sandbox and search index behind env.protocol tools or python_tool (trainers/tool_config.py).",
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="The AIPO policy loss.")
     optim: OptimConfig = Field(
         default_factory=OptimConfig, description="AdamW, warmup and gradient clipping."
     )
     train: TrainSection = Field(default_factory=TrainSection, description="The outer loop.")
+    warmup: WarmupSection = Field(
+        default_factory=WarmupSection,
+        description="A supervised consult warm-up before the first RL step (trainers/warmup.py).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -256,6 +279,27 @@ class TrainConfig(BaseModel):
                 f"rollout.n_samples={self.rollout.n_samples}: the group estimator "
                 f"{self.train.advantage!r} needs at least 2 samples per prompt"
             )
+        if self.warmup.enabled:
+            if self.warmup.agent not in self.env.agent_names:
+                raise ValueError(
+                    f"warmup.agent {self.warmup.agent!r} is not in env.agent_names "
+                    f"{self.env.agent_names}"
+                )
+            if self.env.format != "inline":
+                raise ValueError(
+                    f"warmup.enabled needs env.format 'inline' (got {self.env.format!r}): "
+                    "its demonstrations open with a consult written into the response"
+                )
+            if self.env.protocol != "consult":
+                raise ValueError(
+                    f"warmup.enabled needs env.protocol 'consult' (got {self.env.protocol!r}): "
+                    "its demonstrations consult an agent"
+                )
+            if self.env.max_consults < 1:
+                raise ValueError(
+                    "warmup.enabled with env.max_consults=0: the demonstrations need one consult"
+                )
+        self._tool_protocol_settings()
         unknown = sorted(set(self.agents.agents) - set(self.env.agent_names))
         if unknown:
             raise ValueError(
@@ -278,7 +322,46 @@ class TrainConfig(BaseModel):
                 f"{self.policy.max_context}; lower the first or raise the second"
             )
         check_agent_limits(self.env, self.agents)
+        # An oracle whose task lacks what it draws on fails here, before any model loads.
+        check_oracle_task(self.agents, self.task.name, self.task.kwargs)
+        if self.env.protocol not in TOOL_PROTOCOLS and not self.agents.agents:
+            raise ValueError(
+                "agents.agents is empty: a consult run needs at least one agent, even with "
+                "env.max_consults=0 (verify: {kind: oracle} loads no model)"
+            )
         return self
+
+    def _tool_protocol_settings(self) -> None:
+        """Under a tool protocol: the tools are the agents, there is no agent pool, results are never trained.
+
+        Left unset, ``env.agent_names`` becomes the tool names (results are injected as
+        ``agent:<tool>``), ``agents`` an empty pool and ``loss.agent_mode`` ``mask``. A
+        search needs an index (``tools.search_index``).
+        """
+        protocol = self.env.protocol
+        if protocol not in TOOL_PROTOCOLS:
+            return
+        names = TOOL_NAMES[protocol]
+        if "agent_names" not in self.env.model_fields_set:
+            self.env = self.env.model_copy(update={"agent_names": list(names)})
+        missing = [name for name in names if name not in self.env.agent_names]
+        if missing:
+            raise ValueError(
+                f"env.agent_names {self.env.agent_names} lacks {missing}: env.protocol "
+                f"{protocol!r} injects tool results as agent:<tool>; add them, or leave "
+                "env.agent_names unset"
+            )
+        if "agents" not in self.model_fields_set:
+            self.agents = AgentPoolConfig(agents={})
+        if "agent_mode" not in self.loss.model_fields_set:
+            self.loss = self.loss.model_copy(update={"agent_mode": "mask"})
+        if self.loss.agent_mode != "mask":
+            raise ValueError(
+                f"loss.agent_mode {self.loss.agent_mode!r} would train the tools' output under "
+                f"env.protocol {protocol!r}; a tool result is no model's sample (ARPO masks it): "
+                "set loss.agent_mode=mask"
+            )
+        self.tools.check_for(protocol)
 
 
 def check_agent_limits(env: EnvConfig, agents: AgentPoolConfig) -> None:

@@ -4,10 +4,12 @@ One training step, as in the algorithm box (:meth:`EmbeddedTrainer.arun`):
 
 1. **rollout**: take the next ``prompts_per_step`` problems (a seeded order, a pure
    function of the step) and roll each out ``n_samples`` times with consults
-   (``RolloutDriver``), every trajectory appended to ``rollouts/step_XXXXXX.jsonl`` as it
+   (``RolloutDriver``; under ``rollout.strategy: arpo`` as ARPO's rollout tree of
+   ``n_samples`` leaves), every trajectory appended to ``rollouts/step_XXXXXX.jsonl`` as it
    finishes;
 2. **advantages**: the environment already scored them; shape the rewards and turn
-   them into group advantages, choosing the rows to train;
+   them into group advantages (per token over a tree under ``arpo``,
+   :mod:`trainers.tree_advantages`), choosing the rows to train;
 3. **update**: recompute the old log-probs, run PPO epochs of the AIPO loss over
    minibatches, while generation is paused;
 4. **publish weights**: make the generator serve the new weights
@@ -43,6 +45,7 @@ from aipo_env.batch import collate
 from aipo_env.evaluation.alone import evaluate_alone
 from aipo_env.masks import trained_token_masks
 from aipo_env.trajectory import Trajectory
+from aipo_env.tree_rollout import generation_metrics
 from trainers.advantages import compute_advantages, filter_uniform_groups, overlong_penalty
 from trainers.checkpoint import capture_rng_state, save_checkpoint, should_save
 from trainers.config import TrainConfig
@@ -63,7 +66,9 @@ from trainers.summary import (
     rollout_metrics,
     summarize,
 )
+from trainers.tree_advantages import tree_token_advantages
 from trainers.update import UpdateBatch, UpdateStats, compute_old_logprobs, ppo_update
+from trainers.warmup import run_warmup
 from trainers.weights import generation_paused, publish_weights
 
 if TYPE_CHECKING:
@@ -117,6 +122,9 @@ async def rollout(run: RunState, step: int) -> tuple[list[Trajectory], dict[str,
     )
     rollout_s = time.perf_counter() - t0
     metrics = rollout_metrics(trajectories)
+    metrics.update(generation_metrics(trajectories))
+    if cfg.rollout.strategy == "arpo":
+        metrics.update(run.driver.last_tree_stats.as_metrics())
     policy_tokens = sum(t.policy_token_count() for t in trajectories)
     metrics["policy_tokens_per_s"] = policy_tokens / max(rollout_s, 1e-9)
     metrics["rollout_s"] = rollout_s
@@ -133,7 +141,9 @@ def shaped_advantages(
 
     Rewards get DAPO's overlong penalty when ``train.overlong_buffer`` is set. Rows are
     dropped when their group's rewards are all equal (``train.dynamic_sampling``), when
-    the episode failed, and when it was truncated (``train.mask_truncated``).
+    the episode failed, and when it was truncated (``train.mask_truncated``). Under
+    ``rollout.strategy: arpo`` the advantages are per token ``[B, T]``, attributed over
+    each group's tree by ``rollout.attribution``; else one per trajectory ``[B]``.
     """
     cfg = config.train
     rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
@@ -157,6 +167,8 @@ def shaped_advantages(
         metrics["overlong_penalty_mean"] = float(penalty.mean())
     group_ids = [t.group_id for t in trajectories]
     advantages = compute_advantages(rewards, group_ids, cfg.advantage)
+    if config.rollout.strategy == "arpo":  # a group is one tree: per-token attribution [B, T]
+        advantages = tree_token_advantages(trajectories, advantages, config.rollout.attribution)
     keep = torch.ones(len(trajectories), dtype=torch.bool)
     if cfg.dynamic_sampling:
         kept = filter_uniform_groups(rewards, group_ids)
@@ -386,6 +398,12 @@ class EmbeddedTrainer:
         """Every step from ``run.start_step``, between the held-out evaluations before and after."""
         cfg = self.config
         eval_before = await stop.abandonable(evaluate(run, "before", reuse=True))
+        if cfg.warmup.enabled and run.start_step == 0 and not stop.requested:
+            # A checkpoint holds the warmed-up weights; without one the warm-up runs again.
+            warmed = await stop.abandonable(run_warmup(run, resume=self.resume))
+            if warmed is None:
+                raise interrupted(run, stop, None, saved_now=False)
+            await stop.abandonable(evaluate(run, "warmup"))
         (run.run_dir / "rollouts").mkdir(exist_ok=True)
         for step in range(run.start_step, cfg.train.steps):
             if stop.requested:

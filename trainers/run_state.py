@@ -38,6 +38,7 @@ from trainers.losses import AIPOLoss
 from trainers.metrics import MetricsLogger
 from trainers.optim import OptimConfig, build_optimizer, build_scheduler
 from trainers.stopping import check_backends
+from trainers.tool_config import make_tool_service
 from trainers.weights import publish_weights
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class RunState:
     scheduler: Any
     loss_fn: AIPOLoss
     generator: Generator  #: the policy's generator (embedded on ``model``, or SGLang)
-    agents: AgentPool
+    agents: AgentPool | None  #: None under a tool protocol: the driver calls the tool set
     env_config: EnvConfig  #: the environment settings of training rollouts
     mask_rule: MaskRule  #: which tokens the loss trains (aipo_env/masks.py)
     driver: RolloutDriver
@@ -167,6 +168,7 @@ def make_policy_generator(config: TrainConfig, model: torch.nn.Module, tokenizer
             max_batch_size=cfg.max_batch_size,
             max_context=cfg.max_context,
             seed=config.seed,
+            generator_dtype=cfg.generator_dtype,
         )
     from policies import make_generator
 
@@ -227,16 +229,20 @@ async def open_run(
         await publish_weights(
             generator, model, start_step, backend=config.policy.backend, run_dir=run_dir
         )
-        agents = AgentPool.from_config(
-            config.agents,
-            policy_generator=generator,
-            policy_tokenizer=tokenizer,
-            task=task,
-            max_reply_tokens=config.env.max_reply_tokens,
-            timeout_s=config.env.agent_timeout_s,
-            seed=config.seed,
-        )
-        stack.push_async_callback(agents.aclose)
+        # A tool protocol's requests go to the tool set (trainers/tool_config.py), not a pool.
+        tools = make_tool_service(config.tools, config.env.protocol)
+        agents = None
+        if tools is None:
+            agents = AgentPool.from_config(
+                config.agents,
+                policy_generator=generator,
+                policy_tokenizer=tokenizer,
+                task=task,
+                max_reply_tokens=config.env.max_reply_tokens,
+                timeout_s=config.env.agent_timeout_s,
+                seed=config.seed,
+            )
+            stack.push_async_callback(agents.aclose)
         await check_backends(config, generator, agents)
         rollout_cfg = (
             config.rollout
@@ -247,7 +253,7 @@ async def open_run(
         driver = RolloutDriver(
             generator,
             task=task,
-            agents=agents,
+            agents=agents if tools is None else tools,
             env_config=config.env,
             config=rollout_cfg,
             mask_rule=mask_rule,

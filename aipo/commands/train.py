@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         RunDirError,
         TrainingInterrupted,
     )
+    from trainers.warmup import WarmupError
 
     trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
     resume = (
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.run()
     except RunDirError as exc:
         return _fail(str(exc))
-    except CheckpointError as exc:
+    except (CheckpointError, WarmupError) as exc:
         print(f"aipo train: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
