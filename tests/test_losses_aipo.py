@@ -361,3 +361,36 @@ def test_trained_token_masks_follow_the_agent_mode() -> None:
     assert trained_token_masks(_config(agent_mode="mask").mask_rule(), *args)[1].sum() == 0
     positive = trained_token_masks(_config(agent_positive_only=True).mask_rule(), *args)[1]
     assert positive.tolist() == [[False, False, True, False], [False] * 4]
+
+
+@pytest.mark.parametrize("agent_mode", ["shaped", "ratio", "mask"])
+def test_loss_metrics_and_gradient_read_log_probs_only_under_the_loss_mask(agent_mode: str) -> None:
+    """The trainer computes log-probs and entropy only where loss_mask is set (0 elsewhere)."""
+    config = _config(
+        agent_mode=agent_mode, kl_coef=0.1, entropy_coef=0.01, rollout_correction="icepop"
+    )
+    off = ~torch.tensor(LOSS_MASK).bool()
+
+    def run(fill: float) -> tuple[float, dict[str, float], torch.Tensor]:
+        inputs = _inputs()
+        per_token = {
+            "logprobs": inputs["logprobs"].detach(),
+            "old_logprobs": inputs["old_logprobs"],
+            "ref_logprobs": inputs["logprobs"].detach() - 0.1,
+            "entropy": torch.full((2, 4), 0.7, dtype=torch.float64),
+        }
+        filled = {k: torch.where(off, fill, v) for k, v in per_token.items()}
+        filled["logprobs"].requires_grad_()
+        loss, metrics = aipo_policy_loss(
+            config,
+            **{**inputs, **filled},
+            rollout_logprobs=inputs["old_logprobs"] - 0.2,
+        )
+        loss.backward()
+        return loss.item(), metrics, filled["logprobs"].grad
+
+    zero_loss, zero_metrics, zero_grad = run(0.0)
+    other_loss, other_metrics, other_grad = run(-3.0)
+    assert other_loss == zero_loss
+    assert other_metrics == zero_metrics
+    assert torch.equal(other_grad, zero_grad)

@@ -1,4 +1,4 @@
-"""token_logprobs: aligned with input_ids, equal to a direct log_softmax gather."""
+"""token_logprobs: aligned with input_ids, equal to a direct log_softmax gather where asked for."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_model import random_llama
 
+from trainers import logprobs as logprobs_module
 from trainers.logprobs import logprobs_from_logits, token_logprobs
 
 VOCAB = 97
@@ -92,3 +93,89 @@ def test_chunked_gradients_equal_unchunked_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for whole, chunked in zip(*grads, strict=True):
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def prompt_and_response_rows(seed: int = 6):
+    """Right-padded rows: prompts of 3 to 5 tokens, responses after them, padding last."""
+    ids = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros_like(ids)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (prompt, length) in enumerate([(3, 12), (5, 9), (4, 7)]):
+        mask[row, :length] = 1
+        response[row, prompt:length] = True
+    return ids * mask, mask, response
+
+
+def test_log_probs_only_at_response_positions_equal_the_full_computation_there():
+    model = tiny_llama()
+    ids, mask, response = prompt_and_response_rows()
+    with torch.no_grad():
+        logprobs, entropy = token_logprobs(model, ids, mask, positions=response, with_entropy=True)
+        want_lp, want_h = direct(model, ids, mask)
+    # Position t holds the log-prob of token t, read from the logits at t - 1: a result
+    # shifted by one, or one that kept a prompt position, fails one of these.
+    want_lp = torch.cat([torch.zeros(3, 1), want_lp], dim=1) * response
+    want_h = torch.cat([torch.zeros(3, 1), want_h], dim=1) * response
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, want_h, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logprobs[~response], torch.zeros(int((~response).sum())))
+    assert (logprobs[response] < 0).all()
+
+
+def test_only_the_asked_for_positions_reach_the_output_head():
+    model = tiny_llama()
+    ids, mask, response = prompt_and_response_rows()
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, inp, out: rows_seen.append(inp[0].shape))
+    try:
+        with torch.no_grad():
+            token_logprobs(model, ids, mask, positions=response)
+    finally:
+        hook.remove()
+    assert rows_seen == [torch.Size([int(response.sum()), model.config.hidden_size])]
+
+
+def test_gradients_of_the_sliced_log_probs_equal_the_full_computation():
+    model = tiny_llama()
+    ids, mask, response = prompt_and_response_rows(seed=7)
+    weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(8)) * response
+    logprobs, entropy = token_logprobs(model, ids, mask, positions=response, with_entropy=True)
+    ((logprobs + 0.1 * entropy) * weights).sum().backward()
+    sliced = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want_lp, want_h = direct(model, ids, mask)
+    ((want_lp + 0.1 * want_h) * weights[:, 1:]).sum().backward()
+    for got, want in zip(sliced, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_outside_the_plain_head_list_uses_its_own_logits_with_the_same_result(
+    monkeypatch,
+):
+    model = tiny_llama()
+    ids, mask, response = prompt_and_response_rows()
+    with torch.no_grad():
+        fast, _ = token_logprobs(model, ids, mask, positions=response)
+        monkeypatch.setattr(logprobs_module, "PLAIN_HEAD_MODELS", frozenset())
+        assert logprobs_module.decoder_and_head(model) is None
+        fallback, _ = token_logprobs(model, ids, mask, positions=response)
+    torch.testing.assert_close(fallback, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_no_asked_for_position_gives_zeros_that_still_backpropagate():
+    model = tiny_llama()
+    ids, mask, _ = prompt_and_response_rows()
+    logprobs, _ = token_logprobs(model, ids, mask, positions=torch.zeros_like(mask))
+    assert torch.equal(logprobs, torch.zeros(ids.shape))
+    logprobs.sum().backward()  # a micro-batch without a trained token must not raise
+
+
+def test_the_callers_masks_are_left_unchanged():
+    model = tiny_llama()
+    ids, mask, response = prompt_and_response_rows()
+    bool_mask, before = mask.bool(), response.clone()
+    response[:, 0] = True
+    with torch.no_grad():
+        token_logprobs(model, ids, bool_mask, positions=response)
+    assert bool_mask[:, 0].all() and response[:, 0].all()
+    assert torch.equal(response[:, 1:], before[:, 1:])

@@ -221,15 +221,96 @@ def test_scheduler_steps_once_per_applied_optimizer_step_and_grad_is_clipped():
     assert stats.grad_norm > 1e-3  # measured before clipping
 
 
-def test_compute_old_logprobs_matches_token_logprobs_and_keeps_train_mode():
+def full_logprobs(model, input_ids, attention_mask):
+    """The textbook log-probs of every token: full logits, log_softmax, gather, shift by one."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    first = torch.zeros(input_ids.shape[0], 1)
+    return torch.cat([first, picked], dim=1), torch.cat([first, entropy], dim=1)
+
+
+def test_compute_old_logprobs_fills_the_loss_mask_and_keeps_train_mode():
     model = tiny_llama()
     model.train()
     batch = trajectory_batch()
     old = compute_old_logprobs(model, batch, micro_batch_size=4)
     assert model.training and not old.requires_grad
     with torch.no_grad():
-        want, _ = token_logprobs(model.eval(), batch.input_ids, batch.attention_mask)
+        want, _ = full_logprobs(model.eval(), batch.input_ids, batch.attention_mask)
+    trained = batch.loss_mask.bool()
+    torch.testing.assert_close(old[trained], want[trained], rtol=1e-5, atol=1e-6)
+    assert torch.equal(old[~trained], torch.zeros(int((~trained).sum())))
+
+
+def test_compute_old_logprobs_without_a_loss_mask_covers_every_real_token():
+    model = tiny_llama().eval()
+    batch = trajectory_batch()
+    old = compute_old_logprobs(model, ids_only(batch), micro_batch_size=4)
+    with torch.no_grad():
+        want, _ = token_logprobs(model, batch.input_ids, batch.attention_mask)
+        full, _ = full_logprobs(model, batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(old, want, rtol=1e-5, atol=1e-6)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(old[real], full[real], rtol=1e-5, atol=1e-6)
+
+
+class ids_only:  # noqa: N801 - a record with only the attributes a reference-model pass needs
+    def __init__(self, batch):
+        self.input_ids, self.attention_mask = batch.input_ids, batch.attention_mask
+
+
+def test_one_update_equals_the_aipo_loss_on_full_log_probs_of_the_whole_minibatch():
+    """Old, reference and current log-probs and entropy only on the loss mask, micro-batched,
+    give the weights and loss of the textbook computation on every position at once."""
+    losses = pytest.importorskip("trainers.losses")
+    config = losses.LossConfig(
+        eps_clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, rollout_correction="tis"
+    )
+    base, ref_model = tiny_llama(seed=2), tiny_llama(seed=3).eval()
+    batch = trajectory_batch(seed=2)
+    advantages = torch.linspace(-1.0, 1.5, len(batch))
+    noise = 0.3 * torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(4))
+
+    ours = copy.deepcopy(base)
+    old = compute_old_logprobs(ours, batch, micro_batch_size=4) + noise
+    ref = compute_old_logprobs(ref_model, batch, micro_batch_size=4)
+    update = UpdateBatch.from_trajectory_batch(batch, advantages, old, ref)
+    stats = run_update(
+        ours,
+        update,
+        losses.AIPOLoss(config),
+        ppo_epochs=1,
+        minibatch_size=len(batch),
+        micro_batch_size=2,
+        with_entropy=True,
+    )
+
+    textbook = copy.deepcopy(base)
+    with torch.no_grad():
+        full_old = full_logprobs(textbook, batch.input_ids, batch.attention_mask)[0] + noise
+        full_ref = full_logprobs(ref_model, batch.input_ids, batch.attention_mask)[0]
+    logprobs, entropy = full_logprobs(textbook, batch.input_ids, batch.attention_mask)
+    loss, _ = losses.aipo_policy_loss(
+        config,
+        logprobs,
+        full_old,
+        advantages,
+        batch.loss_mask,
+        batch.agent_mask,
+        behavior_logprobs=batch.behavior_logprobs,
+        rollout_logprobs=batch.behavior_logprobs,
+        ref_logprobs=full_ref,
+        entropy=entropy,
+    )
+    loss.backward()
+    torch.optim.SGD(textbook.parameters(), lr=0.5).step()
+
+    assert stats.optimizer_steps == 1 and stats.loss == pytest.approx(loss.item(), abs=1e-5)
+    assert stats.loss_metrics["tokens/agent_trained"] > 0  # the agent-token term took part
+    assert max_param_diff(ours, base) > 1e-3
+    assert max_param_diff(ours, textbook) < 1e-5
 
 
 def test_update_batch_rejects_misaligned_tensors():

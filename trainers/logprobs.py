@@ -1,26 +1,51 @@
-"""Per-token log-probabilities of a causal LM, aligned with ``input_ids``.
+"""Per-token log-probabilities of a causal LM, aligned with ``input_ids``, where they are needed.
 
 The shift convention lives here and nowhere else. A causal LM's logits at position
 ``t - 1`` predict token ``t``; :func:`token_logprobs` returns
 
-    out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])    for t >= 1
-    out[:, 0] = 0                                            (nothing predicts the first token)
+    out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])    for t >= 1 where asked for
+    out[:, t] = 0                                            everywhere else, and at t = 0
 
 so its result is aligned with ``input_ids`` exactly like every per-token tensor of
 :class:`aipo_env.batch.TrajectoryBatch` (``loss_mask``, ``behavior_logprobs``, ...).
 Callers never shift anything themselves; position 0 is always a prompt token and is
 never trained.
 
-Memory: the full ``[B, T, V]`` float32 ``log_softmax`` is never built. For each chunk
-of positions the log-prob is ``logit[target] - logsumexp(logits)``, computed in float32
-from the model's logits chunk by chunk (``chunk_size`` positions at a time).
+Only the positions asked for cost anything beyond the decoder. The trainer asks for the
+tokens its loss reads (the loss mask: response tokens), so the prompt's positions never
+reach the output head. The decoder runs on every token (attention needs the prefix);
+then the hidden states that predict an asked-for token are gathered, and the output
+head and the log-softmax run on those rows only. On SmolLM2-135M (vocabulary 49152,
+hidden 576, 30 layers) the head is about a fifth of the forward's FLOPs per token and
+the ``[*, V]`` logits are the largest activation, so a response of 64 tokens after a
+prompt of 100 skips most of both.
+
+The head is applied directly (``model.get_decoder()``, then ``model.get_output_embeddings()``)
+only for architectures whose forward is exactly ``lm_head(decoder(...))``
+(:data:`PLAIN_HEAD_MODELS`); any other model takes its full logits from ``model(...)``
+and the same positions are gathered from them, which is correct for every causal LM.
+
+Memory: no ``[*, V]`` log-softmax tensor is built; each log-prob is
+``logit[target] - logsumexp(logits)`` in float32. The largest tensor is the ``[N, V]``
+float32 logits of the N selected positions, which autograd keeps for the backward (the
+fastest choice). ``chunk_size`` bounds it to ``[chunk_size, V]``: under autograd each
+chunk's head and log-sum-exp are then recomputed in backward (activation
+checkpointing), so only the ``[N, hidden]`` states are kept, at the cost of a second
+head matmul per chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+#: ``config.model_type`` of architectures whose ``ForCausalLM.forward`` is exactly
+#: ``lm_head(model(...).last_hidden_state)``: no logit scaling, soft-capping or bias.
+#: Others fall back to the full logits (correct, slower).
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -29,17 +54,88 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
-def _chunk_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, head)`` with ``model(x).logits == head(decoder(x).last_hidden_state)``, or None.
+
+    None when the architecture is not in :data:`PLAIN_HEAD_MODELS` or does not expose
+    both parts; the caller then uses the model's own logits.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    return decoder, head
+
+
+def _rows_logprobs(
+    rows: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor] | None,
+    targets: torch.Tensor,
+    with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    chunk = logits.float()
-    log_normalizer = torch.logsumexp(chunk, dim=-1)
-    picked = chunk.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Log-prob (and entropy) of ``targets [n]`` under the logits ``project(rows)`` ``[n, V]``."""
+    logits = (rows if project is None else project(rows)).float()
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return picked - log_normalizer, log_normalizer.new_zeros(())
     # H = logsumexp(z) - sum softmax(z) * z
-    probs = torch.softmax(chunk, dim=-1)
-    return picked - log_normalizer, log_normalizer - (probs * chunk).sum(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return picked - log_normalizer, log_normalizer - (probs * logits).sum(dim=-1)
+
+
+def selected_logprobs(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets [N]`` under the logits of ``rows`` (``project(rows)``, or ``rows`` itself).
+
+    Args:
+        rows: ``[N, V]`` logits, or ``[N, H]`` hidden states when ``project`` is the head.
+        targets: ``[N]`` token ids; ``rows[i]`` predicts ``targets[i]``.
+        project: maps ``[n, *]`` rows to ``[n, V]`` logits (``None``: rows are logits).
+        with_entropy: also return the entropy of each predictive distribution.
+        chunk_size: rows processed at a time (``None``: all ``N`` at once). Under autograd
+            each chunk is recomputed in backward, so only ``rows`` is kept, never a chunk's
+            ``[chunk_size, V]`` float32 logits.
+
+    Returns:
+        ``(logprobs [N] float32, entropy [N] float32 or None)``.
+    """
+    if rows.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)} disagree; "
+            "expected rows [N, *] and targets [N]"
+        )
+    count = rows.shape[0]
+    step = count if chunk_size is None else int(chunk_size)
+    if chunk_size is not None and step <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    recompute = chunk_size is not None and torch.is_grad_enabled() and rows.requires_grad
+    logprob_chunks: list[torch.Tensor] = []
+    entropy_chunks: list[torch.Tensor] = []
+    # One pass even when N == 0, so the result stays connected to the graph.
+    for start in range(0, max(count, 1), max(step, 1)):
+        args = (rows[start : start + step], project, targets[start : start + step], with_entropy)
+        if recompute:
+            lp, h = torch.utils.checkpoint.checkpoint(_rows_logprobs, *args, use_reentrant=False)
+        else:
+            lp, h = _rows_logprobs(*args)
+        logprob_chunks.append(lp)
+        entropy_chunks.append(h)
+    logprobs = torch.cat(logprob_chunks)
+    entropy = torch.cat(entropy_chunks) if with_entropy else None
+    return logprobs, entropy
 
 
 def logprobs_from_logits(
@@ -51,47 +147,23 @@ def logprobs_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets`` under ``logits`` (already shifted: ``logits[:, i]`` predicts ``targets[:, i]``).
 
-    Args:
-        logits: ``[B, L, V]`` logits in any float dtype.
-        targets: ``[B, L]`` token ids.
-        with_entropy: also return the entropy of each predictive distribution.
-        chunk_size: positions processed at a time (``None``: all ``L`` at once). Only a
-            ``[B, chunk_size, V]`` float32 copy of the logits exists at any moment; under
-            autograd each chunk is recomputed in backward instead of kept.
-
-    Returns:
-        ``(logprobs [B, L] float32, entropy [B, L] float32 or None)``.
+    ``logits`` ``[B, L, V]`` in any float dtype, ``targets`` ``[B, L]``; returns
+    ``(logprobs [B, L] float32, entropy [B, L] float32 or None)``. ``chunk_size``: see
+    :func:`selected_logprobs` (rows of the flattened ``[B * L, V]``).
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree; "
             "expected logits [B, L, V] and targets [B, L]"
         )
-    length = logits.shape[1]
-    step = length if chunk_size is None else int(chunk_size)
-    if step <= 0 and length > 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    logprob_chunks: list[torch.Tensor] = []
-    entropy_chunks: list[torch.Tensor] = []
-    # With gradients and chunking, each chunk is recomputed in backward (activation
-    # checkpointing), so autograd keeps only the model-dtype logits, never the float32 copies.
-    recompute = chunk_size is not None and torch.is_grad_enabled() and logits.requires_grad
-    for start in range(0, length, max(step, 1)):
-        args = (logits[:, start : start + step], targets[:, start : start + step], with_entropy)
-        if recompute:
-            lp, h = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, h = _chunk_logprobs(*args)
-        logprob_chunks.append(lp)
-        if with_entropy:
-            entropy_chunks.append(h)
-    batch = targets.shape[0]
-    empty = logits.new_zeros((batch, 0), dtype=torch.float32)
-    logprobs = torch.cat(logprob_chunks, dim=1) if logprob_chunks else empty
-    entropy = (
-        (torch.cat(entropy_chunks, dim=1) if entropy_chunks else empty) if with_entropy else None
+    flat_lp, flat_h = selected_logprobs(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        with_entropy=with_entropy,
+        chunk_size=chunk_size,
     )
-    return logprobs, entropy
+    entropy = None if flat_h is None else flat_h.view(targets.shape)
+    return flat_lp.view(targets.shape), entropy
 
 
 def token_logprobs(
@@ -99,23 +171,26 @@ def token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
+    positions: torch.Tensor | None = None,
     with_entropy: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of every token given its prefix, aligned with ``input_ids``.
+    """Log-prob of each asked-for token given its prefix, aligned with ``input_ids``.
 
-    ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1`` and
-    ``out[:, 0] = 0``; ``entropy[:, t]`` is the entropy of the distribution that
-    ``input_ids[:, t]`` was drawn from (0 at ``t = 0``). Padding positions
-    (``attention_mask == 0``) hold 0 in both, so they never carry NaN or inf into a loss.
+    ``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` where ``positions[:, t]``
+    is set, ``t >= 1`` and the token is real; ``entropy[:, t]`` is the entropy of the
+    distribution ``input_ids[:, t]`` was drawn from, at the same positions. Every other
+    position holds 0 in both (never NaN or inf), so a loss may multiply by its mask.
 
     Args:
         model: a causal LM whose forward accepts ``input_ids``, ``attention_mask``,
             ``position_ids`` and returns an object with ``.logits`` ``[B, T, V]``.
         input_ids: ``[B, T]`` long.
         attention_mask: ``[B, T]``; 1 on real tokens.
+        positions: ``[B, T]`` bool (or 0/1), the tokens whose log-prob is needed, e.g.
+            the loss mask; ``None``: every real token. Fewer positions, less work.
         with_entropy: also return per-token entropy (for an entropy bonus or metrics).
-        chunk_size: positions per float32 chunk (see :func:`logprobs_from_logits`).
+        chunk_size: selected positions per float32 chunk (see :func:`selected_logprobs`).
 
     Returns:
         ``(logprobs [B, T] float32, entropy [B, T] float32 or None)``, differentiable
@@ -126,20 +201,36 @@ def token_logprobs(
             f"input_ids {tuple(input_ids.shape)} and attention_mask "
             f"{tuple(attention_mask.shape)} must have the same shape [B, T]"
         )
-    logits = model(
+    if positions is not None and positions.shape != input_ids.shape:
+        raise ValueError(
+            f"positions has shape {tuple(positions.shape)}; expected {tuple(input_ids.shape)} "
+            "(aligned with input_ids)"
+        )
+    wanted = (
+        attention_mask.bool() if positions is None else positions.bool() & attention_mask.bool()
+    )
+    # Nothing predicts the first token (a new tensor: the caller's mask is left alone).
+    wanted = torch.cat([torch.zeros_like(wanted[:, :1]), wanted[:, 1:]], dim=1)
+    # The one shift: the state (or logits) at t-1 scores token t.
+    predictors = wanted[:, 1:]
+    targets = input_ids[:, 1:][predictors]
+    inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-    ).logits
-    # The one shift: logits at t-1 score token t.
-    shifted, entropy_shifted = logprobs_from_logits(
-        logits[:, :-1], input_ids[:, 1:], with_entropy=with_entropy, chunk_size=chunk_size
     )
-    real = attention_mask[:, 1:].bool()
-    first = shifted.new_zeros((input_ids.shape[0], 1))
-    logprobs = torch.cat([first, shifted.masked_fill(~real, 0.0)], dim=1)
-    entropy = None
-    if entropy_shifted is not None:
-        entropy = torch.cat([first, entropy_shifted.masked_fill(~real, 0.0)], dim=1)
+    parts = decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        states = decoder(**inputs).last_hidden_state
+        rows, project = states[:, :-1][predictors], head
+    else:
+        rows, project = model(**inputs).logits[:, :-1][predictors], None
+    picked, picked_entropy = selected_logprobs(
+        rows, targets, project=project, with_entropy=with_entropy, chunk_size=chunk_size
+    )
+    zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logprobs = zeros.masked_scatter(wanted, picked)
+    entropy = None if picked_entropy is None else zeros.masked_scatter(wanted, picked_entropy)
     return logprobs, entropy

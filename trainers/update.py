@@ -6,7 +6,7 @@ The algorithm box (:func:`ppo_update`)::
         shuffle the B rows (seeded)
         for each minibatch of `minibatch_size` rows:
             for each micro-batch of `micro_batch_size` rows:
-                logp, H = token_logprobs(model, micro)              # aligned with input_ids
+                logp, H = token_logprobs(model, micro, where=loss_mask)  # aligned with input_ids
                 loss_micro = loss_fn(logp, old_logp, A, masks, ...)
                 backward(loss_micro * weight(micro))               # accumulate
             if loss or grad-norm is not finite: drop the gradient, dump the minibatch
@@ -25,6 +25,11 @@ the whole minibatch at once:
 
 All tensors stay aligned with ``input_ids`` (``[B, T]``, position ``t`` describes token
 ``t``); the one-token shift is done once, inside :func:`trainers.logprobs.token_logprobs`.
+
+Log-probs (old, reference and current) and entropy are computed only where ``loss_mask``
+is nonzero and hold 0 elsewhere: the loss, each of its metrics and the KL term read them
+only on trained tokens (policy tokens and the agent tokens the mode trains, both inside
+``loss_mask``), so prompt positions never reach the model's output head.
 """
 
 from __future__ import annotations
@@ -148,18 +153,27 @@ def compute_old_logprobs(
 
     Works for the policy (old log-probs) and for a frozen reference model (KL term).
     ``batch`` needs ``input_ids`` and ``attention_mask`` (a ``TrajectoryBatch`` or an
-    :class:`UpdateBatch`). The model's train/eval mode is restored afterwards.
+    :class:`UpdateBatch`). Only the tokens ``batch.loss_mask`` marks get a log-prob (0
+    elsewhere), since the loss reads old and reference log-probs nowhere else; a batch
+    without ``loss_mask`` gets every real token. The model's train/eval mode is
+    restored afterwards.
     """
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
     was_training = model.training
     model.eval()
     try:
+        loss_mask = getattr(batch, "loss_mask", None)
         parts = []
         for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-            ids = batch.input_ids[start : start + micro_batch_size]
-            mask = batch.attention_mask[start : start + micro_batch_size]
-            logprobs, _ = token_logprobs(model, ids, mask, chunk_size=chunk_size)
+            rows = slice(start, start + micro_batch_size)
+            logprobs, _ = token_logprobs(
+                model,
+                batch.input_ids[rows],
+                batch.attention_mask[rows],
+                positions=None if loss_mask is None else loss_mask[rows] != 0,
+                chunk_size=chunk_size,
+            )
             parts.append(logprobs)
         return torch.cat(parts, dim=0)
     finally:
@@ -228,6 +242,7 @@ def _accumulate_gradients(
             model,
             micro.input_ids,
             micro.attention_mask,
+            positions=micro.loss_mask != 0,
             with_entropy=with_entropy,
             chunk_size=chunk_size,
         )
@@ -280,7 +295,8 @@ def ppo_update(
         batch: aligned tensors (see :class:`UpdateBatch`).
         loss_fn: called as ``loss_fn(logprobs=, old_logprobs=, advantages=, loss_mask=,
             agent_mask=, behavior_logprobs=, rollout_logprobs=, ref_logprobs=, entropy=)`` on a micro-batch;
-            returns ``(scalar loss, metrics dict)``.
+            returns ``(scalar loss, metrics dict)``. ``logprobs`` and ``entropy`` are 0
+            where ``loss_mask`` is 0: the loss must read them only under its mask.
         ppo_epochs: passes over the batch.
         minibatch_size: rows per optimizer step (the last minibatch may be smaller).
         micro_batch_size: rows per forward/backward; gradients accumulate over a minibatch.
