@@ -12,14 +12,13 @@ from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.trajectory import ConsultRecord, Trajectory, Turn
 from tasks.base import RewardResult
-from trainers.summary import (
-    TrainSummary,
+from trainers.consulting import (
     agent_coef_summary,
     consulting_metrics,
     consulting_summary,
     difficulty_bucket,
-    summarize,
 )
+from trainers.summary import TrainSummary, summarize
 
 EOS = "<|im_end|>"
 ASK = '<consult agent="reasoning">hint?</consult>'

@@ -16,16 +16,15 @@ from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.trajectory import Trajectory, read_jsonl
 from trainers.embedded import EmbeddedTrainer
-from trainers.warmup import (
+from trainers.demonstrations import (
     Demonstration,
-    WarmupError,
-    WarmupSection,
     consult_usage,
     demonstration,
     fit_demonstrations,
     select_demonstrations,
     spliced,
 )
+from trainers.warmup import WarmupError, WarmupSection
 
 EOS = "<|im_end|>"
 
