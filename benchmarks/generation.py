@@ -57,21 +57,6 @@ QUESTIONS = [
     "Solve for x: 3x + 7 = 22.",
 ]
 FEEDBACK = '\n<feedback agent="verify">Check the last step again; it may be wrong.</feedback>\n'
-#: SmolLM2-135M-Instruct's architecture, for --compare-generate's random model.
-DEFAULT_ARCHITECTURE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
-    tie_word_embeddings=True,
-)
-
 
 # -- prompts and models -----------------------------------------------------------
 
@@ -112,11 +97,9 @@ class _IdsTokenizer:
 
 def random_default_model(device: str, dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialised model of the default's architecture (no weights downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from policies.default_model import random_default_model as build
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**DEFAULT_ARCHITECTURE))
-    return model.to(device=device, dtype=dtype).eval()
+    return build(seed=0).to(device=device, dtype=dtype).eval()
 
 
 def load_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list[list[int]], str]:
@@ -130,7 +113,7 @@ def load_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, object, list[
             torch.randint(100, 40000, (length + i % 8,), generator=gen).tolist()
             for i in range(args.prompts)
         ]
-        return model, _IdsTokenizer(), prompts, f"random {DEFAULT_ARCHITECTURE} ({dtype})"
+        return model, _IdsTokenizer(), prompts, f"random SmolLM2-135M architecture ({dtype})"
     from policies.default_model import ensure_default_model
     from policies.loading import load_causal_lm, load_tokenizer
 

