@@ -25,7 +25,13 @@ loaded (the load has its own transient peak). Writes ``update.json`` and
 ``update.png`` (``--tag`` names them ``update.<tag>.*``).
 
     python benchmarks/update.py                          # CPU, float32, 5 rounds
+    python benchmarks/update.py --threads 1              # on cores other processes share
     python benchmarks/update.py --device cuda --dtype bfloat16 --weights random --tag cuda
+
+On shared cores ``--threads 1`` gives steady figures: with more threads each side's
+time depends on whether its threads were scheduled together. Peak memory of **ours**
+includes AdamW's two moment buffers (twice the model's size), which **bare** never
+allocates.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def fit_demonstrations(
             for start in range(0, len(order), batch_size):
                 batch = [demos[i] for i in order[start : start + batch_size]]
                 ids, attention, mask = (x.to(device) for x in _pad(batch, pad_id))
-                logprobs, _ = token_logprobs(model, ids, attention)
+                # Only the fitted tokens' log-probs: the lm_head runs on those rows alone.
+                logprobs, _ = token_logprobs(model, ids, attention, positions=mask > 0)
                 n = mask.sum()
                 if n == 0:
                     continue
