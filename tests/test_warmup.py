@@ -15,7 +15,6 @@ from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.trajectory import Trajectory, read_jsonl
-from trainers.embedded import EmbeddedTrainer
 from trainers.demonstrations import (
     Demonstration,
     consult_usage,
@@ -24,6 +23,7 @@ from trainers.demonstrations import (
     select_demonstrations,
     spliced,
 )
+from trainers.embedded import EmbeddedTrainer
 from trainers.warmup import WarmupError, WarmupSection
 
 EOS = "<|im_end|>"
