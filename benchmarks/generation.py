@@ -10,7 +10,9 @@ reuse. The variants run interleaved, round after round (A, B, A, B, ...), so loa
 from other processes falls on all of them alike; each figure is the median of the
 rounds, and every variant is also given as a ratio to the first one.
 
-Every run is greedy with EOS ignored, so all produce the same number of tokens.
+Every run ignores EOS, so all produce the same number of tokens; runs are greedy unless
+``--temperature`` is set (the trainer's rollouts sample at 0.7, which adds the draw's cost;
+each request then has its own seed).
 ``--logprob-diff`` also samples rollouts (temperature 1) from each variant that is not
 float32 and compares their log-probs with the float32 model's teacher-forced ones
 (what the trainer computes): the mismatch a rollout correction has to cover.
@@ -161,16 +163,30 @@ def hf_generate(model, pad: int, prompts: list[list[int]], new_tokens: int, batc
     return time.perf_counter() - start
 
 
+def request(new_tokens: int, temperature: float, index: int) -> SamplingParams:
+    """One benchmark request: EOS ignored (equal lengths everywhere), seeded when sampled."""
+    seed = index if temperature > 0 else None
+    return SamplingParams(
+        temperature=temperature, max_new_tokens=new_tokens, ignore_eos=True, seed=seed
+    )
+
+
 async def embedded(
-    gen: TransformersGenerator, prompts: list[list[int]], new_tokens: int, concurrent: bool
+    gen: TransformersGenerator,
+    prompts: list[list[int]],
+    new_tokens: int,
+    concurrent: bool,
+    temperature: float = 0.0,
 ) -> tuple[float, list[Generation]]:
     """Seconds the embedded generator takes for all prompts, sequential or concurrent; outputs."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+    params = [request(new_tokens, temperature, i) for i in range(len(prompts))]
     start = time.perf_counter()
     if concurrent:
-        outs = await asyncio.gather(*(gen.generate(p, params) for p in prompts))
+        outs = await asyncio.gather(
+            *(gen.generate(p, s) for p, s in zip(prompts, params, strict=True))
+        )
     else:
-        outs = [await gen.generate(p, params) for p in prompts]
+        outs = [await gen.generate(p, s) for p, s in zip(prompts, params, strict=True)]
     assert all(len(o.token_ids) == new_tokens for o in outs)
     return time.perf_counter() - start, outs
 
@@ -201,14 +217,19 @@ def agreement(outs: list[Generation], reference: list[Generation]) -> dict[str, 
 
 
 async def trajectories(
-    gen: TransformersGenerator, prompts: list[list[int]], new_tokens: int, turns: int, reuse: bool
+    gen: TransformersGenerator,
+    prompts: list[list[int]],
+    new_tokens: int,
+    turns: int,
+    reuse: bool,
+    temperature: float = 0.0,
 ) -> float:
     """Seconds for consult-like multi-turn trajectories, run concurrently."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     feedback = gen.tokenizer.encode(FEEDBACK, add_special_tokens=False)
 
     async def one(i: int, ids: list[int]) -> None:
         ids = list(ids)
+        params = request(new_tokens, temperature, i)
         for _ in range(turns):
             out = await gen.generate(ids, params, session_id=f"traj-{i}" if reuse else None)
             ids = ids + out.token_ids + feedback
@@ -295,7 +316,9 @@ async def run(args: argparse.Namespace) -> dict:
                 )
         for v, gen in gens.items():
             gen.stats = GeneratorStats()
-            seconds, greedy[v] = await embedded(gen, prompts, args.max_new_tokens, concurrent=True)
+            seconds, greedy[v] = await embedded(
+                gen, prompts, args.max_new_tokens, concurrent=True, temperature=args.temperature
+            )
             record(f"embedded_concurrent[{v}]", seconds, total)
             extra[f"embedded_concurrent[{v}]"] = {
                 "decode_forwards": gen.stats.decode_forwards,
@@ -303,11 +326,15 @@ async def run(args: argparse.Namespace) -> dict:
                 "forward": f"{gen.forward.name}:{str(gen.forward.dtype).removeprefix('torch.')}",
             }
             if args.sequential:
-                seconds, _ = await embedded(gen, prompts, args.max_new_tokens, concurrent=False)
+                seconds, _ = await embedded(
+                    gen, prompts, args.max_new_tokens, False, args.temperature
+                )
                 record(f"embedded_sequential[{v}]", seconds, total)
             for reuse in (False, True) if args.turns > 0 else ():
                 gen.weights_updated()  # start each variant with empty caches
-                seconds = await trajectories(gen, prompts, args.max_new_tokens, args.turns, reuse)
+                seconds = await trajectories(
+                    gen, prompts, args.max_new_tokens, args.turns, reuse, args.temperature
+                )
                 name = f"multi_turn_{'with' if reuse else 'without'}_prefix_reuse[{v}]"
                 record(name, seconds, total * args.turns)
     same = {v: agreement(greedy[v], greedy[variants[0]]) for v in variants[1:]}
@@ -335,6 +362,7 @@ async def run(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
         "turns": args.turns,
         "rounds": args.rounds,
         "variants": variants,
@@ -379,7 +407,10 @@ def plot(report: dict, out: Path) -> None:
     ]
     ax.barh(names, values, color=colors)
     ax.invert_yaxis()
-    ax.set_xlabel(f"new tokens per second (greedy, {report['device']}, median of rounds)")
+    ax.set_xlabel(
+        f"new tokens per second (temperature {report.get('temperature', 0.0)}, "
+        f"{report['device']}, median of rounds)"
+    )
     ax.set_title(
         f"{report['prompts']} prompts x {report['max_new_tokens']} tokens, "
         f"load {report['load_average_1m'][0]} -> {report['load_average_1m'][1]}"
@@ -415,6 +446,12 @@ def main() -> None:
         default="hf:float32,lean:float32,lean:bfloat16",
         help="comma-separated path:dtype generator variants (path hf|lean|auto, dtype "
         "float32|bfloat16|auto); ratios are given against the first",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy (outputs comparable across variants); rollouts sample, e.g. 0.7",
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every run")
     parser.add_argument(

@@ -371,6 +371,26 @@ def test_batched_sampling_matches_each_row_alone():
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def test_batched_draws_follow_each_rows_filtered_distribution():
+    """Many draws per row: frequencies match the filtered probabilities; none outside them."""
+    from policies.sampling import _inverse_cdf
+
+    torch.manual_seed(2)
+    logits = torch.randn(3, 12) * 2
+    params = [SamplingParams(temperature=0.9), SamplingParams(top_k=4), SamplingParams(top_p=0.7)]
+    probs = _filtered_probs(logits, params, [0, 1, 2])
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    draws = torch.stack([_inverse_cdf(probs, gens) for _ in range(6000)])  # [draws, rows]
+    for row in range(3):
+        counts = torch.bincount(draws[:, row], minlength=12).double()
+        allowed = probs[row] > 0
+        assert counts[~allowed].sum() == 0, f"row {row} drew a filtered-out token"
+        expected = probs[row].double() * len(draws)
+        # Within 5 binomial standard deviations of its expected count, every token.
+        spread = (expected * (1 - probs[row].double())).sqrt()
+        assert ((counts - expected).abs() <= 5 * spread + 1e-9).all(), f"row {row}: {counts}"
+
+
 @pytest.mark.parametrize("scale", [4.0, 0.01])  # peaked: nucleus in the candidates; flat: not
 def test_top_p_keeps_exactly_the_full_sort_nucleus(scale):
     torch.manual_seed(1)
