@@ -4,12 +4,14 @@ Two sides run on one model, one batch and one micro-batching, alternating in one
 process (rounds in the order ours, bare, bare, ours, ours, ... so a drifting load
 falls on both alike):
 
-- **ours**: what ``aipo train`` does after a rollout: ``compute_old_logprobs`` and one
-  ``ppo_update`` epoch with the AIPO loss, the optimizer (AdamW with gradient
-  clipping) and the micro-batch size of ``configs/default.yaml``.
+- **ours**: what ``aipo train`` does after a rollout: one ``ppo_update`` epoch with the
+  AIPO loss, the optimizer (AdamW with gradient clipping) and the micro-batch size of
+  ``configs/default.yaml``; before it ``compute_old_logprobs``, unless the batch makes
+  a single optimizer step (``on_policy_update``: the default's 16 rows in one
+  minibatch), when the update's own forward gives the old log-probs.
 - **bare**: for each micro-batch a no-grad ``model(...)`` forward, then for each
-  micro-batch ``model(..., labels=...).loss.backward()`` (no optimizer step), the least
-  any PPO update does on these tokens.
+  micro-batch ``model(..., labels=...).loss.backward()`` (no optimizer step): what a
+  PPO update with a separate old-log-prob pass does at the least on these tokens.
 
 The batch is built deterministically: ``--rows`` right-padded rows of about
 ``--prompt-tokens`` prompt tokens and ``--response-tokens`` response tokens (lengths
@@ -54,7 +56,7 @@ from policies.default_model import DEFAULT_ARCHITECTURE
 from trainers.config import TrainConfig, default_config_path
 from trainers.losses import AIPOLoss
 from trainers.optim import build_optimizer
-from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
+from trainers.update import UpdateBatch, compute_old_logprobs, on_policy_update, ppo_update
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -116,10 +118,14 @@ class Sides:
         self.labels = torch.where(batch.attention_mask.bool(), batch.input_ids, -100)
 
     def ours(self) -> None:
-        """Old log-probs, then one PPO epoch of the AIPO loss (as ``update_policy``)."""
+        """Old log-probs unless on-policy, then one PPO epoch of the AIPO loss (as ``update_policy``)."""
         cfg = self.config
-        old = compute_old_logprobs(self.model, self.batch, cfg.train.micro_batch_size)
-        self.batch.old_logprobs = old
+        rows, minibatch = len(self.batch), cfg.train.minibatch_size
+        if on_policy_update(self.model, rows, 1, minibatch):
+            self.batch.old_logprobs = None  # the update's own forward gives them
+        else:
+            micro = cfg.train.micro_batch_size
+            self.batch.old_logprobs = compute_old_logprobs(self.model, self.batch, micro)
         ppo_update(
             self.model,
             self.optimizer,

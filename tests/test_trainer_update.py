@@ -11,7 +11,7 @@ from tiny_model import random_llama
 from aipo_env.batch import TrajectoryBatch
 from aipo_env.sources import CODE_POLICY, CODE_PROMPT
 from trainers.logprobs import token_logprobs
-from trainers.update import UpdateBatch, compute_old_logprobs, ppo_update
+from trainers.update import UpdateBatch, compute_old_logprobs, on_policy_update, ppo_update
 
 VOCAB = 89
 
@@ -118,6 +118,81 @@ def test_micro_batches_give_the_same_weights_as_whole_minibatches_token_mean():
         stats_whole.loss_metrics["clip_frac"], abs=1e-6
     )
     assert 0 < stats_whole.loss_metrics["clip_frac"] < 1
+
+
+def test_one_step_on_policy_update_matches_the_one_with_a_separate_old_logprob_pass():
+    losses = pytest.importorskip("trainers.losses")
+    loss_fn = losses.AIPOLoss(losses.LossConfig())
+    base = tiny_llama(seed=2)
+    batch = trajectory_batch(seed=2)
+    advantages = torch.linspace(-1.0, 1.5, len(batch))
+    old = compute_old_logprobs(base, batch, micro_batch_size=4)
+    separate = UpdateBatch.from_trajectory_batch(batch, advantages, old)
+    own = UpdateBatch.from_trajectory_batch(batch, advantages, None)
+    rows = len(batch)
+    assert on_policy_update(base, rows, 1, rows) and not on_policy_update(base, rows, 2, rows)
+    assert not on_policy_update(base, rows, 1, rows - 1)  # two optimizer steps
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    one_step = dict(ppo_epochs=1, minibatch_size=rows, micro_batch_size=2)
+    stats_a = run_update(a, separate, loss_fn, **one_step)
+    stats_b = run_update(b, own, loss_fn, **one_step)
+    assert max_param_diff(a, base) > 1e-3
+    assert max_param_diff(a, b) < 1e-6
+    assert stats_b.loss == pytest.approx(stats_a.loss, abs=1e-6)
+    # More than one optimizer step needs the old log-probs computed beforehand.
+    with pytest.raises(ValueError, match="ppo_epochs=2"):
+        run_update(copy.deepcopy(base), own, loss_fn, ppo_epochs=2, minibatch_size=rows)
+    dropout = copy.deepcopy(base)
+    dropout.config.attention_dropout = 0.1
+    assert not on_policy_update(dropout, rows, 1, rows)
+
+
+def test_micro_batches_group_similar_lengths_and_drop_their_all_padding_columns(monkeypatch):
+    import trainers.update as update_module
+
+    widths = []
+    real = update_module.token_logprobs
+
+    def recording(model, input_ids, attention_mask, **kwargs):
+        widths.append((input_ids.shape[1], int(attention_mask.sum(dim=1).max())))
+        return real(model, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(update_module, "token_logprobs", recording)
+    base = tiny_llama(seed=3)
+    batch = trajectory_batch(rows=6, width=16, seed=3)  # lengths 5, 8, 11, 14, 5, 8
+    old = compute_old_logprobs(base, batch, micro_batch_size=2)
+    unpadded = [compute_old_logprobs(base, _row(batch, r), 1)[0] for r in range(6)]
+    for r in range(6):
+        n = int(batch.attention_mask[r].sum())
+        assert torch.allclose(old[r, :n], unpadded[r][:n], atol=1e-5)
+        assert (old[r, n:] == 0).all()
+    # Sorted by length: (5, 5), (8, 8), (11, 14); each cut to its longest row.
+    assert widths[:3] == [(5, 5), (8, 8), (14, 14)]
+    widths.clear()
+    update = UpdateBatch.from_trajectory_batch(batch, torch.linspace(-1, 1, 6), old)
+    run_update(
+        copy.deepcopy(base),
+        update,
+        ppo_token_mean_loss,
+        ppo_epochs=1,
+        minibatch_size=6,
+        micro_batch_size=2,
+    )
+    assert sorted(widths) == [(5, 5), (8, 8), (14, 14)]
+
+
+def _row(batch: TrajectoryBatch, r: int) -> TrajectoryBatch:
+    n = int(batch.attention_mask[r].sum())
+    return TrajectoryBatch(
+        input_ids=batch.input_ids[r : r + 1, :n],
+        attention_mask=batch.attention_mask[r : r + 1, :n],
+        loss_mask=batch.loss_mask[r : r + 1, :n],
+        agent_mask=batch.agent_mask[r : r + 1, :n],
+        behavior_logprobs=batch.behavior_logprobs[r : r + 1, :n],
+        prompt_lens=batch.prompt_lens[r : r + 1],
+        rewards=batch.rewards[r : r + 1],
+        group_ids=batch.group_ids[r : r + 1],
+    )
 
 
 @pytest.mark.parametrize(

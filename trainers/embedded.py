@@ -67,7 +67,13 @@ from trainers.summary import (
     summarize,
 )
 from trainers.tree_advantages import tree_token_advantages
-from trainers.update import UpdateBatch, UpdateStats, compute_old_logprobs, ppo_update
+from trainers.update import (
+    UpdateBatch,
+    UpdateStats,
+    compute_old_logprobs,
+    on_policy_update,
+    ppo_update,
+)
 from trainers.warmup import run_warmup
 from trainers.weights import generation_paused, publish_weights
 
@@ -221,13 +227,17 @@ def update_policy(
     """PPO epochs of the AIPO loss over the kept rows; None when no token is trained."""
     cfg = run.config
     batch, advantages = loss_masked_batch(run, trajectories, advantages)
-    old = compute_old_logprobs(run.model, batch, cfg.train.micro_batch_size)
+    rows = keep.nonzero(as_tuple=True)[0].to(advantages.device)
+    # One optimizer step on the batch: the update's own forward gives the old log-probs.
+    on_policy = on_policy_update(
+        run.model, len(rows), cfg.train.ppo_epochs, cfg.train.minibatch_size
+    )
+    old = None if on_policy else compute_old_logprobs(run.model, batch, cfg.train.micro_batch_size)
     ref = (
         compute_old_logprobs(run.ref_model, batch, cfg.train.micro_batch_size)
         if run.ref_model is not None
         else None
     )
-    rows = keep.nonzero(as_tuple=True)[0].to(advantages.device)
     update = UpdateBatch.from_trajectory_batch(batch, advantages, old, ref).select(rows)
     if update.trained_tokens() == 0:
         return None
@@ -423,6 +433,11 @@ class EmbeddedTrainer:
                 await publish(run, step + 1, stats)
             metrics["update_s"] = time.perf_counter() - t0
             metrics.update(update_metrics(run, stats))
+            every = cfg.train.eval_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+                held_out = await stop.abandonable(evaluate(run, f"step{step + 1}", reuse=True))
+                if held_out is not None:
+                    metrics["eval/accuracy"] = held_out.accuracy
             log_and_save(run, step + 1, metrics)
         if stop.requested:
             raise interrupted(run, stop, None, saved_now=save_if_pending(run))

@@ -476,6 +476,15 @@ class AIPOLoss(nn.Module):
         super().__init__()
         self.config = config if config is not None else LossConfig()
 
+    @property
+    def width_dependent(self) -> bool:
+        """Whether the loss reads the padded width (``seq_sum_norm`` without a constant).
+
+        :func:`trainers.update.ppo_update` then keeps every micro-batch at the batch's width.
+        """
+        c = self.config
+        return c.aggregation == "seq_sum_norm" and c.seq_sum_norm_constant is None
+
     def forward(
         self,
         logprobs: torch.Tensor,

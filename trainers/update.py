@@ -68,7 +68,9 @@ class UpdateBatch:
     agent_mask: torch.Tensor  #: [B, T] bool; True on agent-produced tokens
     behavior_logprobs: torch.Tensor  #: [B, T] float; NaN where unknown
     advantages: torch.Tensor  #: [B] or [B, T] float
-    old_logprobs: torch.Tensor  #: [B, T] float; current policy before this update (no grad)
+    #: [B, T] float; the policy before this update (no grad). None: on-policy, the
+    #: update's own first forward gives them (:func:`on_policy_update`).
+    old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None = None  #: [B, T] float; reference model, for a KL term
     rewards: torch.Tensor | None = None  #: [B] float; only used in non-finite dumps
 
@@ -77,7 +79,7 @@ class UpdateBatch:
         cls,
         batch,
         advantages: torch.Tensor,
-        old_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None = None,
     ) -> UpdateBatch:
         """Take the aligned tensors of a :class:`aipo_env.batch.TrajectoryBatch`."""
@@ -124,6 +126,34 @@ class UpdateBatch:
         """Number of tokens the loss applies to (the ``loss_mask`` sum)."""
         return float(self.loss_mask.sum())
 
+    def trimmed(self) -> UpdateBatch:
+        """Without the trailing columns that are padding in every row (a narrower forward).
+
+        Exact for a causal model: a position never attends to a later one, so columns
+        after every row's last real token change nothing before them.
+        """
+        width = _real_width(self.attention_mask)
+        if width == self.input_ids.shape[1]:
+            return self
+        cut = {
+            f.name: getattr(self, f.name)[:, :width]
+            for f in fields(self)
+            if getattr(self, f.name) is not None and getattr(self, f.name).dim() == 2
+        }
+        return replace(self, **cut)
+
+
+def _real_width(attention_mask: torch.Tensor) -> int:
+    """One past the last column with a real token in any row."""
+    real = attention_mask.bool().any(dim=0).nonzero()
+    return int(real[-1]) + 1 if real.numel() else 1
+
+
+def _by_length(attention_mask: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """Row indices in chunks of ``size``, rows of similar length together (less padding)."""
+    order = torch.argsort(attention_mask.sum(dim=1), stable=True)
+    yield from _chunks(order, size)
+
 
 @dataclass
 class UpdateStats:
@@ -145,6 +175,23 @@ class UpdateStats:
         return {f"{prefix}{k}": float(v) for k, v in flat.items()}
 
 
+def on_policy_update(model: nn.Module, rows: int, ppo_epochs: int, minibatch_size: int) -> bool:
+    """Whether the update's own first forward can stand in for the old log-probs.
+
+    True when the batch makes exactly one optimizer step (one epoch, one minibatch), so
+    every micro-batch's forward runs on the weights the rollout used, and the model has
+    no active dropout (the old log-probs are an eval-mode forward). Then a separate
+    no-grad forward over the batch (:func:`compute_old_logprobs`) computes the same
+    numbers a second time.
+    """
+    if ppo_epochs != 1 or rows > minibatch_size:
+        return False
+    config = getattr(model, "config", None)
+    dropouts = [getattr(config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout")]
+    modules = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    return not any(p > 0 for p in dropouts + modules)
+
+
 @torch.no_grad()
 def compute_old_logprobs(
     model: nn.Module, batch, micro_batch_size: int, *, chunk_size: int | None = None
@@ -164,18 +211,20 @@ def compute_old_logprobs(
     model.eval()
     try:
         loss_mask = getattr(batch, "loss_mask", None)
-        parts = []
-        for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        # Rows of similar length share a micro-batch, cut to its own longest row.
+        for rows in _by_length(batch.attention_mask, micro_batch_size):
+            attention = batch.attention_mask[rows]
+            width = _real_width(attention)
             logprobs, _ = token_logprobs(
                 model,
-                batch.input_ids[rows],
-                batch.attention_mask[rows],
-                positions=None if loss_mask is None else loss_mask[rows] != 0,
+                batch.input_ids[rows, :width],
+                attention[:, :width],
+                positions=None if loss_mask is None else loss_mask[rows, :width] != 0,
                 chunk_size=chunk_size,
             )
-            parts.append(logprobs)
-        return torch.cat(parts, dim=0)
+            out[rows, :width] = logprobs.float()
+        return out
     finally:
         model.train(was_training)
 
@@ -227,10 +276,12 @@ def _accumulate_gradients(
     mb_tokens = minibatch.trained_tokens()
     mb_loss = 0.0
     mb_metrics: dict[str, float] = defaultdict(float)
-    for rows in _chunks(
-        torch.arange(len(minibatch), device=minibatch.input_ids.device), micro_batch_size
-    ):
-        micro = minibatch.select(rows)
+    # Rows of similar length share a micro-batch, cut to its own longest row: the sum of
+    # the micro-batches' gradients does not depend on how the rows are grouped. A loss
+    # normalised by the padded width keeps it.
+    trim = not getattr(loss_fn, "width_dependent", False)
+    for rows in _by_length(minibatch.attention_mask, micro_batch_size):
+        micro = minibatch.select(rows).trimmed() if trim else minibatch.select(rows)
         if accumulation == "tokens":
             micro_tokens = micro.trained_tokens()
             if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
@@ -246,9 +297,12 @@ def _accumulate_gradients(
             with_entropy=with_entropy,
             chunk_size=chunk_size,
         )
+        # On-policy (no old log-probs): the weights have not moved since the rollout's
+        # last publish, so this forward's log-probs, detached, are the old ones.
+        old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
         loss, metrics = loss_fn(
             logprobs=logprobs,
-            old_logprobs=micro.old_logprobs,
+            old_logprobs=old,
             advantages=micro.advantages,
             loss_mask=micro.loss_mask,
             agent_mask=micro.agent_mask,
@@ -322,6 +376,14 @@ def ppo_update(
         )
     if accumulation not in ("tokens", "rows"):
         raise ValueError(f"unknown accumulation {accumulation!r}; expected 'tokens' or 'rows'")
+    if batch.old_logprobs is None and not on_policy_update(
+        model, len(batch), ppo_epochs, minibatch_size
+    ):
+        raise ValueError(
+            "old_logprobs=None (on-policy) needs one optimizer step on the batch and no dropout: "
+            f"ppo_epochs={ppo_epochs}, {len(batch)} rows, minibatch_size={minibatch_size}; "
+            "compute them with compute_old_logprobs"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(int(seed))
     clip_to = float("inf") if max_grad_norm is None else float(max_grad_norm)
