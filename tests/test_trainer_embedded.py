@@ -45,7 +45,7 @@ def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_d
         tmp_path / "run",
         tiny_model_dir,
         task={"eval_size": 2},
-        train={"plot": True, "save_every": 1, "keep_last": 2},
+        train={"plot": True, "save_every": 1, "keep_last": 2, "eval_every": 1},
     )
     summary = EmbeddedTrainer(cfg, progress=False).run()
     run = tmp_path / "run"
@@ -81,6 +81,10 @@ def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_d
     assert saved["eval_before"]["problems"] == 2 and saved["eval_after"]["problems"] == 2
     assert len(read_jsonl(run / "eval" / "before.jsonl")) == 2
     assert len(read_jsonl(run / "eval" / "after.jsonl")) == 2
+    # eval_every=1: one held-out evaluation between the steps (the last step's is "after").
+    assert sorted(p.name for p in (run / "eval").glob("step*.json")) == ["step1.json"]
+    mid = json.loads((run / "eval" / "step1.json").read_text())
+    assert records[0]["eval/accuracy"] == mid["accuracy"] and "eval/accuracy" not in records[1]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["train_reward_first"] == pytest.approx(records[0]["reward_mean"])
 

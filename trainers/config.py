@@ -201,6 +201,14 @@ class TrainSection(BaseModel):
     save_every: int = Field(
         default=0, ge=0, description="Checkpoint every this many steps (0: only at the end)."
     )
+    eval_every: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Also evaluate the policy alone on the held-out problems every this many steps "
+            "(logged as eval/accuracy in that step's metrics; 0: only before and after)."
+        ),
+    )
     keep_last: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
     max_error_rate: float = Field(
         default=0.5,
