@@ -22,6 +22,7 @@ from trainers.demonstrations import (
     fit_demonstrations,
     select_demonstrations,
     spliced,
+    without_consult,
 )
 from trainers.embedded import EmbeddedTrainer
 from trainers.warmup import WarmupError, WarmupSection
@@ -74,6 +75,53 @@ async def test_opening_consult_is_relabelled_as_the_policys_and_the_reply_stays_
     alone, _ = await episode(tokenizer, [answer(problem)], auto=False)
     assert not alone.turns[0].generation_finish == "auto_consult"
     assert demonstration(alone).train_mask == [int(s == "policy") for s in alone.source]
+
+
+async def test_without_consult_keeps_the_policys_solution_on_the_independent_prompt(
+    tokenizer,
+) -> None:
+    problem = AdditionTask(4).problems[0]
+    opened, _ = await episode(tokenizer, [answer(problem)], auto=True)
+    alone_env = ConsultEnv(AdditionTask(4), None, tokenizer, EnvConfig(mode="independent"))
+    prompt = alone_env.prompt_ids(problem)
+    assert "consult" not in tokenizer.decode(prompt)
+    demo = without_consult(demonstration(opened), prompt)
+    solution = opened.token_ids[opened.turns[0].feedback_end :]
+    assert demo.token_ids == prompt + solution and not demo.consulted
+    assert "consult" not in tokenizer.decode(demo.token_ids)
+    assert "feedback" not in tokenizer.decode(demo.token_ids)
+    assert demo.train_mask == [0] * len(prompt) + [1] * len(solution)
+    assert demo.problem_id == problem.id and demo.response_start == len(prompt)
+    # A demonstration solved alone keeps its whole response; a spliced one the solution.
+    right, _ = await episode(tokenizer, [answer(problem)], auto=False)
+    wrong, _ = await episode(tokenizer, [answer(problem, False)], auto=True)
+    expected = prompt + right.token_ids[right.prompt_len :]
+    assert without_consult(demonstration(right), prompt).token_ids == expected
+    assert without_consult(spliced(wrong, right), prompt).token_ids == expected
+
+
+async def test_the_no_consult_warmup_renders_each_demonstration_on_its_own_problem(
+    tokenizer,
+) -> None:
+    from types import SimpleNamespace
+
+    from trainers.warmup import _without_consults
+
+    task = AdditionTask(4)
+    demos = []
+    for index in (0, 1):
+        t, _ = await episode(tokenizer, [answer(task.problems[index])], auto=True, index=index)
+        demos.append(demonstration(t))
+    run = SimpleNamespace(
+        env_config=EnvConfig(auto_consult="reasoning", max_consults=1),
+        task=task,
+        tokenizer=tokenizer,
+    )
+    stripped = _without_consults(run, demos)  # type: ignore[arg-type]
+    alone_env = ConsultEnv(task, None, tokenizer, EnvConfig(mode="independent"))
+    for demo, problem in zip(stripped, task.problems[:2], strict=True):
+        prompt = alone_env.prompt_ids(problem)
+        assert demo.token_ids[: len(prompt)] == prompt and not demo.consulted
 
 
 async def test_selection_keeps_correct_episodes_at_the_mix_and_drops_consult_attempts(

@@ -4,7 +4,8 @@
 an episode the env opened with a consult becomes one in which the policy wrote that
 consult (:func:`demonstration` relabels the tag's tokens as trained), an episode solved
 alone stays as it is, and :func:`spliced` continues a consult episode that ended wrong
-with the policy's own correct solution of the same problem. :func:`fit_demonstrations`
+with the policy's own correct solution of the same problem; :func:`without_consult` takes
+the consult out of a demonstration (a no-consult baseline's warm-up). :func:`fit_demonstrations`
 fits them by cross-entropy on the trained tokens; :func:`consult_usage` measures what the
 policy then writes. The stage that runs them is :mod:`trainers.warmup`.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "fit_demonstrations",
     "select_demonstrations",
     "spliced",
+    "without_consult",
 ]
 
 #: Consult errors that mean the policy's tag itself was wrong (not the agent's failure).
@@ -41,12 +43,19 @@ MALFORMED_KINDS = frozenset({"malformed", "unknown_agent", "empty_question"})
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One supervised example: ids and the positions the loss fits."""
+    """One supervised example: ids and the positions the loss fits.
+
+    ``response_start``: where the policy's own solution begins in ``token_ids`` (after
+    the prompt, and after the consult and its reply when ``consulted``);
+    :func:`without_consult` keeps what follows it.
+    """
 
     trajectory_id: str
     token_ids: list[int]
     train_mask: list[int]
     consulted: bool
+    problem_id: str = ""
+    response_start: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -96,7 +105,36 @@ def demonstration(t: Trajectory, *, train_agent_tokens: bool = False) -> Demonst
             mask.append(1)
         else:
             mask.append(0)
-    return Demonstration(t.trajectory_id, list(t.token_ids), mask, consulted=span is not None)
+    start = t.prompt_len if span is None else t.turns[0].feedback_end
+    assert start is not None  # an answered opening request has its reply injected
+    return Demonstration(
+        t.trajectory_id,
+        list(t.token_ids),
+        mask,
+        consulted=span is not None,
+        problem_id=t.problem_id,
+        response_start=start,
+    )
+
+
+def without_consult(demo: Demonstration, prompt_ids: Sequence[int]) -> Demonstration:
+    """``demo`` with its consult taken out: ``prompt_ids``, then the policy's own solution.
+
+    ``prompt_ids`` is the problem's prompt as a policy that may not consult sees it (in
+    independent mode: no consult instructions). The consult tag and the agent's reply
+    are dropped; the solution's tokens and which of them are fitted stay as they were.
+    The warm-up of a no-consult baseline fits these (``warmup.consults: false``), so
+    that it learns from the same solutions as the consulting arms.
+    """
+    tail = demo.token_ids[demo.response_start :]
+    return Demonstration(
+        demo.trajectory_id,
+        list(prompt_ids) + tail,
+        [0] * len(prompt_ids) + demo.train_mask[demo.response_start :],
+        consulted=False,
+        problem_id=demo.problem_id,
+        response_start=len(prompt_ids),
+    )
 
 
 def _policy_text(t: Trajectory, tokenizer: Any) -> str:
@@ -129,6 +167,8 @@ def spliced(
         head.token_ids[:cut] + tail,
         mask,
         consulted=True,
+        problem_id=opened.problem_id,
+        response_start=cut,
     )
 
 

@@ -26,7 +26,10 @@ rejection sampling, generically for any task:
    evaluation. All of it goes to ``warmup/result.json`` and the run summary.
 
 Too few demonstrations (under ``warmup.min_demonstrations``) stop the run with the
-counts rather than fit a handful of examples.
+counts rather than fit a handful of examples. ``warmup.consults: false`` fits the same
+demonstrations with their consults taken out (:func:`~trainers.demonstrations.without_consult`):
+the warm-up of a baseline that never consults, so that a comparison with it is not a
+comparison of warm-ups.
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
-from trainers.demonstrations import consult_usage, fit_demonstrations, select_demonstrations
+from trainers.demonstrations import (
+    Demonstration,
+    consult_usage,
+    fit_demonstrations,
+    select_demonstrations,
+    without_consult,
+)
 
 if TYPE_CHECKING:
     from trainers.run_state import RunState
@@ -102,6 +111,14 @@ class WarmupSection(BaseModel):
     train_agent_tokens: bool = Field(
         default=False,
         description="Also fit the agent's reply tokens (off: the reply is context only).",
+    )
+    consults: bool = Field(
+        default=True,
+        description=(
+            "False: fit the same demonstrations with their consults taken out (the prompt as in "
+            "independent mode, the consult tag and the agent's reply dropped, the policy's own "
+            "solution kept): the warm-up of a baseline that never consults."
+        ),
     )
     check_problems: int = Field(
         default=32,
@@ -185,6 +202,16 @@ async def _roll(
     return [done[o["trajectory_id"]] for o in options]
 
 
+def _without_consults(run: RunState, demos: Sequence[Demonstration]) -> list[Demonstration]:
+    """``demos`` with each consult taken out, on the prompt of independent mode."""
+    from aipo_env.env import ConsultEnv
+
+    env_config = run.env_config.model_copy(update={"mode": "independent", "auto_consult": None})
+    env = ConsultEnv(run.task, None, run.tokenizer, env_config)
+    problems = {p.id: p for p in run.task.problems}
+    return [without_consult(d, env.prompt_ids(problems[d.problem_id])) for d in demos]
+
+
 def _options(problems: Sequence[int], samples: int, tag: str, opened: int) -> list[dict[str, Any]]:
     out = []
     for position, index in enumerate(problems):
@@ -247,6 +274,8 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
         sum(d.consulted for d in demos),
         sum(d.trained_tokens for d in demos),
     )
+    if not section.consults:
+        demos = _without_consults(run, demos)
     losses = fit_demonstrations(
         run.model,
         demos,
