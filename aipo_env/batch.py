@@ -103,10 +103,16 @@ def collate(
 
 def _check_sources(trajectory: Trajectory, agent_names: Sequence[str]) -> None:
     """Every source label is known and every agent is one of ``agent_names``."""
+    # Peers (another policy in the episode) are named by the episode, not configured.
+    labels = [
+        label
+        for label in trajectory.source
+        if not (label.startswith(sources.PEER_PREFIX) and len(label) > len(sources.PEER_PREFIX))
+    ]
     try:
-        sources.source_codes(trajectory.source, agent_names)
+        sources.source_codes(labels, agent_names)
     except KeyError as exc:
         raise ValueError(
             f"trajectory {trajectory.trajectory_id} has source {exc.args[0]!r}; expected prompt, "
-            f"policy, env or agent:<one of {', '.join(agent_names)}>"
+            f"policy, env, peer:<name> or agent:<one of {', '.join(agent_names)}>"
         ) from None

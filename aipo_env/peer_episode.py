@@ -16,8 +16,9 @@ peer's next user message carries what the *others* wrote. Each peer gets one
 Whether peer tokens are trained is the mask rule's decision (:mod:`aipo_env.masks`;
 masked by default). Only the last stage's text is scored, by the task's verifier.
 
-Faults: a peer whose stage output is empty or cut off by the token limit is recorded in
-``metadata["stages"]`` and the others see a placeholder; the episode goes on. A peer
+Faults: a peer whose stage output is empty, or cut off by the token limit, is recorded in
+``metadata["stages"]`` (``empty``, ``length``) and the episode goes on: the others see a
+placeholder for an empty stage and the words written before the cut for a cut-off one. A peer
 whose generator raises ends the episode for everyone with ``finish_reason
 "error:peer"`` (the message names the peer); the run goes on. When an injection
 would pass ``max_total_tokens`` the episode ends with ``context_overflow``.
@@ -181,7 +182,9 @@ async def run_idea3(
                     "tokens": 0 if out is None else len(out.token_ids),
                 }
             )
-            texts[name] = text if status == "ok" else None
+            # A stage cut off by the token limit still passes on what it says (recorded as
+            # "length"); an empty or failed one leaves a placeholder.
+            texts[name] = text if status in ("ok", "length") and text.strip() else None
         if outcome is not None:
             finish, error = "error:peer", outcome
             break

@@ -26,6 +26,7 @@ from policies import sglang_hosts
 from trainers.advantages import ESTIMATORS
 from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
+from trainers.peer_config import PeerSection
 from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
 from trainers.warmup import WarmupSection
 
@@ -275,6 +276,10 @@ class TrainConfig(BaseModel):
         default_factory=WarmupSection,
         description="A supervised consult warm-up before the first RL step (trainers/warmup.py).",
     )
+    peers: PeerSection | None = Field(
+        default=None,
+        description="ILR: train two or more peer policies through Idea3 episodes (trainers/peer_trainer.py).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -308,6 +313,14 @@ class TrainConfig(BaseModel):
                     "warmup.enabled with env.max_consults=0: the demonstrations need one consult"
                 )
         self._tool_protocol_settings()
+        if self.peers is not None:
+            if self.warmup.enabled:
+                raise ValueError("peers (ILR) with warmup.enabled: the consult warm-up is AIPO's")
+            if self.rollout.strategy != "grpo":
+                raise ValueError(
+                    f"peers (ILR) with rollout.strategy {self.rollout.strategy!r}: Idea3 "
+                    "episodes are sampled independently (strategy grpo)"
+                )
         unknown = sorted(set(self.agents.agents) - set(self.env.agent_names))
         if unknown:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     )
     from trainers.warmup import WarmupError
 
-    trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
+    if config.peers is not None:  # ILR: two or more peers trained together
+        from trainers.peer_trainer import PeerTrainer
+
+        trainer: Any = PeerTrainer(config, resume=args.resume, progress=not args.no_progress)
+    else:
+        trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
     resume = (
         "aipo train --resume"
         + (f" --config {args.config}" if args.config else "")

@@ -1,0 +1,130 @@
+"""ILR's multi-peer trainer on a tiny random model: per-peer runs, shared state, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_run import load_weights, make_config, max_weight_diff, parity_task_registered
+
+import trainers.peer_trainer as peer_trainer
+from aipo.config import ConfigError, load_config
+from aipo_env import sources
+from aipo_env.trajectory import read_jsonl
+from trainers.config import TrainConfig
+from trainers.peer_trainer import PeerTrainer
+
+
+@pytest.fixture(autouse=True)
+def _parity_task():
+    with parity_task_registered():
+        yield
+
+
+def ilr_config(run: Path, model: str, **peers):
+    return make_config(
+        run,
+        model,
+        task={"eval_size": 2},
+        env={"max_consults": 0, "max_total_tokens": 512},
+        agents={"agents": {"verify": {"kind": "oracle"}}},
+        train={"save_every": 1},
+        peers={
+            "names": ["A", "B"],
+            "max_new_tokens_per_stage": 6,
+            "validation_size": 2,
+            "ability_every": 1,
+            **peers,
+        },
+    )
+
+
+@pytest.mark.slow
+def test_two_peers_train_each_on_its_own_trajectories(tmp_path: Path, tiny_model_dir: str) -> None:
+    summary = PeerTrainer(ilr_config(tmp_path / "run", tiny_model_dir), progress=False).run()
+    run = tmp_path / "run"
+    base = load_weights(tiny_model_dir)
+    finals = {}
+    for name, other in (("A", "B"), ("B", "A")):
+        folder = run / "peers" / name
+        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(0 <= r["cooperate_rate"] <= 1 and "ability" in r for r in records)
+        for step in range(2):
+            ts = read_jsonl(folder / "rollouts" / f"step_{step:06d}.jsonl")
+            assert len(ts) == 4 and {t.metadata["peer"] for t in ts} == {name}
+            assert all(t.policy_version == step for t in ts)
+            assert any(s == sources.peer(other) for t in ts for s in t.source)
+            assert len({t.group_id for t in ts}) == 2  # one group per problem and peer
+        finals[name] = load_weights(summary["peers"][name]["checkpoint"])
+        assert max_weight_diff(base, finals[name]) > 1e-4
+        assert (folder / "eval" / "after.json").is_file()
+    assert max_weight_diff(finals["A"], finals["B"]) > 1e-6  # different seeds, different updates
+    state = json.loads((run / "peer_state.json").read_text())
+    assert state["step"] == 2 and set(state["abilities"]) == {"A", "B"}
+    assert len(state["ability_history"]) == 2  # ability_every=1: steps 0 and 1
+    # The calibrated reward replaced the verifier's; the raw one is kept.
+    t = read_jsonl(run / "peers" / "A" / "rollouts" / "step_000000.jsonl")[0]
+    assert "raw_reward" in t.metadata
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_restores_every_peer_exactly(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PeerTrainer(ilr_config(tmp_path / "straight", tiny_model_dir), progress=False).run()
+
+    class Killed(Exception):
+        pass
+
+    real = PeerTrainer._save_state
+
+    def save_then_die(self, run_dir, done):
+        real(self, run_dir, done)
+        raise Killed
+
+    monkeypatch.setattr(PeerTrainer, "_save_state", save_then_die)
+    config = ilr_config(tmp_path / "killed", tiny_model_dir)
+    with pytest.raises(Killed):
+        PeerTrainer(config, progress=False).run()
+    monkeypatch.setattr(PeerTrainer, "_save_state", real)
+    assert json.loads((tmp_path / "killed" / "peer_state.json").read_text())["step"] == 1
+    PeerTrainer(config, resume=True, progress=False).run()
+    for name in ("A", "B"):
+        a = load_weights(tmp_path / "straight" / "peers" / name / "checkpoints" / "step_000002")
+        b = load_weights(tmp_path / "killed" / "peers" / name / "checkpoints" / "step_000002")
+        assert max_weight_diff(a, b) < 1e-6, name
+    straight = json.loads((tmp_path / "straight" / "peer_state.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "peer_state.json").read_text())
+    assert straight["difficulty"] == resumed["difficulty"]
+
+
+def test_resume_refuses_peers_stopped_at_different_steps(tmp_path: Path) -> None:
+    trainer = PeerTrainer.__new__(PeerTrainer)
+    trainer.resume = True
+    (tmp_path / "peer_state.json").write_text(json.dumps({"step": 1}))
+
+    class Run:
+        def __init__(self, step):
+            self.start_step = step
+
+    with pytest.raises(peer_trainer.RunDirError, match=r"steps \{'A': 2, 'B': 1\}"):
+        trainer._restore(tmp_path, {"A": Run(2), "B": Run(1)})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("peers.names=[A]", "two or more peers"),
+        ("peers.names=[A, A]", "two or more peers"),
+        ("peers.models=[default]", "peers.models has 1 entries for 2 peers"),
+    ],
+)
+def test_peer_config_errors_come_before_any_model_loads(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(
+            TrainConfig,
+            None,
+            ["peers.names=[A, B]", override, "agents.agents={verify: {kind: oracle}}"],
+        )
