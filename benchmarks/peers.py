@@ -40,10 +40,11 @@ framework takes to the same work):
 * sampled completions: each side samples with its own RNG, so completion lengths
   (and so tokens of work) differ step by step; both are recorded as
   ``completion_tokens`` per step;
-* the update: TRL skips the old log-probs forward when one generation feeds one
-  optimizer step (``num_iterations=1``) and computes logits only for completion
-  positions; aipo recomputes old log-probs in its own forward pass. TRL always
-  computes per-token entropy (for logging); aipo only when ``entropy_coef > 0``;
+* the update: both skip the old log-probs forward when one generation feeds one
+  optimizer step (TRL: ``num_iterations=1``; aipo: ``on_policy_update``) and compute
+  logits only for completion positions; aipo also groups rows of similar length into
+  micro-batches cut to their longest row. TRL always computes per-token entropy (for
+  logging); aipo only when ``entropy_coef > 0``;
 * advantages: both normalise by the unbiased group std; TRL adds 1e-4 to it, aipo 1e-6;
 * warmup: aipo's ``warmup_steps=1`` reaches the full lr at the first step, which is
   TRL's ``warmup_steps=0``; longer warmups are mapped to the same count and differ by
