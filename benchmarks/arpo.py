@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from aipo.config import load_config
+from aipo_env.passk import mean_ci
 from trainers.config import TrainConfig
 from trainers.metrics import read_metrics, save_figure
 
@@ -85,24 +86,6 @@ FIGURES = {
     "arpo/branches": "branches per step",
     "wall_s": "wall time per run (s)",
 }
-#: Two-sided 95% Student t quantiles by degrees of freedom (normal beyond 30).
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
-_T95 += [2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086]
-_T95 += [2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% t-interval (NaN half-width for one value)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    mean = sum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
-    df = len(finite) - 1
-    t = _T95[df - 1] if df <= len(_T95) else 1.96
-    return mean, t * math.sqrt(var / len(finite))
 
 
 def run_config(

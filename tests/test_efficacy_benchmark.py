@@ -1,0 +1,161 @@
+"""benchmarks/efficacy.py: arms that differ only where they should, paired figures, resumable records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from agents.oracle import check_oracle_task
+from aipo_env.passk import pass_at_k
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_efficacy", REPO / "benchmarks" / "efficacy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def args(tmp_path: Path, *extra: str):
+    return bench.parse_args(["--out", str(tmp_path / "out"), "--steps", "4", *extra])
+
+
+def _flatten(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("task", sorted(bench.TASKS))
+def test_the_arms_differ_only_in_consulting_the_loss_and_the_warm_model(tmp_path, task) -> None:
+    a = args(tmp_path)
+    for variant in ("consult", "alone"):
+        (tmp_path / "warm" / variant).mkdir(parents=True)
+    configs = {
+        arm: _flatten(
+            bench.run_config(
+                task, arm, 2, a, tmp_path / "run", str(tmp_path / "warm" / bench.ARMS[arm].warm)
+            ).model_dump(mode="json")
+        )
+        for arm in bench.ARMS
+    }
+    allowed = {
+        "rollout.schedule.start_fraction",
+        "rollout.schedule.end_fraction",
+        "rollout.schedule.decay",
+        "env.max_consults",
+        "loss.agent_mode",
+        "policy.model",
+    }
+    reference = configs["aipo"]
+    for arm, config in configs.items():
+        differing = {k for k in reference if config[k] != reference[k]}
+        assert differing <= allowed, (arm, differing - allowed)
+    assert configs["grpo"]["env.max_consults"] == 0
+    assert configs["grpo"]["policy.model"] == str(tmp_path / "warm" / "alone")
+    assert {configs[a]["loss.agent_mode"] for a in bench.ARMS} == {"mask", "shaped", "ratio"}
+    # The shared budget: the same seed, steps, eval points and held-out problems everywhere.
+    assert reference["seed"] == 2 and reference["train.steps"] == 4
+    assert reference["train.eval_every"] == 2 and reference["task.eval_size"] == 64
+    assert reference["warmup.enabled"] is False
+
+
+@pytest.mark.parametrize("task", sorted(bench.TASKS))
+def test_each_tasks_oracle_agents_have_what_they_draw_on(tmp_path, task) -> None:
+    config = bench.warm_config(task, "consult", args(tmp_path), tmp_path / "warm")
+    check_oracle_task(config.agents, config.task.name, config.task.kwargs)  # raises if not
+    assert config.warmup.consults is True
+    assert bench.warm_config(task, "alone", args(tmp_path), tmp_path / "w").warmup.consults is False
+    assert config.warmup.agent in config.env.agent_names
+
+
+def _run(task, arm, seed, correct, greedy_after=0.5, curve=()):
+    ks = (1, 2, 4)
+    metrics = {
+        f"pass@{k}": sum(pass_at_k(len(c), sum(c), k) for c in correct.values()) / len(correct)
+        for k in ks
+    }
+    return {
+        "task": task,
+        "arm": arm,
+        "seed": seed,
+        "summary": {
+            "steps": 2,
+            "eval_before": {"accuracy": 0.25},
+            "eval_after": {"accuracy": greedy_after},
+        },
+        "curve": list(curve),
+        "passk": {"metrics": metrics, "correct": correct},
+    }
+
+
+def test_aggregate_gives_seed_intervals_and_pairs_problems_within_a_seed(tmp_path) -> None:
+    a = args(tmp_path, "--passk-samples", "4")
+    grpo = [
+        _run("reasoning", "grpo", 0, {"p0": [True, False, False, False], "p1": [False] * 4}, 0.25),
+        _run("reasoning", "grpo", 1, {"p0": [False] * 4, "p1": [False] * 4}, 0.0),
+    ]
+    aipo = [
+        _run(
+            "reasoning",
+            "aipo",
+            0,
+            {"p0": [True] * 4, "p1": [True, False, False, False]},
+            0.75,
+            [{"step": 1, "consult_rate": 0.5}, {"step": 2, "consult_rate": 0.25}],
+        ),
+        _run("reasoning", "aipo", 1, {"p0": [False] * 4, "p1": [True, True, False, False]}, 0.5),
+    ]
+    table = bench.aggregate(grpo + aipo, {}, a)["reasoning"]
+    row = table["arms"]["aipo"]
+    assert row["greedy_after"]["mean"] == pytest.approx(0.625)
+    assert row["greedy_after"]["ci95"] == pytest.approx(12.706 * 0.125)  # t(1) x sd/sqrt(2)
+    assert row["consult_rate"]["values"][0] == pytest.approx(0.375)  # mean over the steps
+    # pass@1 per (seed, problem): grpo 0.25, 0, 0, 0; aipo 1, 0.25, 0, 0.5.
+    paired = table["vs_grpo"]["aipo"]["pass@1"]
+    assert paired["problems"] == 4
+    assert paired["a"] == pytest.approx(0.0625) and paired["b"] == pytest.approx(0.4375)
+    assert paired["diff"] == pytest.approx(0.375)
+    # pass@4 of aipo seed 1, p1: 2 of 4 correct, so pass@4 is 1.
+    assert table["vs_grpo"]["aipo"]["pass@4"]["b"] == pytest.approx((1 + 1 + 0 + 1) / 4)
+    markdown = bench.render_markdown({"reasoning": table}, "cmd", a)
+    assert "| aipo | 0,1 | 0.250 ± 0.000 | 0.625 ± 1.588 |" in markdown
+
+
+def test_a_finished_run_with_the_same_budget_is_read_back(tmp_path, monkeypatch) -> None:
+    a = args(tmp_path)
+    saved = tmp_path / "out" / "runs" / "reasoning-aipo-seed0.json"
+    saved.parent.mkdir(parents=True)
+    record = {"task": "reasoning", "arm": "aipo", "seed": 0, "budget": bench.budget(a)}
+    saved.write_text(json.dumps(record))
+
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("trainers.embedded.EmbeddedTrainer", Refuse)
+    assert bench.run_arm("reasoning", "aipo", 0, str(tmp_path), a) == record
+    other = args(tmp_path, "--prompts", "3")  # another budget: trained again
+    with pytest.raises(AssertionError, match="trained again"):
+        bench.run_arm("reasoning", "aipo", 0, str(tmp_path), other)
+
+
+def test_unknown_task_or_arm_is_refused_with_the_choices(capsys) -> None:
+    assert bench.main(["--arms", "aipo,ppo", "--report-only"]) == 2
+    assert "ppo" in capsys.readouterr().err
