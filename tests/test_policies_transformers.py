@@ -372,15 +372,17 @@ def test_batched_sampling_matches_each_row_alone():
 
 
 def test_batched_draws_follow_each_rows_filtered_distribution():
-    """Many draws per row: frequencies match the filtered probabilities; none outside them."""
-    from policies.sampling import _inverse_cdf
-
+    """Many seeded draws per row: frequencies match the filtered probabilities; none outside them."""
     torch.manual_seed(2)
     logits = torch.randn(3, 12) * 2
-    params = [SamplingParams(temperature=0.9), SamplingParams(top_k=4), SamplingParams(top_p=0.7)]
+    params = [
+        SamplingParams(temperature=0.9, seed=0),
+        SamplingParams(top_k=4, seed=0),
+        SamplingParams(top_p=0.7, seed=0),
+    ]
     probs = _filtered_probs(logits, params, [0, 1, 2])
     gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
-    draws = torch.stack([_inverse_cdf(probs, gens) for _ in range(6000)])  # [draws, rows]
+    draws = torch.tensor([sample_batch(logits, params, gens)[0] for _ in range(3000)])
     for row in range(3):
         counts = torch.bincount(draws[:, row], minlength=12).double()
         allowed = probs[row] > 0
