@@ -1,0 +1,257 @@
+"""ILR against GRPO at about the same generated tokens per step, with ILR's two ablations.
+
+Arms (``configs/ilr.yaml``; the same model, task, problems, steps, prompts per step,
+token limits, learning rate and seeds):
+
+* ``ilr``: two peers, dynamic interaction and perception calibration;
+* ``dynamic_only``: dynamic interaction, plain GRPO rewards (``peers.calibration=false``);
+* ``calibration_only``: always cooperate (``peers.interaction=cooperate``), calibrated rewards;
+* ``grpo``: one policy alone, plain GRPO, ``--grpo-samples`` samples per prompt. An Idea3
+  episode has each peer write three stages, so GRPO gets three times the samples per
+  prompt of an ILR peer (12 against 4 by default): about the same generated tokens per
+  policy and step. The tokens actually generated are reported for every arm.
+
+Each (arm, seed) is one run; reported per arm as mean ± 95% t-interval over seeds: the
+held-out accuracy alone (greedy, the trainer's own evaluation) of each peer (ILR arms;
+``grpo`` has one policy), before and after, and the generated tokens per step and
+policy. Finished runs are kept in ``<out>/runs/<arm>-seed<k>.json`` and not run again.
+
+    python benchmarks/ilr.py --no-progress            # 4 arms x 3 seeds
+    python benchmarks/ilr.py --report-only            # the table from the finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from aipo.config import load_config  # noqa: E402
+from aipo_env.passk import mean_ci  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
+from trainers.metrics import read_metrics, save_figure  # noqa: E402
+
+BASE_CONFIG = REPO / "configs" / "ilr.yaml"
+RESULTS = REPO / "benchmarks" / "results" / "ilr"
+
+ARMS: dict[str, list[str]] = {
+    "ilr": [],
+    "dynamic_only": ["peers.calibration=false"],
+    "calibration_only": ["peers.interaction=cooperate"],
+    "grpo": [
+        "peers=null",
+        "rollout.schedule.start_fraction=0",
+        "rollout.schedule.end_fraction=0",
+        "rollout.schedule.decay=constant",
+    ],
+}
+
+
+def run_config(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> TrainConfig:
+    """The validated config of one (arm, seed)."""
+    overrides = [
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        f"train.steps={args.steps}",
+        f"train.prompts_per_step={args.prompts}",
+        f"rollout.n_samples={args.grpo_samples if arm == 'grpo' else args.samples}",
+        f"peers.seeds=[{seed}, {seed + 1000}]" if arm != "grpo" else "train.plot=false",
+        *args.extra,
+        *ARMS[arm],
+    ]
+    if arm == "grpo":
+        # The minibatch holds the whole step, as for each ILR peer: one optimizer step.
+        overrides.append(f"train.minibatch_size={args.prompts * args.grpo_samples}")
+    return load_config(TrainConfig, BASE_CONFIG, overrides)
+
+
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "steps": args.steps,
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "grpo_samples": args.grpo_samples,
+        "extra": list(args.extra),
+    }
+
+
+def _policies(arm: str, run_dir: Path) -> dict[str, Path]:
+    """Each trained policy's folder: the peers', or the single GRPO run."""
+    if arm == "grpo":
+        return {"policy": run_dir}
+    return {p.name: p for p in sorted((run_dir / "peers").iterdir())}
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one (arm, seed), or read its record back."""
+    path = Path(args.out) / "runs" / f"{arm}-seed{seed}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("budget") == budget(args):
+            return saved
+    run_dir = Path(args.run_root) / f"{arm}-seed{seed}"
+    config = run_config(arm, seed, args, run_dir)
+    resume = run_dir.is_dir() and any(run_dir.rglob("checkpoints/step_*"))
+    print(f"== {arm} seed {seed}{' (resumed)' if resume else ''}", flush=True)
+    started = time.perf_counter()
+    if arm == "grpo":
+        from trainers.embedded import EmbeddedTrainer
+
+        EmbeddedTrainer(config, resume=resume, progress=not args.no_progress).run()
+    else:
+        from trainers.peer_trainer import PeerTrainer
+
+        PeerTrainer(config, resume=resume, progress=not args.no_progress).run()
+    policies = {}
+    for name, folder in _policies(arm, run_dir).items():
+        records = read_metrics(folder / "metrics.jsonl")
+        before = json.loads((folder / "eval" / "before.json").read_text())["accuracy"]
+        after = json.loads((folder / "eval" / "after.json").read_text())["accuracy"]
+        policies[name] = {
+            "eval_before": before,
+            "eval_after": after,
+            "curve": records,
+            "generated_tokens_per_step": _generated(folder, args),
+        }
+    record = {
+        "arm": arm,
+        "seed": seed,
+        "budget": budget(args),
+        "overrides": ARMS[arm],
+        "config": config.model_dump(mode="json"),
+        "wall_s": time.perf_counter() - started,
+        "policies": policies,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return record
+
+
+def _generated(folder: Path, args: argparse.Namespace) -> float:
+    """Policy tokens this policy generated per step (every stage, every episode)."""
+    from aipo_env.trajectory import read_jsonl
+
+    totals = []
+    for step in range(args.steps):
+        path = folder / "rollouts" / f"step_{step:06d}.jsonl"
+        if path.is_file():
+            totals.append(sum(t.policy_token_count() for t in read_jsonl(path)))
+    return sum(totals) / len(totals) if totals else float("nan")
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm: held-out accuracy after (every policy of every seed) and tokens, mean ± 95%."""
+    table: dict[str, Any] = {}
+    for arm in ARMS:
+        runs = [r for r in records if r["arm"] == arm]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for key in ("eval_before", "eval_after", "generated_tokens_per_step"):
+            values = [float(p[key]) for r in runs for p in r["policies"].values()]
+            mean, half = mean_ci(values)
+            row[key] = {"mean": mean, "ci95": half, "values": values}
+        table[arm] = row
+    return table
+
+
+def render_markdown(table: dict[str, Any], command: str) -> str:
+    lines = [
+        "Held-out accuracy of each trained policy alone (greedy), mean ± 95% t-interval over "
+        "policies and seeds (two peers per seed for the ILR arms, one policy for grpo).",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| arm | seeds | before | after | generated tokens per policy and step |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, row in table.items():
+        cells = []
+        for key in ("eval_before", "eval_after", "generated_tokens_per_step"):
+            c = row[key]
+            half = "" if c["ci95"] != c["ci95"] else f" ± {c['ci95']:.3g}"
+            cells.append(f"{c['mean']:.3g}{half}")
+        lines.append(f"| {arm} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(table)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for i, arm in enumerate(arms):
+        after = table[arm]["eval_after"]
+        ax.bar(
+            i,
+            after["mean"],
+            yerr=0 if after["ci95"] != after["ci95"] else after["ci95"],
+            color=f"C{i}",
+            capsize=4,
+        )
+        ax.plot([i] * len(after["values"]), after["values"], "k.", alpha=0.6)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel("held-out accuracy alone, after")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--samples", type=int, default=4, help="Idea3 episodes per prompt (ILR arms)")
+    p.add_argument(
+        "--grpo-samples", type=int, default=12, help="samples per prompt of the grpo arm"
+    )
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-root", default=str(REPO / "runs" / "ilr_bench"))
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms):
+        print(f"--arms {args.arms!r}: expected some of {', '.join(ARMS)}", file=sys.stderr)
+        return 2
+    command = " ".join(["python benchmarks/ilr.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seeds:
+            for arm in arms:
+                run_arm(arm, seed, args)
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    records = [r for r in records if r.get("budget") == budget(args)]
+    table = aggregate(records)
+    markdown = render_markdown(table, command)
+    (out / "ilr.md").write_text(markdown)
+    (out / "ilr.json").write_text(
+        json.dumps({"command": command, "budget": budget(args), "arms": table}, indent=2)
+    )
+    if table:
+        plot(table, out / "ilr.png")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
