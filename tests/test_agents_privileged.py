@@ -257,6 +257,12 @@ async def test_blocked_and_rewritten_replies_are_counted_in_the_leak_rate(tokeni
     assert metrics["agents/leak_rate"] == 0.5
     # A withheld reply is the guard's doing, not an agent failure.
     assert metrics["consult_errors/leak"] == 0.25 and metrics["agent_error_rate"] == 0.0
+    # What the consult turns cost: agent tokens injected, policy tokens after the reply.
+    agent_tokens = sum(s.startswith("agent:") for t in trajectories for s in t.source)
+    assert agent_tokens > 0 and metrics["agents/reply_tokens"] == agent_tokens
+    after = sum(t.turns[1].policy_end - t.turns[1].policy_start for t in trajectories)
+    assert metrics["policy_tokens_after_reply"] == after > 0
+    assert metrics["agents/latency_s_total"] == pytest.approx(sum(r.latency_s for r in records))
 
 
 # -- config checks -----------------------------------------------------------------------------

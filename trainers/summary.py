@@ -121,6 +121,30 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
         metrics[f"finish_{key}"] = count / n
     metrics.update(error_metrics(trajectories))
     metrics.update(consulting_metrics(trajectories))
+    metrics.update(consult_cost_metrics(trajectories))
+    return metrics
+
+
+def consult_cost_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """What the step's consult turns cost: agent calls' time, reply tokens, tokens after a reply.
+
+    ``agents/latency_s_total`` sums the agent calls' wall times (they overlap other
+    episodes' decoding, so it is not added to the step's time); ``agents/reply_tokens``
+    counts injected agent tokens; ``policy_tokens_after_reply`` the policy's tokens in
+    the turns that follow a reply, which an episode without the consult would not have.
+    """
+    records = [turn.consult for t in trajectories for turn in t.turns if turn.consult is not None]
+    metrics: dict[str, float] = {
+        "agents/reply_tokens": float(
+            sum(1 for t in trajectories for label in t.source if label.startswith("agent:"))
+        ),
+        "policy_tokens_after_reply": float(
+            sum(turn.policy_end - turn.policy_start for t in trajectories for turn in t.turns[1:])
+        ),
+    }
+    if records:
+        metrics["agents/latency_s_total"] = sum(r.latency_s for r in records)
+        metrics["agents/latency_s_mean"] = metrics["agents/latency_s_total"] / len(records)
     return metrics
 
 
