@@ -47,12 +47,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from aipo.config import load_config
-from aipo_env.passk import mean_ci
-from trainers.config import TrainConfig
-from trainers.metrics import read_metrics, save_figure
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from aipo.config import load_config  # noqa: E402
+from aipo_env.passk import mean_ci  # noqa: E402
+from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
+from trainers.metrics import read_metrics, save_figure  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "arpo"
 
 #: Base config and the overrides that make each setting; both arms share them.
@@ -145,12 +149,8 @@ def run_arm(
     from trainers.embedded import EmbeddedTrainer
 
     path = Path(args.out) / "arms" / f"{setting}-{arm}-seed{seed}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("budget") == budget(args):
-            print(f"== {setting} {arm} seed {seed}: done before, read from {path}", flush=True)
-            return saved
-        print(f"== {setting} {arm} seed {seed}: {path} has another budget; running again")
+    if (saved := read_finished(path, budget(args))) is not None:
+        return saved
     run_dir = root / setting / f"{arm}-seed{seed}"
     config = run_config(setting, arm, seed, args, run_dir)
     resume = run_dir.is_dir() and any(run_dir.iterdir())
@@ -168,10 +168,7 @@ def run_arm(
         "curve": records,
         "figures": run_figures(records, summary),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+    write_record(path, record)
     return record
 
 
@@ -237,22 +234,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="consult")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm each")
     p.add_argument("--arms", default="grpo,arpo", help=f"comma-separated, of {', '.join(ARMS)}")
-    p.add_argument("--steps", type=int, default=5, help="training steps per run")
-    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    p.add_argument("--samples", type=int, default=4, help="leaves per prompt (N)")
-    p.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra override for every run (e.g. task.eval_size=8); repeatable",
+    add_run_arguments(
+        p,
+        steps=5,
+        samples_help="leaves per prompt (N)",
+        run_root=REPO / "runs" / "arpo_bench",
+        out=RESULTS,
     )
-    p.add_argument("--run-root", default=str(REPO / "runs" / "arpo_bench"), help="run dirs")
-    p.add_argument("--out", default=str(RESULTS), help="where the results go")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 

@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci, paired_bootstrap  # noqa: E402
+from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -202,13 +203,6 @@ def warm_config(task: str, variant: str, args: argparse.Namespace, run_dir: Path
     return load_config(TrainConfig, BASE_CONFIG, overrides)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 # -- stage 1: the warm-up ---------------------------------------------------------------
 
 
@@ -263,7 +257,7 @@ def warm(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
         **out,
     }
     record["passk"] = passk(root / "model", task, 0, root / "passk", args)
-    _write_json(record_path, record)
+    write_record(record_path, record)
     return record
 
 
@@ -275,11 +269,8 @@ def run_arm(task: str, arm: str, seed: int, model: str, args: argparse.Namespace
     from trainers.embedded import EmbeddedTrainer
 
     path = Path(args.out) / "runs" / f"{task}-{arm}-seed{seed}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("budget") == budget(args):
-            print(f"== {task} {arm} seed {seed}: done before, read from {path}", flush=True)
-            return saved
+    if (saved := read_finished(path, budget(args))) is not None:
+        return saved
     run_dir = Path(args.run_root) / task / f"{arm}-seed{seed}"
     config = run_config(task, arm, seed, args, run_dir, model)
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
@@ -297,7 +288,7 @@ def run_arm(task: str, arm: str, seed: int, model: str, args: argparse.Namespace
         "curve": [_curve_point(r) for r in records],
         "passk": passk(Path(summary["checkpoint"]), task, seed, run_dir / "passk", args),
     }
-    _write_json(path, record)
+    write_record(path, record)
     return record
 
 
@@ -575,7 +566,7 @@ def report(
     table = aggregate(runs, warms, args)
     markdown = render_markdown(table, command, args)
     (out / "efficacy.md").write_text(markdown)
-    _write_json(
+    write_record(
         out / "efficacy.json",
         {
             "command": command,
@@ -608,30 +599,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}"
     )
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and task each"
+    add_run_arguments(
+        p,
+        steps=8,
+        samples_help="samples per prompt",
+        run_root=REPO / "runs" / "efficacy",
+        out=RESULTS,
     )
-    p.add_argument("--steps", type=int, default=8, help="RL steps per run")
-    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--eval-problems", type=int, default=64, help="held-out problems")
     p.add_argument(
         "--passk-samples", type=int, default=16, help="samples per held-out problem for pass@k"
     )
     p.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra override for every run (smoke tests); repeatable",
-    )
-    p.add_argument("--run-root", default=str(REPO / "runs" / "efficacy"), help="run directories")
-    p.add_argument("--out", default=str(RESULTS), help="where the results go")
-    p.add_argument(
         "--report-only", action="store_true", help="only the tables and plots of finished runs"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 

@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci  # noqa: E402
+from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -92,10 +93,8 @@ def _policies(arm: str, run_dir: Path) -> dict[str, Path]:
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one (arm, seed), or read its record back."""
     path = Path(args.out) / "runs" / f"{arm}-seed{seed}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("budget") == budget(args):
-            return saved
+    if (saved := read_finished(path, budget(args))) is not None:
+        return saved
     run_dir = Path(args.run_root) / f"{arm}-seed{seed}"
     config = run_config(arm, seed, args, run_dir)
     resume = run_dir.is_dir() and any(run_dir.rglob("checkpoints/step_*"))
@@ -129,10 +128,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "policies": policies,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+    write_record(path, record)
     return record
 
 
@@ -211,18 +207,17 @@ def plot(table: dict[str, Any], path: Path) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--samples", type=int, default=4, help="Idea3 episodes per prompt (ILR arms)")
+    add_run_arguments(
+        p,
+        steps=4,
+        samples_help="Idea3 episodes per prompt (ILR arms)",
+        run_root=REPO / "runs" / "ilr_bench",
+        out=RESULTS,
+    )
     p.add_argument(
         "--grpo-samples", type=int, default=12, help="samples per prompt of the grpo arm"
     )
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-root", default=str(REPO / "runs" / "ilr_bench"))
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="only the table of finished runs")
     return p.parse_args(argv)
 
 
