@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_script import load_script
 
 from agents.oracle import check_oracle_task
 from aipo_env.passk import pass_at_k
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_efficacy", REPO / "benchmarks" / "efficacy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_script("efficacy")
 
 
 def args(tmp_path: Path, *extra: str):

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_script import load_script
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_learning", REPO / "benchmarks" / "learning.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-learning = _load()
+learning = load_script("learning")
 
 
 def _configs(tmp_path, arms=("grpo", "aipo", "aipo_mask"), **budget):

@@ -9,7 +9,6 @@ from aipo_env import sources
 from aipo_env.masks import MaskRule
 from aipo_env.peer_episode import Peer, PeerEpisodeConfig, run_idea3
 from aipo_env.protocols.peer import STAGES
-from policies.base import GenerationError
 
 EOS = "<|im_end|>"
 
