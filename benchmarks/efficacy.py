@@ -65,6 +65,7 @@ from aipo_env.passk import mean_ci, paired_bootstrap  # noqa: E402
 from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
+from trainers.warmup import WarmupError  # noqa: E402
 
 BASE_CONFIG = REPO / "configs" / "efficacy.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "efficacy"
@@ -259,6 +260,26 @@ def warm(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     record["passk"] = passk(root / "model", task, 0, root / "passk", args)
     write_record(record_path, record)
     return record
+
+
+def _failure_path(task: str, args: argparse.Namespace) -> Path:
+    return Path(args.out) / "warm" / f"{task}-failed.json"
+
+
+def record_warm_failure(task: str, message: str, args: argparse.Namespace) -> None:
+    """Keep why ``task``'s warm-up failed (the counts), so the report can say it."""
+    write_record(
+        _failure_path(task, args), {"task": task, "budget": budget(args), "error": message}
+    )
+
+
+def warm_failure(task: str, args: argparse.Namespace) -> str | None:
+    """The recorded warm-up failure of ``task`` under this budget, if any."""
+    path = _failure_path(task, args)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["error"] if saved.get("budget") == budget(args) else None
 
 
 # -- stage 2: the RL runs ---------------------------------------------------------------
@@ -565,6 +586,12 @@ def report(
     ks = [k for k in KS if k <= args.passk_samples]
     table = aggregate(runs, warms, args)
     markdown = render_markdown(table, command, args)
+    failed = {t: warm_failure(t, args) for t in TASKS}
+    for task, error in failed.items():
+        if error is not None:
+            markdown += (
+                f"\n### {task}: `{TASKS[task].name}`: no runs, the warm-up failed\n\n{error}\n"
+            )
     (out / "efficacy.md").write_text(markdown)
     write_record(
         out / "efficacy.json",
@@ -587,7 +614,11 @@ def _finished(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str,
     out = Path(args.out)
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     runs = [r for r in runs if r.get("budget") == budget(args)]
-    warms = {p.stem: json.loads(p.read_text()) for p in sorted((out / "warm").glob("*.json"))}
+    warms = {
+        p.stem: json.loads(p.read_text())
+        for p in sorted((out / "warm").glob("*.json"))
+        if not p.stem.endswith("-failed")
+    }
     warms = {k: w for k, w in warms.items() if w.get("budget") == budget(args)}
     return runs, warms
 
@@ -633,7 +664,20 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         variants = sorted({ARMS[a].warm for a in arms}, key=lambda v: v != "consult")
-        warmed = {(t, v): warm(t, v, args)["model"] for t in tasks for v in variants}
+        warmed: dict[tuple[str, str], str] = {}
+        for task in list(tasks):
+            failure = warm_failure(task, args)
+            if failure is not None:
+                print(f"== {task}: skipped, its warm-up failed before: {failure}", flush=True)
+                tasks.remove(task)
+                continue
+            try:
+                for variant in variants:
+                    warmed[(task, variant)] = warm(task, variant, args)["model"]
+            except WarmupError as exc:  # a task the policy cannot be warmed up on
+                record_warm_failure(task, str(exc), args)
+                print(f"== {task}: warm-up failed, its arms are skipped: {exc}", flush=True)
+                tasks.remove(task)
         for seed in args.seeds:  # seed by seed: a stopped run has whole seeds to report
             for task in tasks:
                 for arm in arms:

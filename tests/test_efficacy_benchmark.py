@@ -145,3 +145,41 @@ def test_a_finished_run_with_the_same_budget_is_read_back(tmp_path, monkeypatch)
 def test_unknown_task_or_arm_is_refused_with_the_choices(capsys) -> None:
     assert bench.main(["--arms", "aipo,ppo", "--report-only"]) == 2
     assert "ppo" in capsys.readouterr().err
+
+
+def test_a_task_whose_warm_up_fails_is_recorded_and_skipped(tmp_path, monkeypatch, capsys) -> None:
+    from trainers.warmup import WarmupError
+
+    calls = []
+
+    def warm(task, variant, args):
+        if task == "knowledge":
+            raise WarmupError("the warm-up kept 3 demonstrations, fewer than 32")
+        return {"model": f"/warm/{task}-{variant}"}
+
+    monkeypatch.setattr(bench, "warm", warm)
+    monkeypatch.setattr(
+        bench, "run_arm", lambda task, arm, seed, model, a: calls.append((task, arm, model))
+    )
+    argv = ["--out", str(tmp_path / "out"), "--seeds", "0", "--arms", "grpo,aipo"]
+    assert bench.main(argv) == 0
+    assert calls == [
+        ("reasoning", "grpo", "/warm/reasoning-alone"),
+        ("reasoning", "aipo", "/warm/reasoning-consult"),
+    ]
+    report = (tmp_path / "out" / "efficacy.md").read_text()
+    assert "knowledge: `rg:leg_counting`: no runs, the warm-up failed" in report
+    assert "kept 3 demonstrations" in report
+    # A later invocation does not try the failed warm-up again.
+    monkeypatch.setattr(
+        bench,
+        "warm",
+        lambda *a: (
+            (_ for _ in ()).throw(AssertionError("again"))
+            if a[0] == "knowledge"
+            else {"model": "/m"}
+        ),
+    )
+    calls.clear()
+    assert bench.main(argv) == 0
+    assert {c[0] for c in calls} == {"reasoning"}
