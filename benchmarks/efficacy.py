@@ -99,7 +99,9 @@ TASKS: dict[str, TaskSetting] = {
         {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},
         (
             "warmup.agent=reasoning",
-            "warmup.problems=128",
+            # 128 problems gave 30 demonstrations (5 of 256 consult episodes and 15 of 256
+            # alone ended correct), short of the 32 required: 192 reuse those rollouts.
+            "warmup.problems=192",
             # The task has steps but no facts: Knowledge answers from the policy's generator.
             "agents.agents.knowledge.kind=llm",
             "agents.agents.knowledge.backend=policy",
@@ -235,7 +237,7 @@ def warm(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     record_path = Path(args.out) / "warm" / f"{task}-{variant}.json"
     if record_path.is_file() and (root / "model").is_dir():
         saved = json.loads(record_path.read_text())
-        if saved.get("budget") == budget(args):
+        if saved.get("budget") == budget(args) and saved.get("setting") == task_overrides(task):
             return saved
     print(f"== {task}: warm-up ({variant})", flush=True)
     if variant == "alone":
@@ -252,6 +254,7 @@ def warm(task: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "task": task,
         "variant": variant,
         "budget": budget(args),
+        "setting": task_overrides(task),
         "model": str(root / "model"),
         "config": config.model_dump(mode="json"),
         "wall_s": time.perf_counter() - started,
@@ -268,9 +271,13 @@ def _failure_path(task: str, args: argparse.Namespace) -> Path:
 
 def record_warm_failure(task: str, message: str, args: argparse.Namespace) -> None:
     """Keep why ``task``'s warm-up failed (the counts), so the report can say it."""
-    write_record(
-        _failure_path(task, args), {"task": task, "budget": budget(args), "error": message}
-    )
+    record = {
+        "task": task,
+        "budget": budget(args),
+        "setting": task_overrides(task),
+        "error": message,
+    }
+    write_record(_failure_path(task, args), record)
 
 
 def warm_failure(task: str, args: argparse.Namespace) -> str | None:
@@ -279,7 +286,8 @@ def warm_failure(task: str, args: argparse.Namespace) -> str | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved["error"] if saved.get("budget") == budget(args) else None
+    same = saved.get("budget") == budget(args) and saved.get("setting") == task_overrides(task)
+    return saved["error"] if same else None
 
 
 # -- stage 2: the RL runs ---------------------------------------------------------------
