@@ -37,7 +37,7 @@ pass@k for k = 1, 2, 4, 8, 16; and each consulting arm against ``grpo`` on the s
 (seed, problem) pairs with a paired bootstrap. Writes ``<out>/efficacy.json``,
 ``efficacy.md``, ``passk.png`` (pass@k curves: the capability-boundary picture) and
 ``curves.png`` (held-out accuracy, consult rate, dependency gap against step); each
-finished run's record is ``<out>/runs/<task>-<arm>-seed<k>.json``.
+finished run's record is ``<out>/arms/<task>-<arm>-seed<k>.json``.
 
     python benchmarks/efficacy.py --no-progress    # 2 tasks x 4 arms x 3 seeds (see docs/efficacy.md)
     python benchmarks/efficacy.py --report-only    # the tables from the runs finished so far
@@ -297,7 +297,7 @@ def run_arm(task: str, arm: str, seed: int, model: str, args: argparse.Namespace
     """Train one (task, arm, seed) from the warmed ``model``, or read its record back."""
     from trainers.embedded import EmbeddedTrainer
 
-    path = Path(args.out) / "runs" / f"{task}-{arm}-seed{seed}.json"
+    path = Path(args.out) / "arms" / f"{task}-{arm}-seed{seed}.json"
     if (saved := read_finished(path, budget(args))) is not None:
         return saved
     run_dir = Path(args.run_root) / task / f"{arm}-seed{seed}"
@@ -620,7 +620,7 @@ def report(
 def _finished(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The run and warm-up records already on disk for this budget."""
     out = Path(args.out)
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     runs = [r for r in runs if r.get("budget") == budget(args)]
     warms = {
         p.stem: json.loads(p.read_text())

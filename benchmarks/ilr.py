@@ -14,7 +14,7 @@ token limits, learning rate and seeds):
 Each (arm, seed) is one run; reported per arm as mean ± 95% t-interval over seeds: the
 held-out accuracy alone (greedy, the trainer's own evaluation) of each peer (ILR arms;
 ``grpo`` has one policy), before and after, and the generated tokens per step and
-policy. Finished runs are kept in ``<out>/runs/<arm>-seed<k>.json`` and not run again.
+policy. Finished runs are kept in ``<out>/arms/<arm>-seed<k>.json`` and not run again.
 
     python benchmarks/ilr.py --no-progress            # 4 arms x 3 seeds
     python benchmarks/ilr.py --report-only            # the table from the finished runs
@@ -92,7 +92,7 @@ def _policies(arm: str, run_dir: Path) -> dict[str, Path]:
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one (arm, seed), or read its record back."""
-    path = Path(args.out) / "runs" / f"{arm}-seed{seed}.json"
+    path = Path(args.out) / "arms" / f"{arm}-seed{seed}.json"
     if (saved := read_finished(path, budget(args))) is not None:
         return saved
     run_dir = Path(args.run_root) / f"{arm}-seed{seed}"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for arm in arms:
                 run_arm(arm, seed, args)
-    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     records = [r for r in records if r.get("budget") == budget(args)]
     table = aggregate(records)
     markdown = render_markdown(table, command)

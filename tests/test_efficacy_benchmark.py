@@ -126,7 +126,7 @@ def test_aggregate_gives_seed_intervals_and_pairs_problems_within_a_seed(tmp_pat
 
 def test_a_finished_run_with_the_same_budget_is_read_back(tmp_path, monkeypatch) -> None:
     a = args(tmp_path)
-    saved = tmp_path / "out" / "runs" / "reasoning-aipo-seed0.json"
+    saved = tmp_path / "out" / "arms" / "reasoning-aipo-seed0.json"
     saved.parent.mkdir(parents=True)
     record = {"task": "reasoning", "arm": "aipo", "seed": 0, "budget": bench.budget(a)}
     saved.write_text(json.dumps(record))
