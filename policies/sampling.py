@@ -24,9 +24,8 @@ def sample_batch(
     (argmax). Otherwise a row's logits are divided by its temperature, restricted to
     its ``top_k`` most likely tokens and to the smallest set holding ``top_p`` of the
     mass, then sampled with the row's own generator, so a seeded request draws the
-    same tokens whatever else is in the batch. The filtering and the draw
-    (:func:`race`) run on all sampled rows together; each row's random numbers come
-    from its own generator. One transfer brings the results back.
+    same tokens whatever else is in the batch. The filtering runs on all sampled rows
+    together; only the draw itself is per row. One transfer brings the results back.
     """
     rows = logits.shape[0]
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
@@ -39,53 +38,11 @@ def sample_batch(
         tokens[index] = torch.argmax(logits.index_select(0, index), dim=-1)
     if sampled:
         probs = _filtered_probs(logits, [params[i] for i in sampled], sampled)
-        draws = race(probs, [generators[i] for i in sampled])
-        if len(sampled) == rows:
-            tokens = draws
-        else:
-            tokens[torch.tensor(sampled, device=logits.device)] = draws
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     return tokens.tolist(), chosen.tolist(), _top_logprobs(logprobs, params)
-
-
-#: Tokens per row that get their own exponential clock in :func:`race`; the rest share one.
-RACE_CANDIDATES = 64
-
-
-def race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of ``probs``, exactly distributed as ``probs``, all rows at once.
-
-    Competing exponential clocks: token ``i`` rings at ``E_i / p_i`` with ``E_i ~ Exp(1)``,
-    and the first to ring is token ``i`` with probability ``p_i`` (what
-    ``torch.multinomial`` does with one exponential per vocabulary entry). Here only the
-    row's :data:`RACE_CANDIDATES` most likely tokens get their own clock; the other
-    tokens share one, of rate their total mass (the first of several exponential clocks
-    rings at the sum of their rates), and only when it rings first is the token drawn
-    among them, in proportion to ``probs``. The draw is exact, needs ``k + 1`` random
-    numbers per row instead of one per vocabulary entry, and, being an argmin over
-    clocks, a rounding difference in ``probs`` (another batch shape) changes the token
-    only when two clocks nearly tie.
-    """
-    rows, vocab = probs.shape
-    k = min(RACE_CANDIDATES, vocab)
-    top, index = torch.topk(probs, k, dim=-1)
-    top = top.double()
-    tail = (probs.double().sum(dim=-1) - top.sum(dim=-1)).clamp(min=0.0)
-    clocks = torch.stack(
-        [
-            torch.empty(k + 1, dtype=torch.float64, device=probs.device).exponential_(generator=gen)
-            for gen in generators
-        ]
-    )
-    rings = torch.cat([clocks[:, :k] / top, (clocks[:, k] / tail)[:, None]], dim=1)
-    first = rings.argmin(dim=-1)
-    tokens = index.gather(1, first.clamp(max=k - 1)[:, None])[:, 0]
-    for row in (first == k).nonzero()[:, 0].tolist():
-        rest = probs[row].clone()
-        rest[index[row]] = 0.0
-        tokens[row] = torch.multinomial(rest, 1, generator=generators[row])[0]
-    return tokens
 
 
 def _top_logprobs(logprobs: torch.Tensor, params: Sequence[SamplingParams]) -> list[list[float]]:
