@@ -74,7 +74,7 @@ async def call_service(
     return reply, None, time.monotonic() - began
 
 
-def _template_ids(tokenizer: Any, text: str) -> list[int]:
+def template_ids(tokenizer: Any, text: str) -> list[int]:
     """Ids of chat-template text, whose turn markers must become the template's special ids."""
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
@@ -146,7 +146,7 @@ def _chat_pieces(
     chat = chat_feedback_pieces(tokenizer, content, config.chat_feedback_role, config.system_prompt)
 
     def template(text: str) -> Piece:
-        ids = _template_ids(tokenizer, text)
+        ids = template_ids(tokenizer, text)
         return ids, sources.ENV, [None] * len(ids)
 
     if body is None:
@@ -159,7 +159,7 @@ def _chat_pieces(
         ]
     injection = Injection(pieces, chat_content=content)
     if config.check_drift:
-        injection.drift = injection.ids != _template_ids(
+        injection.drift = injection.ids != template_ids(
             tokenizer, chat.before + content + chat.after
         )
     return injection
@@ -187,5 +187,5 @@ def full_render_drift(
         if reply_content is not None:
             messages.append({"role": config.chat_feedback_role, "content": reply_content})
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    ids = _template_ids(tokenizer, rendered)
+    ids = template_ids(tokenizer, rendered)
     return ids[: len(token_ids)] != list(token_ids)

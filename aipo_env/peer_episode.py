@@ -27,11 +27,13 @@ would pass ``max_total_tokens`` the episode ends with ``context_overflow``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aipo_env import masks, sources
+from aipo_env.injection import template_ids
 from aipo_env.interaction_mode import Mode
 from aipo_env.masks import MaskRule
 from aipo_env.protocols.base import encode_injected
@@ -101,17 +103,21 @@ def _prompt_ids(tokenizer: Any, content: str, system_prompt: str | None) -> list
     return encode_injected(tokenizer, "\n\n".join(m["content"] for m in messages) + "\n")
 
 
-def _turn_markup(tokenizer: Any, ended_by_eos: bool) -> tuple[list[int], list[int]]:
-    """Ids that close the assistant turn and open a user message, and that open the next answer."""
+@functools.lru_cache(maxsize=16)
+def _turn_markup(tokenizer: Any, ended_by_eos: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Ids that close the assistant turn and open a user message, and that open the next answer.
+
+    The same for every message of a tokenizer, so rendered once (not per injection).
+    """
     if not getattr(tokenizer, "chat_template", None):
-        return encode_injected(tokenizer, "\n\n"), encode_injected(tokenizer, "\n\n")
+        gap = tuple(encode_injected(tokenizer, "\n\n"))
+        return gap, gap
     pieces = chat_feedback_pieces(tokenizer, "\x00")
     before = pieces.before
     eos_text = tokenizer.eos_token or ""
     if ended_by_eos and eos_text and before.startswith(eos_text):
         before = before[len(eos_text) :]  # the peer's own EOS already closed its turn
-    encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) if text else []  # noqa: E731
-    return encode(before), encode(pieces.after)
+    return tuple(template_ids(tokenizer, before)), tuple(template_ids(tokenizer, pieces.after))
 
 
 def _status(out: Generation | None, text: str) -> str:
@@ -296,7 +302,7 @@ def _message_pieces(
     """``track``'s next user message as ``(ids, source, log-probs)`` pieces."""
     tok = track.tokenizer
     ended = bool(track.last and track.last.token_ids) and track.last.token_ids[-1] in track.eos_ids
-    before, after = _turn_markup(tok, ended)
+    before, after = (list(ids) for ids in _turn_markup(tok, ended))
     pieces: list[tuple[list[int], str, list[float | None] | None]] = [(before, sources.ENV, None)]
     for text, peer_name in stage_message(stage, track.mode, others):
         if peer_name is None:
