@@ -70,11 +70,6 @@ def test_two_peers_train_each_on_its_own_trajectories(tmp_path: Path, tiny_model
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="known defect, issue 13: two identical two-peer runs in one process already differ "
-    "in peer B's weights after step 1 (1.8e-4) although their rollouts are identical, so this "
-    "comparison fails about half the time; the cause is not found yet"
-)
 def test_resume_after_a_kill_restores_every_peer_exactly(
     tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,3 +128,14 @@ def test_peer_config_errors_come_before_any_model_loads(override, message) -> No
             None,
             ["peers.names=[A, B]", override, "agents.agents={verify: {kind: oracle}}"],
         )
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [([], "mask"), (["loss.agent_mode=shaped"], "shaped")]
+)
+def test_peer_tokens_are_context_unless_the_loss_trains_them(given, expected) -> None:
+    config = load_config(
+        TrainConfig, None, ["peers.names=[A, B]", "agents.agents={verify: {kind: oracle}}", *given]
+    )
+    assert config.loss.agent_mode == expected
+    assert load_config(TrainConfig, None, []).loss.agent_mode == "shaped"  # AIPO's default

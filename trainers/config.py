@@ -321,6 +321,10 @@ class TrainConfig(BaseModel):
                     f"peers (ILR) with rollout.strategy {self.rollout.strategy!r}: Idea3 "
                     "episodes are sampled independently (strategy grpo)"
                 )
+            if "agent_mode" not in self.loss.model_fields_set:
+                # A peer's tokens are context unless asked for: train them only with an
+                # explicit loss.agent_mode shaped or ratio (docs/ilr.md).
+                self.loss = self.loss.model_copy(update={"agent_mode": "mask"})
         unknown = sorted(set(self.agents.agents) - set(self.env.agent_names))
         if unknown:
             raise ValueError(

@@ -98,7 +98,7 @@ class LossConfig(BaseModel):
     )
     agent_mode: Literal["mask", "shaped", "ratio"] = Field(
         default="shaped",
-        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma), 'ratio' with truncated IS min(w, C). Default 'shaped'.",
+        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma), 'ratio' with truncated IS min(w, C). Default 'shaped'; 'mask' in an ILR run (peers:) unless set.",
     )
     shaped_gamma: float = Field(
         default=0.1,
