@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from aipo_env import sources
 from aipo_env.trajectory import read_jsonl
 from trainers.config import TrainConfig
 from trainers.peer_trainer import PeerTrainer
+from trainers.stopping import TrainingInterrupted
 
 
 @pytest.fixture(autouse=True)
@@ -22,14 +26,14 @@ def _parity_task():
         yield
 
 
-def ilr_config(run: Path, model: str, **peers):
+def ilr_config(run: Path, model: str, train: dict | None = None, **peers):
     return make_config(
         run,
         model,
         task={"eval_size": 2},
         env={"max_consults": 0, "max_total_tokens": 512},
         agents={"agents": {"verify": {"kind": "oracle"}}},
-        train={"save_every": 1},
+        train={"save_every": 1, **(train or {})},
         peers={
             "names": ["A", "B"],
             "max_new_tokens_per_stage": 6,
@@ -98,6 +102,39 @@ def test_resume_after_a_kill_restores_every_peer_exactly(
     straight = json.loads((tmp_path / "straight" / "peer_state.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "peer_state.json").read_text())
     assert straight["difficulty"] == resumed["difficulty"]
+
+
+@pytest.mark.slow
+def test_a_signal_mid_rollout_checkpoints_every_peer_and_resume_goes_on_exactly(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PeerTrainer(ilr_config(tmp_path / "straight", tiny_model_dir), progress=False).run()
+    real = PeerTrainer._rollout
+
+    async def interrupt_step_2(self, runs, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(30)  # cancelled by the stop request
+        return await real(self, runs, step)
+
+    monkeypatch.setattr(PeerTrainer, "_rollout", interrupt_step_2)
+    # save_every=2: step 1 is checkpointed only because the run stops after it.
+    config = ilr_config(tmp_path / "stopped", tiny_model_dir, train={"save_every": 2})
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT after step 1 of 2") as stopped:
+        PeerTrainer(config, progress=False).run()
+    assert stopped.value.completed_step == 1
+    for name in ("A", "B"):
+        assert f"peer {name}: step 1 checkpointed now in" in str(stopped.value)
+        assert not (
+            tmp_path / "stopped" / "peers" / name / "rollouts" / "step_000001.jsonl"
+        ).exists()
+    assert json.loads((tmp_path / "stopped" / "peer_state.json").read_text())["step"] == 1
+    monkeypatch.setattr(PeerTrainer, "_rollout", real)
+    PeerTrainer(config, resume=True, progress=False).run()
+    for name in ("A", "B"):
+        a = load_weights(tmp_path / "straight" / "peers" / name / "checkpoints" / "step_000002")
+        b = load_weights(tmp_path / "stopped" / "peers" / name / "checkpoints" / "step_000002")
+        assert max_weight_diff(a, b) < 1e-6, name
 
 
 def test_resume_refuses_peers_stopped_at_different_steps(tmp_path: Path) -> None:

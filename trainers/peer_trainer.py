@@ -22,6 +22,12 @@ checkpoints. One step:
    after every peer's checkpoint, so ``--resume`` restarts every peer at one step.
 
 Held-out accuracy alone is measured for each peer before and after (``eval/`` of its folder).
+
+SIGINT or SIGTERM (:class:`trainers.stopping.StopRequest`) cancels the rollout, the
+ability measurement or an evaluation in progress; updates already started run to their
+end. Every peer is then checkpointed at the last completed step, with the shared state,
+so ``--resume`` goes on from there, and :class:`~trainers.stopping.TrainingInterrupted`
+says what is on disk.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from trainers.embedded import (
     log_and_save,
     problem_order,
     publish,
+    save_if_pending,
     shaped_advantages,
     update_metrics,
     update_policy,
@@ -56,6 +63,7 @@ from trainers.embedded import (
 from trainers.peer_config import PeerSection
 from trainers.peer_rewards import perception_calibration
 from trainers.run_state import RunDirError, RunState, open_run
+from trainers.stopping import StopRequest, TrainingInterrupted
 from trainers.summary import EvalResult
 from trainers.weights import generation_paused
 
@@ -103,20 +111,20 @@ class PeerTrainer:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run_dir / "config.yaml")
-        async with contextlib.AsyncExitStack() as stack:
-            runs: dict[str, RunState] = {}
-            for i, name in enumerate(self.section.names):
-                sub = peer_config(cfg, i)
-                runs[name] = await stack.enter_async_context(
-                    open_run(sub, resume=self.resume, progress=self.progress)
-                )
-            start = self._restore(run_dir, runs)
-            before = {n: await evaluate(r, "before", reuse=True) for n, r in runs.items()}
-            for step in range(start, cfg.train.steps):
-                await self._step(runs, step)
-                self._save_state(run_dir, step + 1)
-            after = {n: await evaluate(r, "after") for n, r in runs.items()}
-            checkpoints = {n: str(r.checkpoint or r.saved_path) for n, r in runs.items()}
+        stop = StopRequest()
+        stop.install()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                runs: dict[str, RunState] = {}
+                for i, name in enumerate(self.section.names):
+                    sub = peer_config(cfg, i)
+                    runs[name] = await stack.enter_async_context(
+                        open_run(sub, resume=self.resume, progress=self.progress)
+                    )
+                before, after = await self._train(run_dir, runs, stop)
+                checkpoints = {n: str(r.checkpoint or r.saved_path) for n, r in runs.items()}
+        finally:
+            stop.uninstall()
         summary = {
             "steps": cfg.train.steps,
             "wall_s": time.perf_counter() - started,
@@ -133,6 +141,52 @@ class PeerTrainer:
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    async def _train(
+        self, run_dir: Path, runs: Mapping[str, RunState], stop: StopRequest
+    ) -> tuple[dict[str, EvalResult | None], dict[str, EvalResult | None]]:
+        """Every step from the restored one, between each peer's evaluations alone."""
+        start = self._restore(run_dir, runs)
+        before: dict[str, EvalResult | None] = {}
+        after: dict[str, EvalResult | None] = {}
+        for name, run in runs.items():
+            before[name] = await stop.abandonable(evaluate(run, "before", reuse=True))
+        done = start
+        for step in range(start, self.config.train.steps):
+            if stop.requested or not await self._step(runs, step, stop):
+                break
+            done = step + 1
+            self._save_state(run_dir, done)
+        for name, run in runs.items():
+            after[name] = await stop.abandonable(evaluate(run, "after"))
+        if stop.requested:
+            raise self._interrupted(run_dir, runs, stop, done)
+        return before, after
+
+    def _interrupted(
+        self, run_dir: Path, runs: Mapping[str, RunState], stop: StopRequest, done: int
+    ) -> TrainingInterrupted:
+        """Checkpoint every peer at step ``done`` (with the shared state); say what is saved."""
+        assert stop.signal is not None
+        saved = {name: save_if_pending(run) for name, run in runs.items()}
+        if done:
+            self._save_state(run_dir, done, force=True)
+        if done:
+            lines = [
+                f"peer {name}: step {done} checkpointed {'now ' if saved[name] else ''}"
+                f"in {run.saved_path}"
+                for name, run in runs.items()
+            ]
+            lines.append(f"shared state of step {done}: {run_dir / STATE}; --resume goes on")
+        else:
+            lines = ["no step had completed: no checkpoint was saved"]
+        return TrainingInterrupted(
+            f"stopped by {stop.signal.name} after step {done} of {self.config.train.steps}."
+            + "".join(f"\n  {line}" for line in lines),
+            stopped_by=stop.signal,
+            completed_step=done,
+            checkpoint=run_dir if done else None,
+        )
 
     # -- state --------------------------------------------------------------------------
 
@@ -154,11 +208,13 @@ class PeerTrainer:
             self.ability_history = list(saved["ability_history"])
         return done
 
-    def _save_state(self, run_dir: Path, done: int) -> None:
+    def _save_state(self, run_dir: Path, done: int, *, force: bool = False) -> None:
         """After every peer's checkpoint of step ``done``: the shared state, atomically."""
         cfg = self.config
         if not (
-            done == cfg.train.steps or (cfg.train.save_every and done % cfg.train.save_every == 0)
+            force
+            or done == cfg.train.steps
+            or (cfg.train.save_every and done % cfg.train.save_every == 0)
         ):
             return
         state = {
@@ -181,7 +237,9 @@ class PeerTrainer:
         task = make_task(task_cfg.name, **{**task_cfg.kwargs, **self.section.validation_kwargs})
         try:
             n = min(self.section.validation_size, len(task))
+            # Set only once every peer is measured: a cancelled measurement changes nothing.
             record: dict[str, Any] = {"step": step}
+            abilities: dict[str, float] = {}
             for name, run in runs.items():
                 done = await evaluate_alone(
                     run.generator,
@@ -193,8 +251,9 @@ class PeerTrainer:
                     concurrency=run.config.rollout.concurrency,
                 )
                 accuracy = sum(bool(t.verifier and t.verifier.correct) for t in done) / max(n, 1)
-                self.abilities[name] = ability_from_accuracy(accuracy)
-                record[name] = {"accuracy": accuracy, "ability": self.abilities[name]}
+                abilities[name] = ability_from_accuracy(accuracy)
+                record[name] = {"accuracy": accuracy, "ability": abilities[name]}
+            self.abilities.update(abilities)
             self.ability_history.append(record)
         finally:
             task.close()
@@ -299,13 +358,18 @@ class PeerTrainer:
                 for t, value in zip(ts, calibrated[name], strict=True):
                     t.reward = value
 
-    async def _step(self, runs: Mapping[str, RunState], step: int) -> None:
+    async def _step(self, runs: Mapping[str, RunState], step: int, stop: StopRequest) -> bool:
+        """One step; False when a stop signal cancelled it before any update (nothing changed)."""
         if self.section.interaction == "dynamic" and (
             step % self.section.ability_every == 0 or not self.abilities
         ):
-            await self._abilities(runs, step)
+            await stop.abandonable(self._abilities(runs, step))
+            if stop.requested:
+                return False
         t0 = time.perf_counter()
-        trajectories = await self._rollout(runs, step)
+        trajectories = await stop.abandonable(self._rollout(runs, step))
+        if trajectories is None:
+            return False
         rollout_s = time.perf_counter() - t0
         self._rewards(trajectories)
         self._write(runs, step, trajectories)
@@ -324,6 +388,7 @@ class PeerTrainer:
             metrics["update_s"] = time.perf_counter() - t1
             metrics.update(update_metrics(run, stats))
             log_and_save(run, step + 1, metrics)
+        return True
 
 
 class PeerSummary(dict):
