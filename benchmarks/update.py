@@ -17,7 +17,10 @@ The batch is built deterministically: ``--rows`` right-padded rows of about
 ``--prompt-tokens`` prompt tokens and ``--response-tokens`` response tokens (lengths
 vary a little per row), the first ``--agent-tokens`` of every other response being
 agent tokens with behaviour log-probs, as the default run's auto-consult reply is.
-Token values are random (speed does not depend on them).
+Token values are random (speed does not depend on them). With
+``--samples-per-prompt n`` every n consecutive rows share one prompt, as the samples of
+a GRPO group do: **ours** then computes each prompt once (``train.share_prefix``),
+**bare** once per row.
 
 Each round's ratio ours/bare is printed with the load average, then min/median/max,
 for wall-clock seconds and for the process's CPU seconds (less sensitive to other
@@ -28,6 +31,7 @@ loaded (the load has its own transient peak). Writes ``update.json`` and
 
     python benchmarks/update.py                          # CPU, float32, 5 rounds
     python benchmarks/update.py --threads 1              # on cores other processes share
+    python benchmarks/update.py --threads 1 --samples-per-prompt 4 --tag groups4
     python benchmarks/update.py --device cuda --dtype bfloat16 --weights random --tag cuda
 
 On shared cores ``--threads 1`` gives steady figures: with more threads each side's
@@ -81,10 +85,14 @@ def build_batch(args: argparse.Namespace, vocab_size: int, device: str) -> Updat
     """The benchmark's deterministic batch (module docstring), old log-probs still unset."""
     gen = torch.Generator().manual_seed(args.seed)
     rows = args.rows
-    prompt = [args.prompt_tokens - 6 + (r * 5) % 13 for r in range(rows)]
+    group = [r // args.samples_per_prompt for r in range(rows)]  # rows of one prompt
+    prompt = [args.prompt_tokens - 6 + (g * 5) % 13 for g in group]
     response = [args.response_tokens - (r * 3) % 9 for r in range(rows)]
     width = max(p + n for p, n in zip(prompt, response, strict=True))
     input_ids = torch.randint(3, vocab_size, (rows, width), generator=gen)
+    for r, g in enumerate(group):
+        first = g * args.samples_per_prompt
+        input_ids[r, : prompt[r]] = input_ids[first, : prompt[r]]
     attention_mask = torch.zeros(rows, width, dtype=torch.long)
     loss_mask = torch.zeros(rows, width)
     agent_mask = torch.zeros(rows, width, dtype=torch.bool)
@@ -138,6 +146,7 @@ class Sides:
             max_grad_norm=cfg.optim.max_grad_norm,
             accumulation="tokens" if cfg.loss.aggregation == "token_mean" else "rows",
             with_entropy=cfg.loss.entropy_coef > 0,
+            share_prefix=cfg.train.share_prefix,
         )
 
     def bare(self) -> None:
@@ -304,6 +313,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "weights": args.weights,
         "rows": len(b),
+        "samples_per_prompt": args.samples_per_prompt,
         "tokens_per_row": [int(real.min()), int(real.max())],
         "trained_tokens": int(b.loss_mask.sum()),
         "agent_tokens": int(b.agent_mask.sum()),
@@ -368,6 +378,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=106, help="about this many per row")
     parser.add_argument("--response-tokens", type=int, default=64, help="at most this many per row")
     parser.add_argument("--agent-tokens", type=int, default=16, help="agent tokens per even row")
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="consecutive rows sharing one prompt, as a GRPO group's samples (default 1: "
+        "every prompt different, nothing for train.share_prefix to share)",
+    )
     parser.add_argument(
         "--micro-batch-size", type=int, default=0, help="0: configs/default.yaml's (8)"
     )

@@ -179,3 +179,50 @@ def test_the_callers_masks_are_left_unchanged():
         token_logprobs(model, ids, bool_mask, positions=response)
     assert bool_mask[:, 0].all() and response[:, 0].all()
     assert torch.equal(response[:, 1:], before[:, 1:])
+
+
+def group_rows(prompt_len: int = 6, seed: int = 0):
+    """Three samples of one prompt, right-padded responses of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (3, 14), generator=gen)
+    ids[:, :prompt_len] = ids[0, :prompt_len]
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[2, 8:] = 0
+    ids = ids * mask
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, prompt_len:] = True
+    return ids, mask, response & mask.bool()
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_a_shared_prefix_gives_the_same_log_probs_entropy_and_gradients(monkeypatch, plain_head):
+    if not plain_head:
+        monkeypatch.setattr(logprobs_module, "PLAIN_HEAD_MODELS", frozenset())
+    model = tiny_llama(seed=4)
+    ids, mask, response = group_rows()
+
+    def run(shared_prefix):
+        model.zero_grad()
+        lp, h = token_logprobs(
+            model, ids, mask, positions=response, with_entropy=True, shared_prefix=shared_prefix
+        )
+        (lp.sum() + 0.5 * h.sum()).backward()
+        return lp.detach(), h.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, shared = run(0), run(5)  # the prompt's last token predicts the first response token
+    assert (full[0][response] != 0).all()
+    torch.testing.assert_close(shared[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], full[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared[2], full[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shared_prefix_that_is_not_shared_or_covers_an_asked_for_token_is_refused():
+    model = tiny_llama()
+    ids, mask, response = group_rows()
+    with pytest.raises(ValueError, match="shared_prefix=6: a log-prob is asked for"):
+        token_logprobs(model, ids, mask, positions=response, shared_prefix=6)
+    ids[1, 2] = (ids[1, 2] + 1) % VOCAB
+    with pytest.raises(ValueError, match="first 5 tokens are not one real prefix"):
+        token_logprobs(model, ids, mask, positions=response, shared_prefix=5)

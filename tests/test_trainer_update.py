@@ -11,7 +11,13 @@ from tiny_model import random_llama
 from aipo_env.batch import TrajectoryBatch
 from aipo_env.sources import CODE_POLICY, CODE_PROMPT
 from trainers.logprobs import token_logprobs
-from trainers.update import UpdateBatch, compute_old_logprobs, on_policy_update, ppo_update
+from trainers.update import (
+    UpdateBatch,
+    compute_old_logprobs,
+    micro_batches,
+    on_policy_update,
+    ppo_update,
+)
 
 VOCAB = 89
 
@@ -416,3 +422,50 @@ def test_the_loss_receives_the_rollout_log_probs_for_its_rollout_correction():
     got = torch.sort(torch.nan_to_num(seen[0], nan=9.0).flatten()).values
     want = torch.sort(torch.nan_to_num(batch.behavior_logprobs, nan=9.0).flatten()).values
     assert torch.equal(got, want)
+
+
+def grouped_batch(seed: int = 5) -> TrajectoryBatch:
+    """Three prompts (3, 4 and 3 tokens) with 3, 2 and 1 samples: rows of one prompt share it."""
+    batch = trajectory_batch(rows=6, width=14, seed=seed)
+    prompts = {0: [0, 1, 2], 1: [3, 4], 2: [5]}
+    for lead, rows in prompts.items():
+        start = 4 if lead == 1 else 3
+        for r in rows:
+            batch.input_ids[r, :start] = batch.input_ids[rows[0], :start]
+            batch.loss_mask[r, :start] = 0
+            batch.agent_mask[r, :start] = False
+    return batch
+
+
+def test_micro_batches_keep_a_prompts_samples_together_with_the_prefix_they_share():
+    batch = grouped_batch()
+    update = UpdateBatch.from_trajectory_batch(batch, torch.zeros(6), None)
+    shared = [(sorted(rows.tolist()), k) for rows, k in micro_batches(update, 2)]
+    # Prompt 0 (3 tokens, rows 0-2) in chunks of 2 by length, prompt 1 (4 tokens) whole;
+    # row 5 alone. A chunk of one row shares nothing.
+    assert sorted(shared) == [([0, 1], 2), ([2], 0), ([3, 4], 3), ([5], 0)]
+    plain = [(rows.tolist(), k) for rows, k in micro_batches(update, 2, share_prefix=False)]
+    assert {k for _, k in plain} == {0}
+    assert sorted(r for rows, _ in plain for r in rows) == list(range(6))
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_sharing_the_prompt_gives_the_same_update(with_entropy):
+    losses = pytest.importorskip("trainers.losses")
+    loss_fn = losses.AIPOLoss(losses.LossConfig(entropy_coef=0.01 if with_entropy else 0.0))
+    base = tiny_llama(seed=6)
+    batch = grouped_batch()
+    update = UpdateBatch.from_trajectory_batch(batch, torch.linspace(-1.0, 1.5, 6), None)
+    one_step = dict(ppo_epochs=1, minibatch_size=6, micro_batch_size=3, with_entropy=with_entropy)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    stats_a = run_update(a, update, loss_fn, share_prefix=True, **one_step)
+    stats_b = run_update(b, update, loss_fn, share_prefix=False, **one_step)
+    assert max_param_diff(a, base) > 1e-3
+    assert max_param_diff(a, b) < 1e-5
+    assert stats_a.loss == pytest.approx(stats_b.loss, abs=1e-6)
+    assert stats_a.grad_norm == pytest.approx(stats_b.grad_norm, rel=1e-5)
+    # Token counts add up over micro-batches: the same as from one micro-batch of all rows.
+    whole = run_update(copy.deepcopy(base), update, loss_fn, **{**one_step, "micro_batch_size": 6})
+    for key in ("tokens/policy", "tokens/agent"):
+        assert whole.loss_metrics[key] > 0
+        assert stats_a.loss_metrics[key] == stats_b.loss_metrics[key] == whole.loss_metrics[key]

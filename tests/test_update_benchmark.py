@@ -21,6 +21,7 @@ def _one_thread():
 
 def _args(**overrides) -> argparse.Namespace:
     values = dict(rows=4, prompt_tokens=20, response_tokens=12, agent_tokens=3, seed=0)
+    values["samples_per_prompt"] = 1
     return argparse.Namespace(**(values | overrides))
 
 
@@ -40,6 +41,17 @@ def test_the_batch_is_deterministic_with_responses_after_prompts_and_agent_token
         assert positions.tolist() == list(range(int(positions[0]), int(positions[-1]) + 1))
         assert int(positions[-1]) + 1 == int(real[row].sum())
         assert int(positions[0]) >= 20 - 6
+
+
+def test_samples_of_one_prompt_share_it_and_differ_after_it():
+    batch = bench.build_batch(_args(samples_per_prompt=2), vocab_size=97, device="cpu")
+    starts = [int(row.nonzero()[0]) for row in batch.loss_mask.bool()]
+    assert starts[0] == starts[1] and starts[2] == starts[3] and starts[0] != starts[2]
+    for a, b in ((0, 1), (2, 3)):
+        assert torch.equal(batch.input_ids[a, : starts[a]], batch.input_ids[b, : starts[b]])
+        assert not torch.equal(batch.input_ids[a, starts[a] :], batch.input_ids[b, starts[b] :])
+    alone = bench.build_batch(_args(), vocab_size=97, device="cpu")
+    assert not torch.equal(alone.input_ids[0, :10], alone.input_ids[1, :10])
 
 
 def test_ours_steps_the_optimizer_and_bare_only_computes_gradients(monkeypatch):

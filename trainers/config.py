@@ -180,6 +180,10 @@ class TrainSection(BaseModel):
         ge=1,
         description="Trajectories per forward/backward; gradients accumulate over a minibatch.",
     )
+    share_prefix: bool = Field(
+        default=True,
+        description="In the update, put a prompt's samples in micro-batches of their own and run the prompt through the decoder once for them (the same gradient up to float rounding; trainers/update.py). false: micro-batches by length only.",
+    )
     advantage: str = Field(
         default="grpo", description=f"Advantage estimator: one of {', '.join(ESTIMATORS)}."
     )

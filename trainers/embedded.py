@@ -256,6 +256,7 @@ def update_policy(
         with_entropy=cfg.loss.entropy_coef > 0,
         dump_dir=run.run_dir / "nonfinite",
         update_index=step,
+        share_prefix=cfg.train.share_prefix,
     )
 
 

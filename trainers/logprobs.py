@@ -11,6 +11,12 @@ so its result is aligned with ``input_ids`` exactly like every per-token tensor 
 Callers never shift anything themselves; position 0 is always a prompt token and is
 never trained.
 
+With ``shared_prefix`` (the trainer passes it for the rows of one GRPO group, which
+share their prompt), the decoder runs on the prefix once, and its keys and values,
+graph included, are repeated for every row's suffix: backward sums each row's gradient
+into the one prefix computation. The prompt is then computed once per group instead of
+once per sample.
+
 Only the positions asked for cost anything beyond the decoder. The trainer asks for the
 tokens its loss reads (the loss mask: response tokens), so the prompt's positions never
 reach the output head. The decoder runs on every token (attention needs the prefix);
@@ -71,6 +77,22 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if decoder is None or not isinstance(head, nn.Linear) or head.bias is not None:
         return None
     return decoder, head
+
+
+def _check_shared_prefix(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, wanted: torch.Tensor, k: int
+) -> None:
+    """Raise unless every row holds the same ``k`` real tokens first and none is asked for."""
+    if not 0 < k < input_ids.shape[1]:
+        raise ValueError(f"shared_prefix={k}; expected 0 < k < {input_ids.shape[1]} (the width)")
+    head = input_ids[:, :k]
+    if not bool((head == head[:1]).all()) or not bool(attention_mask[:, :k].bool().all()):
+        raise ValueError(f"shared_prefix={k}: the rows' first {k} tokens are not one real prefix")
+    if bool(wanted[:, : k + 1].any()):
+        raise ValueError(
+            f"shared_prefix={k}: a log-prob is asked for at a position <= {k}, whose "
+            "prediction the shared prefix does not return"
+        )
 
 
 def _rows_logprobs(
@@ -174,6 +196,7 @@ def token_logprobs(
     positions: torch.Tensor | None = None,
     with_entropy: bool = False,
     chunk_size: int | None = None,
+    shared_prefix: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each asked-for token given its prefix, aligned with ``input_ids``.
 
@@ -191,6 +214,11 @@ def token_logprobs(
             the loss mask; ``None``: every real token. Fewer positions, less work.
         with_entropy: also return per-token entropy (for an entropy bonus or metrics).
         chunk_size: selected positions per float32 chunk (see :func:`selected_logprobs`).
+        shared_prefix: ``K > 0`` when every row starts with the same ``K`` real tokens
+            and no position before ``K + 1`` is asked for (a GRPO group's prompt): the
+            decoder runs on those ``K`` tokens once instead of once per row (module
+            docstring). The result is the same function of the weights; the floats
+            differ by the rounding of a different batching.
 
     Returns:
         ``(logprobs [B, T] float32, entropy [B, T] float32 or None)``, differentiable
@@ -214,19 +242,40 @@ def token_logprobs(
     # The one shift: the state (or logits) at t-1 scores token t.
     predictors = wanted[:, 1:]
     targets = input_ids[:, 1:][predictors]
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    position_ids = position_ids_from_mask(attention_mask)
     parts = decoder_and_head(model)
-    if parts is not None:
-        decoder, head = parts
-        states = decoder(**inputs).last_hidden_state
-        rows, project = states[:, :-1][predictors], head
+    if shared_prefix:
+        _check_shared_prefix(input_ids, attention_mask, wanted, shared_prefix)
+        # The prefix once, its keys and values (with their graph) repeated for every row;
+        # then each row's suffix attends to them. The same function, less work.
+        body = model if parts is None else parts[0]
+        cache = body(
+            input_ids=input_ids[:1, :shared_prefix],
+            position_ids=position_ids[:1, :shared_prefix],
+            use_cache=True,
+        ).cache
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        out = body(
+            input_ids=input_ids[:, shared_prefix:],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, shared_prefix:],
+            cache=cache,
+            use_cache=True,
+        )
+        hidden = out.logits if parts is None else out.last_hidden_state
+        rows = hidden[:, :-1][predictors[:, shared_prefix:]]
     else:
-        rows, project = model(**inputs).logits[:, :-1][predictors], None
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        if parts is not None:
+            rows = parts[0](**inputs).last_hidden_state[:, :-1][predictors]
+        else:
+            rows = model(**inputs).logits[:, :-1][predictors]
+    project = None if parts is None else parts[1]
     picked, picked_entropy = selected_logprobs(
         rows, targets, project=project, with_entropy=with_entropy, chunk_size=chunk_size
     )

@@ -5,7 +5,7 @@ The algorithm box (:func:`ppo_update`)::
     for epoch in 1..ppo_epochs:
         shuffle the B rows (seeded)
         for each minibatch of `minibatch_size` rows:
-            for each micro-batch of `micro_batch_size` rows:
+            for each micro-batch of `micro_batch_size` rows (a prompt's samples together):
                 logp, H = token_logprobs(model, micro, where=loss_mask)  # aligned with input_ids
                 loss_micro = loss_fn(logp, old_logp, A, masks, ...)
                 backward(loss_micro * weight(micro))               # accumulate
@@ -25,6 +25,10 @@ the whole minibatch at once:
 
 All tensors stay aligned with ``input_ids`` (``[B, T]``, position ``t`` describes token
 ``t``); the one-token shift is done once, inside :func:`trainers.logprobs.token_logprobs`.
+
+The samples of one prompt share a micro-batch, and the prompt goes through the decoder
+once for all of them (:func:`micro_batches`, ``token_logprobs(shared_prefix=)``): with
+a GRPO group of n samples the prompt costs one forward and backward instead of n.
 
 Log-probs (old, reference and current) and entropy are computed only where ``loss_mask``
 is nonzero and hold 0 elsewhere: the loss, each of its metrics and the KL term read them
@@ -155,6 +159,45 @@ def _by_length(attention_mask: torch.Tensor, size: int) -> Iterator[torch.Tensor
     yield from _chunks(order, size)
 
 
+def micro_batches(
+    batch: UpdateBatch, size: int, share_prefix: bool = True
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Each micro-batch's row indices, with the prefix length its rows share (0: none).
+
+    With ``share_prefix``, rows that hold the same real tokens before their first
+    trained one (the samples of one prompt) form micro-batches of their own, which
+    :func:`~trainers.logprobs.token_logprobs` runs with the prompt computed once. The
+    other rows, and all rows without ``share_prefix``, go by length (:func:`_by_length`).
+    """
+    if not share_prefix:
+        for rows in _by_length(batch.attention_mask, size):
+            yield rows, 0
+        return
+    trained = batch.loss_mask != 0
+    width = trained.shape[1]
+    first = torch.where(trained.any(dim=1), trained.int().argmax(dim=1), width).tolist()
+    real = batch.attention_mask.bool()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    alone: list[int] = []
+    for row, start in enumerate(first):
+        if 1 < start < width and bool(real[row, :start].all()):
+            groups.setdefault(tuple(batch.input_ids[row, :start].tolist()), []).append(row)
+        else:
+            alone.append(row)
+    for prompt, rows in groups.items():
+        if len(rows) == 1:
+            alone.extend(rows)
+            continue
+        index = torch.tensor(rows, device=batch.input_ids.device)
+        for chunk in _by_length(batch.attention_mask[index], size):
+            # The state at the prompt's last token predicts the first trained token.
+            yield index[chunk], (len(prompt) - 1 if chunk.numel() > 1 else 0)
+    if alone:
+        index = torch.tensor(sorted(alone), device=batch.input_ids.device)
+        for chunk in _by_length(batch.attention_mask[index], size):
+            yield index[chunk], 0
+
+
 @dataclass
 class UpdateStats:
     """What one :func:`ppo_update` did, averaged over its optimizer steps."""
@@ -267,6 +310,7 @@ def _accumulate_gradients(
     accumulation: str,
     with_entropy: bool,
     chunk_size: int | None,
+    share_prefix: bool = True,
 ) -> tuple[float, dict[str, float], bool]:
     """Backward every micro-batch's share of the minibatch loss (module docstring).
 
@@ -280,7 +324,7 @@ def _accumulate_gradients(
     # the micro-batches' gradients does not depend on how the rows are grouped. A loss
     # normalised by the padded width keeps it.
     trim = not getattr(loss_fn, "width_dependent", False)
-    for rows in _by_length(minibatch.attention_mask, micro_batch_size):
+    for rows, prefix in micro_batches(minibatch, micro_batch_size, share_prefix):
         micro = minibatch.select(rows).trimmed() if trim else minibatch.select(rows)
         if accumulation == "tokens":
             micro_tokens = micro.trained_tokens()
@@ -296,6 +340,7 @@ def _accumulate_gradients(
             positions=micro.loss_mask != 0,
             with_entropy=with_entropy,
             chunk_size=chunk_size,
+            shared_prefix=prefix,
         )
         # On-policy (no old log-probs): the weights have not moved since the rollout's
         # last publish, so this forward's log-probs, detached, are the old ones.
@@ -318,7 +363,9 @@ def _accumulate_gradients(
         (loss * weight).backward()
         mb_loss += float(loss.detach()) * weight
         for key, value in metrics.items():
-            mb_metrics[key] += float(value) * weight
+            # Token counts add up over the micro-batches; every other metric is a mean,
+            # weighted like the loss.
+            mb_metrics[key] += float(value) * (1.0 if key.startswith("tokens/") else weight)
     return mb_loss, dict(mb_metrics), True
 
 
@@ -339,6 +386,7 @@ def ppo_update(
     chunk_size: int | None = None,
     dump_dir: str | Path | None = None,
     update_index: int = 0,
+    share_prefix: bool = True,
 ) -> UpdateStats:
     """Run ``ppo_epochs`` passes of minibatch SGD on ``batch``; return averaged stats.
 
@@ -364,6 +412,8 @@ def ppo_update(
         dump_dir: where a minibatch with a non-finite loss or gradient norm is saved
             (``None``: not saved, only logged and counted).
         update_index: names dump files (``nonfinite_u{update}_e{epoch}_m{minibatch}``).
+        share_prefix: compute a prompt once for the rows that share it
+            (:func:`micro_batches`); the same gradient up to float rounding.
 
     A non-finite loss or gradient norm never reaches the weights: the gradient is
     dropped, neither the optimizer nor the scheduler steps, and the event is counted in
@@ -403,7 +453,14 @@ def ppo_update(
                 stats.empty_minibatches += 1
                 continue
             mb_loss, mb_metrics, finite = _accumulate_gradients(
-                model, minibatch, loss_fn, micro_batch_size, accumulation, with_entropy, chunk_size
+                model,
+                minibatch,
+                loss_fn,
+                micro_batch_size,
+                accumulation,
+                with_entropy,
+                chunk_size,
+                share_prefix,
             )
             reason = None if finite else "loss"  # why this step is skipped, if it is
             grad_norm = float("nan")
