@@ -202,15 +202,15 @@ def test_a_shared_prefix_gives_the_same_log_probs_entropy_and_gradients(monkeypa
     model = tiny_llama(seed=4)
     ids, mask, response = group_rows()
 
-    def run(shared_prefix):
+    def run(groups):
         model.zero_grad()
         lp, h = token_logprobs(
-            model, ids, mask, positions=response, with_entropy=True, shared_prefix=shared_prefix
+            model, ids, mask, positions=response, with_entropy=True, prefix_groups=groups
         )
         (lp.sum() + 0.5 * h.sum()).backward()
         return lp.detach(), h.detach(), [p.grad.clone() for p in model.parameters()]
 
-    full, shared = run(0), run(5)  # the prompt's last token predicts the first response token
+    full, shared = run(None), run([(5, 3)])  # the prompt's last token predicts the first response
     assert (full[0][response] != 0).all()
     torch.testing.assert_close(shared[0], full[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared[1], full[1], rtol=1e-5, atol=1e-5)
@@ -221,8 +221,30 @@ def test_a_shared_prefix_gives_the_same_log_probs_entropy_and_gradients(monkeypa
 def test_a_shared_prefix_that_is_not_shared_or_covers_an_asked_for_token_is_refused():
     model = tiny_llama()
     ids, mask, response = group_rows()
-    with pytest.raises(ValueError, match="shared_prefix=6: a log-prob is asked for"):
-        token_logprobs(model, ids, mask, positions=response, shared_prefix=6)
+    with pytest.raises(ValueError, match=r"rows 0..2 ask for a log-prob at a position <= 6"):
+        token_logprobs(model, ids, mask, positions=response, prefix_groups=[(6, 3)])
+    with pytest.raises(ValueError, match="do not cover the 3 rows"):
+        token_logprobs(model, ids, mask, positions=response, prefix_groups=[(5, 2)])
     ids[1, 2] = (ids[1, 2] + 1) % VOCAB
-    with pytest.raises(ValueError, match="first 5 tokens are not one real prefix"):
-        token_logprobs(model, ids, mask, positions=response, shared_prefix=5)
+    with pytest.raises(ValueError, match=r"rows 0..2 do not share 5 real first tokens"):
+        token_logprobs(model, ids, mask, positions=response, prefix_groups=[(5, 3)])
+
+
+def test_several_prefix_groups_of_different_lengths_in_one_call_give_the_same_result():
+    model = tiny_llama(seed=5)
+    a_ids, a_mask, a_response = group_rows(prompt_len=6, seed=1)
+    b_ids, b_mask, b_response = group_rows(prompt_len=3, seed=2)
+    ids, mask = torch.cat([a_ids, b_ids[:2]]), torch.cat([a_mask, b_mask[:2]])
+    response = torch.cat([a_response, b_response[:2]])
+
+    def run(groups):
+        model.zero_grad()
+        lp, _ = token_logprobs(model, ids, mask, positions=response, prefix_groups=groups)
+        lp.sum().backward()
+        return lp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, grouped = run(None), run([(5, 3), (2, 2)])
+    assert torch.isfinite(grouped[0]).all() and (grouped[0][response] != 0).all()
+    torch.testing.assert_close(grouped[0], full[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grouped[1], full[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

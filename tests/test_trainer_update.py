@@ -440,13 +440,23 @@ def grouped_batch(seed: int = 5) -> TrajectoryBatch:
 def test_micro_batches_keep_a_prompts_samples_together_with_the_prefix_they_share():
     batch = grouped_batch()
     update = UpdateBatch.from_trajectory_batch(batch, torch.zeros(6), None)
-    shared = [(sorted(rows.tolist()), k) for rows, k in micro_batches(update, 2)]
-    # Prompt 0 (3 tokens, rows 0-2) in chunks of 2 by length, prompt 1 (4 tokens) whole;
-    # row 5 alone. A chunk of one row shares nothing.
-    assert sorted(shared) == [([0, 1], 2), ([2], 0), ([3, 4], 3), ([5], 0)]
-    plain = [(rows.tolist(), k) for rows, k in micro_batches(update, 2, share_prefix=False)]
-    assert {k for _, k in plain} == {0}
-    assert sorted(r for rows, _ in plain for r in rows) == list(range(6))
+    shared = [(rows.tolist(), groups) for rows, groups in micro_batches(update, 3)]
+    # Prompt 0 (3 tokens, rows 0-2) fills a micro-batch; prompt 1 (4 tokens, rows 3-4) is
+    # a group of its own; row 5 shares nothing.
+    assert sorted(sorted(rows) for rows, _ in shared) == [[0, 1, 2], [3, 4], [5]]
+    groups = {tuple(sorted(rows)): g for rows, g in shared}
+    assert groups == {(0, 1, 2): [(2, 3)], (3, 4): [(3, 2)], (5,): None}
+    # Room for both groups: one micro-batch, each group's rows together, in its order.
+    (rows, packed), alone = list(micro_batches(update, 5))
+    assert sorted(packed) == [(2, 3), (3, 2)] and alone[1] is None
+    first = packed[0][1]
+    assert {tuple(sorted(rows.tolist()[:first])), tuple(sorted(rows.tolist()[first:]))} == {
+        (0, 1, 2),
+        (3, 4),
+    }
+    plain = list(micro_batches(update, 2, share_prefix=False))
+    assert all(g is None for _, g in plain)
+    assert sorted(r for rows, _ in plain for r in rows.tolist()) == list(range(6))
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -456,7 +466,7 @@ def test_sharing_the_prompt_gives_the_same_update(with_entropy):
     base = tiny_llama(seed=6)
     batch = grouped_batch()
     update = UpdateBatch.from_trajectory_batch(batch, torch.linspace(-1.0, 1.5, 6), None)
-    one_step = dict(ppo_epochs=1, minibatch_size=6, micro_batch_size=3, with_entropy=with_entropy)
+    one_step = dict(ppo_epochs=1, minibatch_size=6, micro_batch_size=5, with_entropy=with_entropy)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     stats_a = run_update(a, update, loss_fn, share_prefix=True, **one_step)
     stats_b = run_update(b, update, loss_fn, share_prefix=False, **one_step)

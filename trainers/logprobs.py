@@ -11,11 +11,11 @@ so its result is aligned with ``input_ids`` exactly like every per-token tensor 
 Callers never shift anything themselves; position 0 is always a prompt token and is
 never trained.
 
-With ``shared_prefix`` (the trainer passes it for the rows of one GRPO group, which
-share their prompt), the decoder runs on the prefix once, and its keys and values,
-graph included, are repeated for every row's suffix: backward sums each row's gradient
-into the one prefix computation. The prompt is then computed once per group instead of
-once per sample.
+With ``prefix_groups`` (the trainer passes them for the samples of each prompt, which
+share it), the decoder runs on each prefix once, and its keys and values, graph
+included, are repeated for every row's suffix: backward sums each row's gradient into
+the one prefix computation. The prompt is then computed once per group instead of once
+per sample, in two decoder calls per micro-batch whatever its number of groups.
 
 Only the positions asked for cost anything beyond the decoder. The trainer asks for the
 tokens its loss reads (the loss mask: response tokens), so the prompt's positions never
@@ -42,7 +42,7 @@ head matmul per chunk.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -79,20 +79,85 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _check_shared_prefix(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, wanted: torch.Tensor, k: int
+def _check_prefix_groups(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    wanted: torch.Tensor,
+    groups: Sequence[tuple[int, int]],
 ) -> None:
-    """Raise unless every row holds the same ``k`` real tokens first and none is asked for."""
-    if not 0 < k < input_ids.shape[1]:
-        raise ValueError(f"shared_prefix={k}; expected 0 < k < {input_ids.shape[1]} (the width)")
-    head = input_ids[:, :k]
-    if not bool((head == head[:1]).all()) or not bool(attention_mask[:, :k].bool().all()):
-        raise ValueError(f"shared_prefix={k}: the rows' first {k} tokens are not one real prefix")
-    if bool(wanted[:, : k + 1].any()):
-        raise ValueError(
-            f"shared_prefix={k}: a log-prob is asked for at a position <= {k}, whose "
-            "prediction the shared prefix does not return"
-        )
+    """Raise unless ``groups`` describes the rows (``token_logprobs``'s ``prefix_groups``)."""
+    rows, width = input_ids.shape
+    if sum(n for _, n in groups) != rows or any(n < 1 for _, n in groups):
+        raise ValueError(f"prefix_groups {list(groups)} do not cover the {rows} rows")
+    start = 0
+    for k, n in groups:
+        if not 0 < k < width:
+            raise ValueError(f"prefix_groups: prefix {k}; expected 0 < K < {width} (the width)")
+        block = slice(start, start + n)
+        head = input_ids[block, :k]
+        if not bool((head == head[:1]).all()) or not bool(attention_mask[block, :k].bool().all()):
+            raise ValueError(
+                f"prefix_groups: rows {start}..{start + n - 1} do not share {k} real first tokens"
+            )
+        if bool(wanted[block, : k + 1].any()):
+            raise ValueError(
+                f"prefix_groups: rows {start}..{start + n - 1} ask for a log-prob at a position "
+                f"<= {k}, whose prediction their shared prefix does not return"
+            )
+        start += n
+
+
+def _grouped_prefix_forward(
+    body: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    predictors: torch.Tensor,
+    groups: Sequence[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's prefix once, then every row's suffix on its group's keys and values.
+
+    Prefixes are right-padded to the longest, ``P``; row ``r`` of a group with prefix
+    ``K`` continues at column ``K`` of its own tokens, with positions ``K, K+1, ...``, and
+    attends to its prefix's ``K`` real columns of the cache and to its own suffix.
+
+    Returns ``body``'s output on the suffixes ``[B, S, *]`` (hidden states, or logits for
+    a full model) and the ``[B, S]`` mask of the suffix positions that predict an asked-for
+    token, in the order of ``predictors`` (``[B, T - 1]``: position ``t`` predicts ``t + 1``).
+    """
+    device = input_ids.device
+    width = input_ids.shape[1]
+    lens = torch.tensor([k for k, _ in groups], device=device)
+    counts = torch.tensor([n for _, n in groups], device=device)
+    firsts = torch.cumsum(counts, 0) - counts
+    longest = int(lens.max())
+    columns = torch.arange(longest, device=device)
+    prefix_mask = (columns[None] < lens[:, None]).long()  # [G, P]
+    cache = body(
+        input_ids=input_ids[firsts, :longest],
+        attention_mask=prefix_mask,
+        position_ids=columns[None].expand(len(groups), longest),
+        use_cache=True,
+    ).cache
+    group_of_row = torch.repeat_interleave(torch.arange(len(groups), device=device), counts)
+    cache.batch_select_indices(group_of_row)  # each row its group's keys and values
+    starts = lens[group_of_row]  # [B]
+    span = width - int(lens.min())
+    cols = starts[:, None] + torch.arange(span, device=device)[None]  # [B, S] original columns
+    inside = cols < width
+    safe = cols.clamp(max=width - 1)
+    suffix_mask = attention_mask.gather(1, safe) * inside
+    out = body(
+        input_ids=input_ids.gather(1, safe),
+        attention_mask=torch.cat([prefix_mask[group_of_row], suffix_mask], dim=1),
+        position_ids=safe,
+        cache=cache,
+        use_cache=True,
+    )
+    hidden = getattr(out, "logits", None)
+    hidden = out.last_hidden_state if hidden is None else hidden
+    # Suffix position j of row r is column starts[r] + j; it predicts that column + 1.
+    suffix_predictors = predictors.gather(1, cols.clamp(max=width - 2)) & (cols <= width - 2)
+    return hidden, suffix_predictors
 
 
 def _rows_logprobs(
@@ -196,7 +261,7 @@ def token_logprobs(
     positions: torch.Tensor | None = None,
     with_entropy: bool = False,
     chunk_size: int | None = None,
-    shared_prefix: int = 0,
+    prefix_groups: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each asked-for token given its prefix, aligned with ``input_ids``.
 
@@ -214,11 +279,12 @@ def token_logprobs(
             the loss mask; ``None``: every real token. Fewer positions, less work.
         with_entropy: also return per-token entropy (for an entropy bonus or metrics).
         chunk_size: selected positions per float32 chunk (see :func:`selected_logprobs`).
-        shared_prefix: ``K > 0`` when every row starts with the same ``K`` real tokens
-            and no position before ``K + 1`` is asked for (a GRPO group's prompt): the
-            decoder runs on those ``K`` tokens once instead of once per row (module
-            docstring). The result is the same function of the weights; the floats
-            differ by the rounding of a different batching.
+        prefix_groups: ``[(K, n), ...]``: the rows come in consecutive groups of ``n``
+            rows that start with the same ``K >= 1`` real tokens, and no position before
+            ``K + 1`` is asked for (the samples of a prompt): each group's prefix goes
+            through the decoder once instead of once per row (module docstring). The
+            result is the same function of the weights; the floats differ by the
+            rounding of a different batching.
 
     Returns:
         ``(logprobs [B, T] float32, entropy [B, T] float32 or None)``, differentiable
@@ -242,33 +308,22 @@ def token_logprobs(
     # The one shift: the state (or logits) at t-1 scores token t.
     predictors = wanted[:, 1:]
     targets = input_ids[:, 1:][predictors]
-    position_ids = position_ids_from_mask(attention_mask)
     parts = decoder_and_head(model)
-    if shared_prefix:
-        _check_shared_prefix(input_ids, attention_mask, wanted, shared_prefix)
-        # The prefix once, its keys and values (with their graph) repeated for every row;
-        # then each row's suffix attends to them. The same function, less work.
-        body = model if parts is None else parts[0]
-        cache = body(
-            input_ids=input_ids[:1, :shared_prefix],
-            position_ids=position_ids[:1, :shared_prefix],
-            use_cache=True,
-        ).cache
-        cache.batch_repeat_interleave(input_ids.shape[0])
-        out = body(
-            input_ids=input_ids[:, shared_prefix:],
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, shared_prefix:],
-            cache=cache,
-            use_cache=True,
+    if prefix_groups:
+        _check_prefix_groups(input_ids, attention_mask, wanted, prefix_groups)
+        hidden, suffix_predictors = _grouped_prefix_forward(
+            model if parts is None else parts[0],
+            input_ids,
+            attention_mask,
+            predictors,
+            prefix_groups,
         )
-        hidden = out.logits if parts is None else out.last_hidden_state
-        rows = hidden[:, :-1][predictors[:, shared_prefix:]]
+        rows = hidden[suffix_predictors]
     else:
         inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
         if parts is not None:

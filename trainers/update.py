@@ -27,7 +27,7 @@ All tensors stay aligned with ``input_ids`` (``[B, T]``, position ``t`` describe
 ``t``); the one-token shift is done once, inside :func:`trainers.logprobs.token_logprobs`.
 
 The samples of one prompt share a micro-batch, and the prompt goes through the decoder
-once for all of them (:func:`micro_batches`, ``token_logprobs(shared_prefix=)``): with
+once for all of them (:func:`micro_batches`, ``token_logprobs(prefix_groups=)``): with
 a GRPO group of n samples the prompt costs one forward and backward instead of n.
 
 Log-probs (old, reference and current) and entropy are computed only where ``loss_mask``
@@ -161,41 +161,52 @@ def _by_length(attention_mask: torch.Tensor, size: int) -> Iterator[torch.Tensor
 
 def micro_batches(
     batch: UpdateBatch, size: int, share_prefix: bool = True
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """Each micro-batch's row indices, with the prefix length its rows share (0: none).
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]] | None]]:
+    """Each micro-batch's row indices, with the prefix groups of its rows (None: no sharing).
 
     With ``share_prefix``, rows that hold the same real tokens before their first
-    trained one (the samples of one prompt) form micro-batches of their own, which
-    :func:`~trainers.logprobs.token_logprobs` runs with the prompt computed once. The
-    other rows, and all rows without ``share_prefix``, go by length (:func:`_by_length`).
+    trained one (the samples of one prompt) stay together, consecutive, and each such
+    block is a prefix group ``(K, n)`` of :func:`~trainers.logprobs.token_logprobs`:
+    ``n`` rows whose first ``K`` tokens the decoder runs once. Blocks of similar length
+    are packed into micro-batches of at most ``size`` rows. The other rows, and all rows
+    without ``share_prefix``, go by length (:func:`_by_length`).
     """
-    if not share_prefix:
-        for rows in _by_length(batch.attention_mask, size):
-            yield rows, 0
-        return
-    trained = batch.loss_mask != 0
-    width = trained.shape[1]
-    first = torch.where(trained.any(dim=1), trained.int().argmax(dim=1), width).tolist()
-    real = batch.attention_mask.bool()
-    groups: dict[tuple[int, ...], list[int]] = {}
     alone: list[int] = []
-    for row, start in enumerate(first):
-        if 1 < start < width and bool(real[row, :start].all()):
-            groups.setdefault(tuple(batch.input_ids[row, :start].tolist()), []).append(row)
-        else:
-            alone.append(row)
-    for prompt, rows in groups.items():
-        if len(rows) == 1:
-            alone.extend(rows)
-            continue
-        index = torch.tensor(rows, device=batch.input_ids.device)
-        for chunk in _by_length(batch.attention_mask[index], size):
-            # The state at the prompt's last token predicts the first trained token.
-            yield index[chunk], (len(prompt) - 1 if chunk.numel() > 1 else 0)
+    blocks: list[tuple[int, torch.Tensor]] = []  # (K, rows), at most `size` rows each
+    if share_prefix:
+        trained = batch.loss_mask != 0
+        width = trained.shape[1]
+        first = torch.where(trained.any(dim=1), trained.int().argmax(dim=1), width).tolist()
+        real = batch.attention_mask.bool()
+        prompts: dict[tuple[int, ...], list[int]] = {}
+        for row, start in enumerate(first):
+            if 1 < start < width and bool(real[row, :start].all()):
+                prompts.setdefault(tuple(batch.input_ids[row, :start].tolist()), []).append(row)
+            else:
+                alone.append(row)
+        for prompt, rows in prompts.items():
+            index = torch.tensor(rows, device=batch.input_ids.device)
+            for chunk in _by_length(batch.attention_mask[index], size):
+                if chunk.numel() == 1:
+                    alone.append(int(index[chunk]))
+                else:  # the state at the prompt's last token predicts the first trained one
+                    blocks.append((len(prompt) - 1, index[chunk]))
+    else:
+        alone = list(range(len(batch)))
+    lengths = batch.attention_mask.sum(dim=1)
+    blocks.sort(key=lambda block: int(lengths[block[1]].max()))
+    packed: list[tuple[int, torch.Tensor]] = []
+    for block in blocks:
+        if packed and sum(len(rows) for _, rows in packed) + len(block[1]) > size:
+            yield torch.cat([rows for _, rows in packed]), [(k, len(r)) for k, r in packed]
+            packed = []
+        packed.append(block)
+    if packed:
+        yield torch.cat([rows for _, rows in packed]), [(k, len(r)) for k, r in packed]
     if alone:
         index = torch.tensor(sorted(alone), device=batch.input_ids.device)
         for chunk in _by_length(batch.attention_mask[index], size):
-            yield index[chunk], 0
+            yield index[chunk], None
 
 
 @dataclass
@@ -324,7 +335,7 @@ def _accumulate_gradients(
     # the micro-batches' gradients does not depend on how the rows are grouped. A loss
     # normalised by the padded width keeps it.
     trim = not getattr(loss_fn, "width_dependent", False)
-    for rows, prefix in micro_batches(minibatch, micro_batch_size, share_prefix):
+    for rows, prefix_groups in micro_batches(minibatch, micro_batch_size, share_prefix):
         micro = minibatch.select(rows).trimmed() if trim else minibatch.select(rows)
         if accumulation == "tokens":
             micro_tokens = micro.trained_tokens()
@@ -340,7 +351,7 @@ def _accumulate_gradients(
             positions=micro.loss_mask != 0,
             with_entropy=with_entropy,
             chunk_size=chunk_size,
-            shared_prefix=prefix,
+            prefix_groups=prefix_groups,
         )
         # On-policy (no old log-probs): the weights have not moved since the rollout's
         # last publish, so this forward's log-probs, detached, are the old ones.
