@@ -19,7 +19,9 @@ checks, before training, that TRL's chat-templated prompt ids are exactly the id
 aipo's environment renders for every problem.
 
 Each side runs ``--steps`` steps in a fresh subprocess; the sides alternate for
-``--rounds`` rounds (aipo, trl, aipo, trl, ...). A step's seconds are measured
+``--rounds`` rounds (aipo, trl, aipo, trl, ...); round ``r`` runs both sides with seed
+``r`` (its own problems and draws; ``--same-seed`` keeps seed 0), since over a few
+steps the lengths each side happens to sample decide much of a step's time. A step's seconds are measured
 inside each process from the end of the previous step to the end of this one (aipo:
 the ``time`` of consecutive ``metrics.jsonl`` records; TRL: consecutive
 ``on_step_end`` callbacks), so they include rollout, scoring, advantages, the update
@@ -314,6 +316,26 @@ def ratio_summary(
     }
 
 
+def per_token_ratios(
+    aipo_runs: list[dict[str, Any]], trl_runs: list[dict[str, Any]], warmup: int = 1
+) -> list[float]:
+    """TRL/aipo of seconds per completion token, paired by round and step, after ``warmup``.
+
+    Each side samples its own completions, so a step's seconds also follow how long they
+    happen to be; this reads the same steps per token generated. Steps where a side
+    generated nothing are left out.
+    """
+    ratios = []
+    for a, t in zip(aipo_runs, trl_runs, strict=True):
+        paired = zip(
+            a["step_s"], a["completion_tokens"], t["step_s"], t["completion_tokens"], strict=True
+        )
+        for a_s, a_tokens, t_s, t_tokens in list(paired)[warmup:]:
+            if a_tokens and t_tokens:
+                ratios.append((t_s / t_tokens) / (a_s / a_tokens))
+    return ratios
+
+
 # -- the two sides, each in a fresh process -------------------------------------------
 
 
@@ -571,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run folders (default: a temporary one, removed)",
     )
+    parser.add_argument(
+        "--same-seed",
+        action="store_true",
+        help="every round with seed 0 (the same problems and draws each round); default: "
+        "round r uses seed r on both sides, so sampled lengths average out over rounds",
+    )
     parser.add_argument("--trl-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_child is not None:
@@ -592,8 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         for r in range(args.rounds):
+            seeded = budget if args.same_seed else dataclasses.replace(budget, seed=budget.seed + r)
             for side, run in (("aipo", run_aipo), ("trl", run_trl)):
-                result = run(budget, work / f"round{r + 1}" / side)
+                result = run(seeded, work / f"round{r + 1}" / side)
+                result["seed"] = seeded.seed
                 result["load_after"] = os.getloadavg()[0]
                 runs[side].append(result)
                 steps = " ".join(f"{s:.1f}" for s in result["step_s"])
@@ -615,12 +645,15 @@ def main(argv: list[str] | None = None) -> int:
         for side, side_runs in runs.items()
     }
     summary["completion_tokens"] = tokens
+    per_token = per_token_ratios(runs["aipo"], runs["trl"], args.warmup)
+    summary["per_token_ratio_median"] = statistics.median(per_token) if per_token else None
     print(
         f"per-step ratio TRL/aipo: min {summary['ratio_min']:.2f}, median {summary['ratio_median']:.2f}, "
         f"max {summary['ratio_max']:.2f} over {summary['steps_compared']} steps (warm-up {args.warmup} left out)\n"
         f"median s/step: aipo {summary['aipo_median_s']:.1f}, TRL {summary['trl_median_s']:.1f} "
         f"(ratio {summary['ratio_of_medians']:.2f}); completion tokens in those steps: "
-        f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}"
+        f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}\n"
+        f"seconds per completion token, TRL/aipo: median {summary['per_token_ratio_median']:.2f}"
     )
     stem = f"peers.{args.tag}" if args.tag else "peers"
     cfg = aipo_config(budget, "runs/peers")
@@ -629,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "budget": dataclasses.asdict(budget),
         "rounds": args.rounds,
+        "round_seeds": [run["seed"] for run in runs["aipo"]],
         "warmup": args.warmup,
         "aipo_overrides": aipo_overrides(budget, "<run_dir>"),
         "trl_settings": trl_settings(cfg, "<output_dir>"),

@@ -107,6 +107,17 @@ def test_ratio_summary_pairs_steps_by_round_and_drops_warmup():
     assert summary["steps_compared"] == 4
 
 
+def test_per_token_ratios_pair_steps_by_round_and_drop_warmup_and_empty_steps():
+    aipo = [{"step_s": [9.0, 10.0, 12.0], "completion_tokens": [100, 200, 0]}]
+    trl = [{"step_s": [30.0, 20.0, 18.0], "completion_tokens": [300, 100, 90]}]
+    # Step 1: 0.1 against 0.09 s/token; step 2: 0.2 against 0.05; step 3: no aipo tokens.
+    assert peers.per_token_ratios(aipo, trl, warmup=1) == [pytest.approx(4.0)]
+    assert peers.per_token_ratios(aipo, trl, warmup=0) == [
+        pytest.approx(10 / 9),
+        pytest.approx(4.0),
+    ]
+
+
 def test_ratio_summary_refuses_unpaired_runs():
     with pytest.raises(ValueError, match="round 1: aipo ran 3 steps, TRL 2"):
         peers.ratio_summary([[1.0, 2.0, 3.0]], [[1.0, 2.0]])
