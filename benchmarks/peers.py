@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -85,6 +86,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from aipo.config import load_config  # noqa: E402
+from aipo_env.passk import mean_ci  # noqa: E402
 from trainers.config import TrainConfig, default_config_path  # noqa: E402
 
 
@@ -304,11 +306,16 @@ def ratio_summary(
     if not ratios:
         raise ValueError(f"no step is left after {warmup} warm-up step(s); run more --steps")
     aipo_median, trl_median = statistics.median(kept_aipo), statistics.median(kept_trl)
+    # The geometric mean and its 95% t-interval, from the log ratios (steps taken as
+    # independent draws, which steps of one run are only roughly).
+    log_mean, log_half = mean_ci([math.log(r) for r in ratios])
     return {
         "ratios": ratios,
         "ratio_min": min(ratios),
         "ratio_median": statistics.median(ratios),
         "ratio_max": max(ratios),
+        "ratio_geomean": math.exp(log_mean),
+        "ratio_geomean_ci95": [math.exp(log_mean - log_half), math.exp(log_mean + log_half)],
         "aipo_median_s": aipo_median,
         "trl_median_s": trl_median,
         "ratio_of_medians": trl_median / aipo_median,
@@ -568,9 +575,11 @@ def plot(
 # -- the command ----------------------------------------------------------------------
 
 
-def _same_problems(runs: dict[str, list[dict[str, Any]]]) -> bool:
-    seqs = [run["problems"] for side in runs.values() for run in side]
-    return all(s == seqs[0] for s in seqs)
+def same_problems(runs: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether, in every round, both sides trained on the same problems at every step."""
+    return all(
+        a["problems"] == t["problems"] for a, t in zip(runs["aipo"], runs["trl"], strict=True)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ratio_summary(
         [r["step_s"] for r in runs["aipo"]], [r["step_s"] for r in runs["trl"]], args.warmup
     )
-    same = _same_problems(runs)
+    same = same_problems(runs)
     tokens = {
         side: sum(sum(run["completion_tokens"][args.warmup :]) for run in side_runs)
         for side, side_runs in runs.items()
@@ -649,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["per_token_ratio_median"] = statistics.median(per_token) if per_token else None
     print(
         f"per-step ratio TRL/aipo: min {summary['ratio_min']:.2f}, median {summary['ratio_median']:.2f}, "
-        f"max {summary['ratio_max']:.2f} over {summary['steps_compared']} steps (warm-up {args.warmup} left out)\n"
+        f"max {summary['ratio_max']:.2f} over {summary['steps_compared']} steps (warm-up {args.warmup} left out); "
+        f"geometric mean {summary['ratio_geomean']:.2f}, 95% CI "
+        f"{summary['ratio_geomean_ci95'][0]:.2f} to {summary['ratio_geomean_ci95'][1]:.2f}\n"
         f"median s/step: aipo {summary['aipo_median_s']:.1f}, TRL {summary['trl_median_s']:.1f} "
         f"(ratio {summary['ratio_of_medians']:.2f}); completion tokens in those steps: "
         f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}\n"

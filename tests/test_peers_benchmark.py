@@ -105,6 +105,9 @@ def test_ratio_summary_pairs_steps_by_round_and_drops_warmup():
     assert summary["trl_median_s"] == 60.0
     assert summary["ratio_of_medians"] == 2.0
     assert summary["steps_compared"] == 4
+    assert summary["ratio_geomean"] == pytest.approx(21**0.25)  # (2 * 1.5 * 3.5 * 2) ** (1/4)
+    low, high = summary["ratio_geomean_ci95"]
+    assert 1.0 < low < 21**0.25 < high < 5.0
 
 
 def test_per_token_ratios_pair_steps_by_round_and_drop_warmup_and_empty_steps():
@@ -116,6 +119,17 @@ def test_per_token_ratios_pair_steps_by_round_and_drop_warmup_and_empty_steps():
         pytest.approx(10 / 9),
         pytest.approx(4.0),
     ]
+
+
+def test_same_problems_compares_the_two_sides_round_by_round():
+    one, two = [["p1", "p2"], ["p3", "p4"]], [["p5", "p6"], ["p7", "p8"]]
+    runs = {
+        "aipo": [{"problems": one}, {"problems": two}],
+        "trl": [{"problems": one}, {"problems": two}],
+    }
+    assert peers.same_problems(runs)  # each round its own seed, so its own problems
+    runs["trl"][1] = {"problems": [["p5", "p6"], ["p7", "p9"]]}
+    assert not peers.same_problems(runs)
 
 
 def test_ratio_summary_refuses_unpaired_runs():
