@@ -575,6 +575,10 @@ def plot(
 # -- the command ----------------------------------------------------------------------
 
 
+def _figure(value: float | None) -> str:
+    return "n/a (no step where both sides generated)" if value is None else f"{value:.2f}"
+
+
 def same_problems(runs: dict[str, list[dict[str, Any]]]) -> bool:
     """Whether, in every round, both sides trained on the same problems at every step."""
     return all(
@@ -664,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median s/step: aipo {summary['aipo_median_s']:.1f}, TRL {summary['trl_median_s']:.1f} "
         f"(ratio {summary['ratio_of_medians']:.2f}); completion tokens in those steps: "
         f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}\n"
-        f"seconds per completion token, TRL/aipo: median {summary['per_token_ratio_median']:.2f}"
+        f"seconds per completion token, TRL/aipo: median {_figure(summary['per_token_ratio_median'])}"
     )
     stem = f"peers.{args.tag}" if args.tag else "peers"
     cfg = aipo_config(budget, "runs/peers")

@@ -171,7 +171,6 @@ class PeerTrainer:
         saved = {name: save_if_pending(run) for name, run in runs.items()}
         if done:
             self._save_state(run_dir, done, force=True)
-        if done:
             lines = [
                 f"peer {name}: step {done} checkpointed {'now ' if saved[name] else ''}"
                 f"in {run.saved_path}"

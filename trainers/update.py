@@ -195,14 +195,14 @@ def micro_batches(
         alone = list(range(len(batch)))
     lengths = batch.attention_mask.sum(dim=1)
     blocks.sort(key=lambda block: int(lengths[block[1]].max()))
-    packed: list[tuple[int, torch.Tensor]] = []
+    packs: list[list[tuple[int, torch.Tensor]]] = []
     for block in blocks:
-        if packed and sum(len(rows) for _, rows in packed) + len(block[1]) > size:
-            yield torch.cat([rows for _, rows in packed]), [(k, len(r)) for k, r in packed]
-            packed = []
-        packed.append(block)
-    if packed:
-        yield torch.cat([rows for _, rows in packed]), [(k, len(r)) for k, r in packed]
+        if packs and sum(len(rows) for _, rows in packs[-1]) + len(block[1]) <= size:
+            packs[-1].append(block)
+        else:
+            packs.append([block])
+    for pack in packs:
+        yield torch.cat([rows for _, rows in pack]), [(k, len(rows)) for k, rows in pack]
     if alone:
         index = torch.tensor(sorted(alone), device=batch.input_ids.device)
         for chunk in _by_length(batch.attention_mask[index], size):
