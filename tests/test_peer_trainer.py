@@ -137,17 +137,68 @@ def test_a_signal_mid_rollout_checkpoints_every_peer_and_resume_goes_on_exactly(
         assert max_weight_diff(a, b) < 1e-6, name
 
 
-def test_resume_refuses_peers_stopped_at_different_steps(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_a_kill_between_two_peers_checkpoints_resumes_at_the_committed_step(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch, killed_at: int
+) -> None:
+    """A saved step ``killed_at``, B did not: resume restarts both at the step before."""
+    train = {"keep_last": 1}  # the committed checkpoint must survive A's newer one anyway
+    PeerTrainer(ilr_config(tmp_path / "straight", tiny_model_dir, train), progress=False).run()
+
+    class Killed(Exception):
+        pass
+
+    real = peer_trainer.log_and_save
+
+    def die_before_b_saves(run, step, metrics):
+        if step == killed_at and run.run_dir.name == "B":
+            raise Killed
+        return real(run, step, metrics)
+
+    monkeypatch.setattr(peer_trainer, "log_and_save", die_before_b_saves)
+    config = ilr_config(tmp_path / "killed", tiny_model_dir, train)
+    with pytest.raises(Killed):
+        PeerTrainer(config, progress=False).run()
+    monkeypatch.setattr(peer_trainer, "log_and_save", real)
+    peers = tmp_path / "killed" / "peers"
+    assert (peers / "A" / "checkpoints" / f"step_{killed_at:06d}").is_dir()
+    assert not (peers / "B" / "checkpoints" / f"step_{killed_at:06d}").exists()
+    state = tmp_path / "killed" / "peer_state.json"
+    assert (json.loads(state.read_text())["step"] if state.is_file() else 0) == killed_at - 1
+
+    PeerTrainer(config, resume=True, progress=False).run()
+    for name in ("A", "B"):
+        a = load_weights(tmp_path / "straight" / "peers" / name / "checkpoints" / "step_000002")
+        b = load_weights(peers / name / "checkpoints" / "step_000002")
+        assert max_weight_diff(a, b) < 1e-6, name
+        steps = [json.loads(x)["step"] for x in (peers / name / "metrics.jsonl").open()]
+        assert steps == [1, 2], name  # A's uncommitted record was dropped, not repeated
+    straight = json.loads((tmp_path / "straight" / "peer_state.json").read_text())
+    assert json.loads(state.read_text())["difficulty"] == straight["difficulty"]
+
+
+def test_resume_refuses_a_peer_without_the_committed_checkpoint(tmp_path: Path) -> None:
     trainer = PeerTrainer.__new__(PeerTrainer)
     trainer.resume = True
-    (tmp_path / "peer_state.json").write_text(json.dumps({"step": 1}))
 
     class Run:
         def __init__(self, step):
             self.start_step = step
 
-    with pytest.raises(peer_trainer.RunDirError, match=r"steps \{'A': 2, 'B': 1\}"):
-        trainer._restore(tmp_path, {"A": Run(2), "B": Run(1)})
+    with pytest.raises(
+        peer_trainer.RunDirError,
+        match=r"commits step 2 but .* at steps \{'A': 2, 'B': 1\}: a peer's checkpoint of step 2",
+    ):
+        trainer._restore(tmp_path, {"A": Run(2), "B": Run(1)}, {"step": 2})
+
+
+def test_a_damaged_shared_state_is_named(tmp_path: Path) -> None:
+    trainer = PeerTrainer.__new__(PeerTrainer)
+    trainer.resume = True
+    (tmp_path / "peer_state.json").write_text('{"step": ')
+    with pytest.raises(peer_trainer.RunDirError, match=r"peer_state.json is damaged"):
+        trainer._committed(tmp_path)
 
 
 @pytest.mark.parametrize(

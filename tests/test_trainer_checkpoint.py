@@ -246,6 +246,21 @@ def test_keeps_only_the_last_k(tmp_path):
     assert load_latest(tmp_path).step == 5
 
 
+def test_max_step_restores_the_newest_at_or_before_it(tmp_path):
+    """A step committed elsewhere (several peers) wins over this run's newer checkpoint."""
+    saved = {}
+    for step in (1, 2, 3):
+        model, _, _ = fresh_run(seed=step)
+        save_checkpoint(tmp_path, step, model=model, keep_last=3)
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    model, _, _ = fresh_run(seed=0)
+    state = checkpoint.restore_latest(tmp_path, model=model, max_step=2, restore_rng=False)
+    assert state.step == 2
+    assert all(torch.equal(v, saved[2][k]) for k, v in model.state_dict().items())
+    assert checkpoint.restore_latest(tmp_path, model=model, max_step=0) is None
+    assert checkpoint.restore_latest(tmp_path, model=model, restore_rng=False).step == 3
+
+
 def test_no_checkpoint_and_save_schedule(tmp_path):
     assert load_latest(tmp_path) is None
     assert [s for s in range(0, 11) if should_save(s, 5)] == [5, 10]

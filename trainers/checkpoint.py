@@ -250,16 +250,21 @@ def read_state(path: str | Path) -> CheckpointState:
     )
 
 
-def _candidates(run_dir: str | Path) -> list[Path]:
-    """Complete step directories, the one ``latest`` points to first, then newest first."""
+def _candidates(run_dir: str | Path, max_step: int | None = None) -> list[Path]:
+    """Complete step directories, the one ``latest`` points to first, then newest first.
+
+    ``max_step``: only steps up to it (the pointer is then ignored when it points past it).
+    """
     root = Path(run_dir) / CHECKPOINTS
-    ordered = [path for _, path in reversed(_step_dirs(root))]
+    ordered = [
+        path for step, path in reversed(_step_dirs(root)) if max_step is None or step <= max_step
+    ]
     pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / TRAINER_STATE).is_file():
+        if candidate in ordered:
             ordered = [candidate] + [p for p in ordered if p != candidate]
-        else:
+        elif not (candidate / TRAINER_STATE).is_file():
             logger.warning(
                 "%s points to missing %s; using the newest checkpoint", pointer, candidate
             )
@@ -349,17 +354,19 @@ def restore_latest(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    max_step: int | None = None,
 ) -> CheckpointState | None:
     """:func:`restore` the newest checkpoint that reads whole; None when the run has none.
 
     A damaged checkpoint is skipped with a warning naming the file, and the previous
-    complete one is restored instead.
+    complete one is restored instead. ``max_step``: the newest at or before that step
+    (a run whose state was committed elsewhere at that step, e.g. several peers').
 
     Raises:
         CheckpointError: every checkpoint is damaged (each one named).
     """
     damaged: list[str] = []
-    for path in _candidates(run_dir):
+    for path in _candidates(run_dir, max_step):
         try:
             state = read_state(path)
             restore(

@@ -19,7 +19,10 @@ checkpoints. One step:
    its own trajectories, then its weights are published to its generator;
 5. **log and save**: each peer's metrics and checkpoint in its own folder; the shared
    state (difficulty counts, abilities, step) in ``<run_dir>/peer_state.json``, written
-   after every peer's checkpoint, so ``--resume`` restarts every peer at one step.
+   after every peer's checkpoint. That file commits a step: ``--resume`` restarts every
+   peer at the step it records, from each peer's checkpoint of that step, even when a
+   run was killed after some peers had saved a later one (each peer keeps at least two
+   checkpoints, so the committed one is still there).
 
 Held-out accuracy alone is measured for each peer before and after (``eval/`` of its folder).
 
@@ -81,6 +84,9 @@ def peer_config(config: TrainConfig, index: int) -> TrainConfig:
         "run_dir": str(Path(config.run_dir) / "peers" / name),
         "seed": section.seeds[index] if section.seeds else config.seed + index,
         "peers": None,
+        # A peer's newer checkpoint is not committed until every peer has saved that step
+        # (peer_state.json); the last committed one must survive it.
+        "train": config.train.model_copy(update={"keep_last": max(config.train.keep_last, 2)}),
     }
     if section.models:
         update["policy"] = config.policy.model_copy(update={"model": section.models[index]})
@@ -111,6 +117,7 @@ class PeerTrainer:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run_dir / "config.yaml")
+        committed = self._committed(run_dir)
         stop = StopRequest()
         stop.install()
         try:
@@ -119,9 +126,14 @@ class PeerTrainer:
                 for i, name in enumerate(self.section.names):
                     sub = peer_config(cfg, i)
                     runs[name] = await stack.enter_async_context(
-                        open_run(sub, resume=self.resume, progress=self.progress)
+                        open_run(
+                            sub,
+                            resume=self.resume,
+                            progress=self.progress,
+                            resume_at=0 if committed is None else int(committed["step"]),
+                        )
                     )
-                before, after = await self._train(run_dir, runs, stop)
+                before, after = await self._train(run_dir, runs, stop, committed)
                 checkpoints = {n: str(r.checkpoint or r.saved_path) for n, r in runs.items()}
         finally:
             stop.uninstall()
@@ -143,10 +155,14 @@ class PeerTrainer:
         return summary
 
     async def _train(
-        self, run_dir: Path, runs: Mapping[str, RunState], stop: StopRequest
+        self,
+        run_dir: Path,
+        runs: Mapping[str, RunState],
+        stop: StopRequest,
+        committed: dict[str, Any] | None,
     ) -> tuple[dict[str, EvalResult | None], dict[str, EvalResult | None]]:
         """Every step from the restored one, between each peer's evaluations alone."""
-        start = self._restore(run_dir, runs)
+        start = self._restore(run_dir, runs, committed)
         before: dict[str, EvalResult | None] = {}
         after: dict[str, EvalResult | None] = {}
         for name, run in runs.items():
@@ -189,17 +205,29 @@ class PeerTrainer:
 
     # -- state --------------------------------------------------------------------------
 
-    def _restore(self, run_dir: Path, runs: Mapping[str, RunState]) -> int:
+    def _committed(self, run_dir: Path) -> dict[str, Any] | None:
+        """The shared state of the last committed step, on resume (``None``: start afresh)."""
+        path = run_dir / STATE
+        if not (self.resume and path.is_file()):
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            int(saved["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{path} is damaged ({type(exc).__name__}: {exc})") from exc
+        return saved
+
+    def _restore(
+        self, run_dir: Path, runs: Mapping[str, RunState], saved: dict[str, Any] | None
+    ) -> int:
         """The step every peer resumes at; the shared state read back (0 for a fresh run)."""
         steps = {name: run.start_step for name, run in runs.items()}
-        path = run_dir / STATE
-        saved = json.loads(path.read_text()) if self.resume and path.is_file() else None
         done = 0 if saved is None else int(saved["step"])
         if any(s != done for s in steps.values()):
             raise RunDirError(
-                f"the peers' checkpoints are at steps {steps} but {path} records step {done}: "
-                "the run stopped between two peers' checkpoints; resume is only exact at a step "
-                "every peer saved (keep train.save_every equal for all, or start afresh)"
+                f"{run_dir / STATE} commits step {done} but the peers' checkpoints at or before "
+                f"it are at steps {steps}: a peer's checkpoint of step {done} is missing "
+                "(removed by hand?); restore it, or start afresh"
             )
         if saved is not None:
             self.tracker.load_state_dict(saved["difficulty"])

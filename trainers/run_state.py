@@ -189,11 +189,14 @@ async def open_run(
     *,
     resume: bool = False,
     progress: bool = True,
+    resume_at: int | None = None,
 ) -> AsyncIterator[RunState]:
     """Build the :class:`RunState` of ``config`` (module docstring); close it on exit.
 
     ``resume``: continue the run in ``run_dir`` from its last checkpoint (else a
-    directory holding a run is refused with :class:`RunDirError`).
+    directory holding a run is refused with :class:`RunDirError`). ``resume_at``: from
+    its last checkpoint at or before that step instead (0: from the start), for a run
+    whose progress is committed elsewhere (the peers of ``trainers/peer_trainer.py``).
     """
     run_dir = Path(config.run_dir)
     check_run_dir(run_dir, resume)
@@ -214,8 +217,14 @@ async def open_run(
 
         start_step = 0
         saved = (
-            restore_latest(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-            if resume
+            restore_latest(
+                run_dir,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                max_step=resume_at,
+            )
+            if resume and resume_at != 0
             else None
         )
         if saved is not None:
