@@ -33,6 +33,11 @@ def test_the_ilr_arms_differ_in_one_peer_setting_and_grpo_gets_three_times_the_s
     assert grpo["train"]["minibatch_size"] == 4 * 12  # one optimizer step, as each peer's
     for key in ("policy", "task", "optim", "loss"):
         assert grpo[key] == ilr[key], key
+    # The token-matched arm differs from grpo only in its samples and their one minibatch.
+    tokens = configs["grpo_tokens"]
+    assert tokens["rollout"]["n_samples"] == 21 and tokens["train"]["minibatch_size"] == 4 * 21
+    rollout = dict(grpo["rollout"], n_samples=21)
+    assert tokens == dict(grpo, rollout=rollout, train=dict(grpo["train"], minibatch_size=84))
 
 
 def test_aggregate_pools_every_policy_of_every_seed() -> None:
