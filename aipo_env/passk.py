@@ -259,3 +259,18 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     df = len(finite) - 1
     t = _T95[df - 1] if df <= len(_T95) else 1.96
     return mean, t * math.sqrt(var / len(finite))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``successes / n`` (within [0, 1]).
+
+    Unlike a t-interval on 0/1 values it stays inside [0, 1] and is not zero-width at 0
+    or ``n`` successes, which matters for rare events (1 correct in 96).
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)

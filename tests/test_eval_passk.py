@@ -133,3 +133,14 @@ def test_compare_identical_runs_is_zero() -> None:
     diffs = compare(a, a)
     for d in diffs["math"].values():
         assert d["diff"] == 0.0 and d["ci_low"] == 0.0 and d["ci_high"] == 0.0
+
+
+def test_wilson_interval_matches_the_textbook_values() -> None:
+    from aipo_env.passk import wilson_interval
+
+    low, high = wilson_interval(1, 96)  # R: prop.test(1, 96, correct = FALSE)$conf.int
+    assert low == pytest.approx(0.00184, abs=1e-4) and high == pytest.approx(0.0567, abs=1e-4)
+    assert wilson_interval(0, 96)[0] == 0.0 and wilson_interval(0, 96)[1] > 0.03
+    assert wilson_interval(96, 96)[1] == 1.0
+    with pytest.raises(ValueError, match="3 of 2"):
+        wilson_interval(3, 2)

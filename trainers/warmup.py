@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WarmupError",
+    "collect_demonstrations",
     "WarmupResult",
     "WarmupSection",
     "run_warmup",
@@ -230,6 +231,35 @@ def _options(problems: Sequence[int], samples: int, tag: str, opened: int) -> li
     return out
 
 
+async def collect_demonstrations(
+    run: RunState, *, resume: bool = False
+) -> tuple[list[Demonstration], dict[str, int]]:
+    """Stages 1 and 2 (module docstring): the demonstrations kept, and the counts behind them.
+
+    The rollouts go to ``<run_dir>/warmup/rollouts.jsonl`` (read back with ``resume``).
+    """
+    cfg = run.config
+    section: WarmupSection = cfg.warmup  # type: ignore[attr-defined]
+    folder = run.run_dir / "warmup"
+    folder.mkdir(parents=True, exist_ok=True)
+    n_problems = len(run.task)
+    demo_problems = _problems(n_problems, min(section.problems, n_problems), 0, cfg.seed + 7919)
+    saved_env = run.driver.env_config
+    run.driver.env_config = saved_env.model_copy(
+        update={"auto_consult": section.agent, "policy_version": "base"}
+    )
+    try:
+        collected = await _roll(
+            run,
+            _options(demo_problems, section.samples, "warmup", section.samples // 2),
+            folder / "rollouts.jsonl",
+            resume=resume,
+        )
+    finally:
+        run.driver.env_config = saved_env
+    return select_demonstrations(collected, run.tokenizer, section, cfg.seed)
+
+
 async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     """Collect, select, fit and check (module docstring); publishes the new weights as ``warmup``.
 
@@ -240,24 +270,9 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     section: WarmupSection = cfg.warmup  # type: ignore[attr-defined]
     started = time.perf_counter()
     folder = run.run_dir / "warmup"
-    folder.mkdir(parents=True, exist_ok=True)
+    demos, counts = await collect_demonstrations(run, resume=resume)
     n_problems = len(run.task)
-    demo_problems = _problems(n_problems, min(section.problems, n_problems), 0, cfg.seed + 7919)
-    collect_env = run.env_config.model_copy(
-        update={"auto_consult": section.agent, "policy_version": "base"}
-    )
     saved_env = run.driver.env_config
-    run.driver.env_config = collect_env
-    try:
-        collected = await _roll(
-            run,
-            _options(demo_problems, section.samples, "warmup", section.samples // 2),
-            folder / "rollouts.jsonl",
-            resume=resume,
-        )
-    finally:
-        run.driver.env_config = saved_env
-    demos, counts = select_demonstrations(collected, run.tokenizer, section, cfg.seed)
     if len(demos) < section.min_demonstrations:
         raise WarmupError(
             f"the warm-up kept {len(demos)} demonstrations, fewer than "
@@ -294,7 +309,7 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     check: dict[str, float] = {"episodes": 0.0, "consult_written_rate": 0.0, "malformed_rate": 0.0}
     check["accuracy"] = 0.0
     if section.check_problems:
-        offset = len(demo_problems)
+        offset = min(section.problems, n_problems)
         check_problems = _problems(n_problems, section.check_problems, offset, cfg.seed + 7919)
         run.driver.env_config = run.env_config.model_copy(update={"policy_version": "warmup"})
         try:
