@@ -11,10 +11,13 @@ from pydantic import ValidationError
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 from tiny_run import load_weights, make_config, max_weight_diff, parity_task_registered
 
+from aipo.config import ConfigError, load_config
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.trajectory import Trajectory, read_jsonl
+from tasks.registry import make_task
+from trainers.config import TrainConfig
 from trainers.demonstrations import (
     Demonstration,
     consult_usage,
@@ -146,6 +149,7 @@ async def test_selection_keeps_correct_episodes_at_the_mix_and_drops_consult_att
         "correct_consult": 3,
         "correct_alone": 2,
         "spliced": 0,
+        "referenced": 0,
     }
     # The scarcer kind sets the total: 2 alone -> 2 with a consult.
     assert len(demos) == 4 and sum(d.consulted for d in demos) == 2
@@ -289,3 +293,59 @@ def test_too_few_demonstrations_stop_the_run_with_the_counts(
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
+
+
+async def test_a_wrong_consult_episode_is_continued_with_the_reference_when_asked(
+    tokenizer,
+) -> None:
+    problems = AdditionTask(4).problems
+    wrong, _ = await episode(tokenizer, [answer(problems[0], False)], auto=True)
+    wrong2, _ = await episode(tokenizer, [answer(problems[1], False)], auto=True, index=1)
+    right, _ = await episode(tokenizer, [answer(problems[0])], auto=False)
+    solution = {p.id: [7, 8, tokenizer.eos_token_id] for p in problems}
+    share = WarmupSection(consult_share=1.0)
+    demos, counts = select_demonstrations(
+        [wrong, wrong2, right], tokenizer, share, seed=0, reference=solution.__getitem__
+    )
+    # Problem 0 has the policy's own solution: spliced; problem 1 has none: the reference.
+    assert counts["spliced"] == 1 and counts["referenced"] == 1 and len(demos) == 2
+    demo = next(d for d in demos if d.trajectory_id == f"{wrong2.trajectory_id}+reference")
+    cut = wrong2.turns[0].feedback_end
+    assert demo.token_ids == wrong2.token_ids[:cut] + [7, 8, tokenizer.eos_token_id]
+    tag = range(wrong2.prompt_len, wrong2.turns[0].feedback_start)
+    trained = [i for i, m in enumerate(demo.train_mask) if m]
+    assert trained == list(tag) + [cut, cut + 1, cut + 2] and demo.response_start == cut
+    # Without the option nothing changes.
+    _, plain = select_demonstrations([wrong, wrong2, right], tokenizer, share, seed=0)
+    assert plain["referenced"] == 0 and plain["spliced"] == 1
+
+
+def test_the_reference_solution_reads_step_by_step_and_boxes_the_answer() -> None:
+    from tasks.base import SolutionStep
+    from trainers.demonstrations import reference_solution
+
+    steps = [
+        SolutionStep(action="compute 3 + 4", result="7"),
+        SolutionStep(action="7 - 2", result="5"),
+    ]
+    assert reference_solution(steps) == "compute 3 + 4 = 7\n7 - 2 = 5\nThe answer is \\boxed{5}."
+    task = make_task("rg:leg_counting", size=5, seed=0)
+    problem = task.problems[0]
+    text = reference_solution(task.solution_steps(problem))
+    assert task.score(problem, text).correct
+    with pytest.raises(ValueError, match="at least one step"):
+        reference_solution([])
+
+
+def test_warmup_reference_on_a_task_without_steps_is_refused_before_anything_loads() -> None:
+    overrides = [
+        "task.name=rg:basic_arithmetic",
+        'agents.agents={"verify": {"kind": "oracle"}}',
+        "warmup.enabled=true",
+        "warmup.agent=verify",
+        "warmup.reference=true",
+    ]
+    with pytest.raises(ConfigError, match="reference steps; 'rg:basic_arithmetic' has no priv"):
+        load_config(TrainConfig, None, overrides)
+    # The same without the option is a valid config.
+    assert not load_config(TrainConfig, None, overrides[:-1]).warmup.reference

@@ -353,6 +353,15 @@ class TrainConfig(BaseModel):
         check_agent_limits(self.env, self.agents)
         # An oracle whose task lacks what it draws on fails here, before any model loads.
         check_oracle_task(self.agents, self.task.name, self.task.kwargs)
+        if self.warmup.enabled and self.warmup.reference:
+            from tasks.registry import make_task
+
+            privileged = make_task(self.task.name, **self.task.kwargs).privileged
+            if "steps" not in privileged:
+                raise ValueError(
+                    f"warmup.reference needs a task with reference steps; {self.task.name!r} "
+                    f"has {', '.join(sorted(privileged)) or 'no privileged information'}"
+                )
         if self.env.protocol not in TOOL_PROTOCOLS and not self.agents.agents:
             raise ValueError(
                 "agents.agents is empty: a consult run needs at least one agent, even with "

@@ -4,7 +4,9 @@
 an episode the env opened with a consult becomes one in which the policy wrote that
 consult (:func:`demonstration` relabels the tag's tokens as trained), an episode solved
 alone stays as it is, and :func:`spliced` continues a consult episode that ended wrong
-with the policy's own correct solution of the same problem; :func:`without_consult` takes
+with the policy's own correct solution of the same problem, or (``warmup.reference``,
+for tasks with reference steps) with the reference solution written out
+(:func:`reference_solution`); :func:`without_consult` takes
 the consult out of a demonstration (a no-consult baseline's warm-up). :func:`fit_demonstrations`
 fits them by cross-entropy on the trained tokens; :func:`consult_usage` measures what the
 policy then writes. The stage that runs them is :mod:`trainers.warmup`.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from aipo_env import sources
 from aipo_env.trajectory import Trajectory
 
 if TYPE_CHECKING:
+    from tasks.base import SolutionStep
     from trainers.warmup import WarmupSection
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "consult_usage",
     "demonstration",
     "fit_demonstrations",
+    "reference_solution",
     "select_demonstrations",
     "spliced",
     "without_consult",
@@ -172,11 +176,40 @@ def spliced(
     )
 
 
+def reference_solution(steps: Sequence[SolutionStep]) -> str:
+    """A task's reference steps as the text of a solution: one line a step, then the boxed answer.
+
+    ``legs of the spider kind: 2 * 8 = 16`` ... ``The answer is \\boxed{22}.``
+    """
+    if not steps:
+        raise ValueError("a reference solution needs at least one step")
+    lines = [f"{step.action} = {step.result}" for step in steps]
+    return "\n".join(lines) + f"\nThe answer is \\boxed{{{steps[-1].result}}}."
+
+
+def _with_reference(
+    opened: Trajectory, solution_ids: Sequence[int], *, train_agent_tokens: bool = False
+) -> Demonstration:
+    """``opened``'s prompt, consult tag (relabelled) and reply, then ``solution_ids`` (all fitted)."""
+    head = demonstration(opened, train_agent_tokens=train_agent_tokens)
+    cut = opened.turns[0].feedback_end
+    assert cut is not None  # an answered opening request has its reply injected
+    return Demonstration(
+        f"{opened.trajectory_id}+reference",
+        head.token_ids[:cut] + list(solution_ids),
+        head.train_mask[:cut] + [1] * len(solution_ids),
+        consulted=True,
+        problem_id=opened.problem_id,
+        response_start=cut,
+    )
+
+
 def select_demonstrations(
     trajectories: Sequence[Trajectory],
     tokenizer: Any,
     section: WarmupSection,
     seed: int,
+    reference: Callable[[str], Sequence[int]] | None = None,
 ) -> tuple[list[Demonstration], dict[str, int]]:
     """The correct episodes as demonstrations, mixed at ``consult_share``; and the counts.
 
@@ -185,7 +218,9 @@ def select_demonstrations(
     ``<consult`` text from the policy. When correct consult episodes are fewer than the
     mix asks for, ``warmup.splice`` fills in with :func:`spliced` demonstrations: a
     consult episode that ended wrong, continued with a correct solution the policy
-    wrote alone for the same problem (real ones are always taken first).
+    wrote alone for the same problem (real ones are always taken first). When still
+    short and ``reference`` is given (``problem_id -> the reference solution's token
+    ids``, ending with EOS), the remaining wrong consult episodes are continued with it.
     """
     with_consult: list[Trajectory] = []
     wrong_consult: list[Trajectory] = []
@@ -218,7 +253,16 @@ def select_demonstrations(
                     spliced(t, rng.choice(solved[t.problem_id]), train_agent_tokens=agent)
                 )
         rng.shuffle(splices)
-    pool = consult_demos + splices
+    referenced: list[Demonstration] = []
+    if reference is not None:
+        spliced_ids = {d.trajectory_id.split("+")[0] for d in splices}
+        referenced = [
+            _with_reference(t, reference(t.problem_id), train_agent_tokens=agent)
+            for t in wrong_consult
+            if t.trajectory_id not in spliced_ids
+        ]
+        rng.shuffle(referenced)
+    pool = consult_demos + splices + referenced
     alone_demos = [demonstration(t) for t in alone]
     share = section.consult_share
     # As many as possible at the requested mix: the scarcer kind sets the total.
@@ -236,7 +280,8 @@ def select_demonstrations(
         "consult_episodes": opened,
         "correct_consult": len(with_consult),
         "correct_alone": len(alone),
-        "spliced": max(0, n_consult - len(consult_demos)),
+        "spliced": min(len(splices), max(0, n_consult - len(consult_demos))),
+        "referenced": max(0, n_consult - len(consult_demos) - len(splices)),
     }
     return chosen, counts
 

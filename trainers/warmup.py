@@ -51,6 +51,7 @@ from trainers.demonstrations import (
     Demonstration,
     consult_usage,
     fit_demonstrations,
+    reference_solution,
     select_demonstrations,
     without_consult,
 )
@@ -109,6 +110,15 @@ class WarmupSection(BaseModel):
             "same problem."
         ),
     )
+    reference: bool = Field(
+        default=False,
+        description=(
+            "When correct consult episodes (and splices) are too few, continue the consult "
+            "episodes that ended wrong with the task's reference solution, written out from its "
+            "steps (tasks with privileged steps only). Teaches a policy that cannot yet use a "
+            "reply what using it looks like."
+        ),
+    )
     train_agent_tokens: bool = Field(
         default=False,
         description="Also fit the agent's reply tokens (off: the reply is context only).",
@@ -141,6 +151,7 @@ class WarmupResult:
     correct_consult: int
     correct_alone: int
     spliced: int
+    referenced: int
     demonstrations: int
     demonstrations_consult: int
     trained_tokens: int
@@ -244,6 +255,7 @@ async def collect_demonstrations(
     folder.mkdir(parents=True, exist_ok=True)
     n_problems = len(run.task)
     demo_problems = _problems(n_problems, min(section.problems, n_problems), 0, cfg.seed + 7919)
+    reference = _reference_ids(run) if section.reference else None
     saved_env = run.driver.env_config
     run.driver.env_config = saved_env.model_copy(
         update={"auto_consult": section.agent, "policy_version": "base"}
@@ -257,7 +269,24 @@ async def collect_demonstrations(
         )
     finally:
         run.driver.env_config = saved_env
-    return select_demonstrations(collected, run.tokenizer, section, cfg.seed)
+    return select_demonstrations(collected, run.tokenizer, section, cfg.seed, reference)
+
+
+def _reference_ids(run: RunState) -> Any:
+    """``problem_id -> token ids`` of the task's reference solution (and EOS)."""
+    if "steps" not in run.task.privileged:
+        raise WarmupError(
+            f"warmup.reference needs a task with reference steps; {run.task.name!r} has none "
+            f"(it has: {', '.join(sorted(run.task.privileged)) or 'no privileged information'})"
+        )
+    problems = {p.id: p for p in run.task.problems}
+    eos = run.tokenizer.eos_token_id
+
+    def ids(problem_id: str) -> list[int]:
+        text = reference_solution(run.task.solution_steps(problems[problem_id]))
+        return run.tokenizer.encode(text, add_special_tokens=False) + [eos]
+
+    return ids
 
 
 async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
@@ -280,7 +309,8 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
             f"episodes, {counts['correct_consult']} of {counts['consult_episodes']} opened with "
             f"a consult and ended correct, {counts['correct_alone']} of "
             f"{counts['episodes'] - counts['consult_episodes']} ended correct without one, "
-            f"{counts['spliced']} were spliced (mix warmup.consult_share={section.consult_share}); raise warmup.problems or "
+            f"{counts['spliced']} were spliced, {counts['referenced']} continued with the "
+            f"reference (mix warmup.consult_share={section.consult_share}); raise warmup.problems or "
             "warmup.samples, or choose a task the policy solves more often with the agent"
         )
     logger.info(
@@ -328,6 +358,7 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
         correct_consult=counts["correct_consult"],
         correct_alone=counts["correct_alone"],
         spliced=counts["spliced"],
+        referenced=counts["referenced"],
         demonstrations=len(demos),
         demonstrations_consult=sum(d.consulted for d in demos),
         trained_tokens=sum(d.trained_tokens for d in demos),
