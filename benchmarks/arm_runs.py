@@ -28,17 +28,17 @@ def add_run_arguments(
     parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--samples", type=int, default=4, help=samples_help)
-    parser.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra override for every run (e.g. task.eval_size=8); repeatable",
-    )
+    add_set_argument(parser, "extra override for every run (e.g. task.eval_size=8); repeatable")
     parser.add_argument("--run-root", default=str(run_root), help="run directories")
     parser.add_argument("--out", default=str(out), help="where the results go")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, collected in ``args.extra``."""
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def read_finished(path: Path, budget: dict[str, Any]) -> dict[str, Any] | None:

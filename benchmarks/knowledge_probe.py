@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import wilson_interval  # noqa: E402
+from benchmarks.arm_runs import add_set_argument  # noqa: E402
 from tasks.procedural import ProceduralTask  # noqa: E402
 from tasks.registry import register_task  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
@@ -168,14 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-root", default=str(REPO / "runs" / "knowledge_probe"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override, e.g. policy.model=<HF id> (repeatable)",
-    )
+    add_set_argument(p, "extra config override, e.g. policy.model=<HF id> (repeatable)")
     args = p.parse_args(argv)
     results = {}
     for name in PROBES:

@@ -30,11 +30,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from aipo.config import load_config
-from trainers.config import TrainConfig
-from trainers.metrics import save_figure
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from aipo.config import load_config  # noqa: E402
+from benchmarks.arm_runs import add_set_argument  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
+from trainers.metrics import save_figure  # noqa: E402
+
 BASE_CONFIG = REPO / "configs" / "learning.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -248,14 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated arms, run in this order; any of {', '.join(ARMS)}",
     )
     p.add_argument("--config", default=str(BASE_CONFIG), help="base YAML config shared by arms")
-    p.add_argument(
-        "--set",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra override applied to every arm (e.g. task.eval_size=16); repeatable",
-    )
+    add_set_argument(p, "extra override applied to every arm (e.g. task.eval_size=16); repeatable")
     p.add_argument(
         "--run-root",
         default=str(REPO / "runs" / "learning"),
