@@ -213,7 +213,11 @@ def plot(table: dict[str, Any], path: Path) -> Path:
             capsize=4,
         )
         ax.plot([i] * len(after["values"]), after["values"], "k.", alpha=0.6)
-    ax.set_xticks(range(len(arms)), arms)
+    starts = [v for arm in arms for v in table[arm]["eval_before"]["values"]]
+    if starts:
+        ax.axhline(sum(starts) / len(starts), color="k", ls="--", lw=1, label="before (mean)")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
     ax.set_ylabel("held-out accuracy alone, after")
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
