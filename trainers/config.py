@@ -28,7 +28,7 @@ from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
 from trainers.peer_config import PeerSection
 from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
-from trainers.warmup import WarmupSection
+from trainers.warmup import WarmupSection, check_reference_steps
 
 
 class PolicySection(BaseModel):
@@ -356,12 +356,7 @@ class TrainConfig(BaseModel):
         if self.warmup.enabled and self.warmup.reference:
             from tasks.registry import make_task
 
-            privileged = make_task(self.task.name, **self.task.kwargs).privileged
-            if "steps" not in privileged:
-                raise ValueError(
-                    f"warmup.reference needs a task with reference steps; {self.task.name!r} "
-                    f"has {', '.join(sorted(privileged)) or 'no privileged information'}"
-                )
+            check_reference_steps(make_task(self.task.name, **self.task.kwargs), self.task.name)
         if self.env.protocol not in TOOL_PROTOCOLS and not self.agents.agents:
             raise ValueError(
                 "agents.agents is empty: a consult run needs at least one agent, even with "

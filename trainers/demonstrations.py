@@ -159,17 +159,31 @@ def spliced(
         raise ValueError(
             f"cannot splice {solved.trajectory_id} after {opened.trajectory_id}: their prompts differ"
         )
+    return _continued(
+        opened,
+        f"{opened.trajectory_id}+{solved.trajectory_id}",
+        solved.token_ids[solved.prompt_len :],
+        [int(s == sources.POLICY) for s in solved.source[solved.prompt_len :]],
+        train_agent_tokens=train_agent_tokens,
+    )
+
+
+def _continued(
+    opened: Trajectory,
+    trajectory_id: str,
+    tail: Sequence[int],
+    tail_mask: Sequence[int],
+    *,
+    train_agent_tokens: bool,
+) -> Demonstration:
+    """``opened``'s prompt, consult tag (relabelled) and reply, then ``tail`` fitted at ``tail_mask``."""
     head = demonstration(opened, train_agent_tokens=train_agent_tokens)
     cut = opened.turns[0].feedback_end
     assert cut is not None  # an answered opening request has its reply injected
-    tail = solved.token_ids[solved.prompt_len :]
-    mask = head.train_mask[:cut] + [
-        int(s == sources.POLICY) for s in solved.source[solved.prompt_len :]
-    ]
     return Demonstration(
-        f"{opened.trajectory_id}+{solved.trajectory_id}",
-        head.token_ids[:cut] + tail,
-        mask,
+        trajectory_id,
+        head.token_ids[:cut] + list(tail),
+        head.train_mask[:cut] + list(tail_mask),
         consulted=True,
         problem_id=opened.problem_id,
         response_start=cut,
@@ -191,16 +205,12 @@ def _with_reference(
     opened: Trajectory, solution_ids: Sequence[int], *, train_agent_tokens: bool = False
 ) -> Demonstration:
     """``opened``'s prompt, consult tag (relabelled) and reply, then ``solution_ids`` (all fitted)."""
-    head = demonstration(opened, train_agent_tokens=train_agent_tokens)
-    cut = opened.turns[0].feedback_end
-    assert cut is not None  # an answered opening request has its reply injected
-    return Demonstration(
+    return _continued(
+        opened,
         f"{opened.trajectory_id}+reference",
-        head.token_ids[:cut] + list(solution_ids),
-        head.train_mask[:cut] + [1] * len(solution_ids),
-        consulted=True,
-        problem_id=opened.problem_id,
-        response_start=cut,
+        solution_ids,
+        [1] * len(solution_ids),
+        train_agent_tokens=train_agent_tokens,
     )
 
 
@@ -243,8 +253,8 @@ def select_demonstrations(
     consult_demos = [demonstration(t, train_agent_tokens=agent) for t in with_consult]
     rng.shuffle(consult_demos)
     splices: list[Demonstration] = []
+    solved: dict[str, list[Trajectory]] = {}  # problems the policy solved alone: spliced
     if section.splice:
-        solved: dict[str, list[Trajectory]] = {}
         for t in alone:
             solved.setdefault(t.problem_id, []).append(t)
         for t in wrong_consult:
@@ -255,11 +265,10 @@ def select_demonstrations(
         rng.shuffle(splices)
     referenced: list[Demonstration] = []
     if reference is not None:
-        spliced_ids = {d.trajectory_id.split("+")[0] for d in splices}
         referenced = [
             _with_reference(t, reference(t.problem_id), train_agent_tokens=agent)
             for t in wrong_consult
-            if t.trajectory_id not in spliced_ids
+            if t.problem_id not in solved
         ]
         rng.shuffle(referenced)
     pool = consult_demos + splices + referenced

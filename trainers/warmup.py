@@ -66,6 +66,7 @@ __all__ = [
     "collect_demonstrations",
     "WarmupResult",
     "WarmupSection",
+    "check_reference_steps",
     "run_warmup",
 ]
 
@@ -272,13 +273,19 @@ async def collect_demonstrations(
     return select_demonstrations(collected, run.tokenizer, section, cfg.seed, reference)
 
 
+def check_reference_steps(task: Any, task_name: str) -> None:
+    """Refuse ``warmup.reference`` on a task without reference steps (ValueError naming it)."""
+    privileged = task.privileged
+    if "steps" not in privileged:
+        raise ValueError(
+            f"warmup.reference needs a task with reference steps; {task_name!r} "
+            f"has {', '.join(sorted(privileged)) or 'no privileged information'}"
+        )
+
+
 def _reference_ids(run: RunState) -> Any:
     """``problem_id -> token ids`` of the task's reference solution (and EOS)."""
-    if "steps" not in run.task.privileged:
-        raise WarmupError(
-            f"warmup.reference needs a task with reference steps; {run.task.name!r} has none "
-            f"(it has: {', '.join(sorted(run.task.privileged)) or 'no privileged information'})"
-        )
+    check_reference_steps(run.task, run.task.name)
     problems = {p.id: p for p in run.task.problems}
     eos = run.tokenizer.eos_token_id
 
