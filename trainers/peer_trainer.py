@@ -130,7 +130,7 @@ class PeerTrainer:
                             sub,
                             resume=self.resume,
                             progress=self.progress,
-                            resume_at=0 if committed is None else int(committed["step"]),
+                            resume_at=0 if committed is None else committed["step"],
                         )
                     )
                 before, after = await self._train(run_dir, runs, stop, committed)
@@ -212,7 +212,7 @@ class PeerTrainer:
             return None
         try:
             saved = json.loads(path.read_text())
-            int(saved["step"])
+            saved["step"] = int(saved["step"])
         except (ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"{path} is damaged ({type(exc).__name__}: {exc})") from exc
         return saved
@@ -222,7 +222,7 @@ class PeerTrainer:
     ) -> int:
         """The step every peer resumes at; the shared state read back (0 for a fresh run)."""
         steps = {name: run.start_step for name, run in runs.items()}
-        done = 0 if saved is None else int(saved["step"])
+        done = 0 if saved is None else saved["step"]
         if any(s != done for s in steps.values()):
             raise RunDirError(
                 f"{run_dir / STATE} commits step {done} but the peers' checkpoints at or before "
