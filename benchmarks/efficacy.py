@@ -33,8 +33,9 @@ Stages, each kept on disk as it finishes, so a stopped run resumes where it was:
    temperature (:func:`aipo_env.evaluation.runner.evaluate`).
 
 Reported per task and arm, as mean ± 95% t-interval over seeds: greedy accuracy after,
-pass@k for k = 1, 2, 4, 8, 16; and each consulting arm against ``grpo`` on the same
-(seed, problem) pairs with a paired bootstrap. Writes ``<out>/efficacy.json``,
+pass@k for k = 1, 2, 4, 8, 16; and each consulting arm against ``grpo``, and the arms
+that train the agent's tokens against ``aipo_mask``, on the same (seed, problem) pairs
+with a paired bootstrap. Writes ``<out>/efficacy.json``,
 ``efficacy.md``, ``passk.png`` (pass@k curves: the capability-boundary picture) and
 ``curves.png`` (held-out accuracy, consult rate, dependency gap against step); each
 finished run's record is ``<out>/arms/<task>-<arm>-seed<k>.json``.
@@ -145,6 +146,14 @@ ARMS: dict[str, ArmSetting] = {
     "aipo_mask": ArmSetting("consult", (*CONSULTING, "loss.agent_mode=mask")),
     "aipo": ArmSetting("consult", (*CONSULTING, "loss.agent_mode=shaped")),
     "aipo_ratio": ArmSetting("consult", (*CONSULTING, "loss.agent_mode=ratio")),
+}
+
+# Paired comparisons: every consulting arm against the arm that never consults, and the
+# arms that train the agent's tokens against the one that masks them (what other
+# frameworks do with injected tokens).
+BASELINES: dict[str, tuple[str, ...]] = {
+    "grpo": ("aipo_mask", "aipo", "aipo_ratio"),
+    "aipo_mask": ("aipo", "aipo_ratio"),
 }
 
 
@@ -376,6 +385,27 @@ def _problem_passk(correct: list[bool], k: int) -> float:
     return pass_at_k(len(correct), sum(correct), k)
 
 
+def paired_against(
+    by_arm: dict[str, list[dict[str, Any]]], baseline: str, arms: tuple[str, ...], ks: list[int]
+) -> dict[str, dict[str, Any]]:
+    """Each arm against ``baseline`` on the same (seed, problem) pairs: pass@1 and pass@k_max."""
+    base = {r["seed"]: r for r in by_arm[baseline]}
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        pairs = [(base[r["seed"]], r) for r in by_arm.get(arm, []) if r["seed"] in base]
+        if not pairs:
+            continue
+        out[arm] = {}
+        for k in (1, ks[-1]):
+            a, b = [], []
+            for first, other in pairs:
+                for pid, correct in first["passk"]["correct"].items():
+                    a.append(_problem_passk(correct, k))
+                    b.append(_problem_passk(other["passk"]["correct"][pid], k))
+            out[arm][f"pass@{k}"] = paired_bootstrap(a, b, seed=0)
+    return out
+
+
 def aggregate(
     runs: list[dict[str, Any]], warms: dict[str, dict[str, Any]], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -383,7 +413,7 @@ def aggregate(
     ks = [k for k in KS if k <= args.passk_samples]
     table: dict[str, Any] = {}
     for task in sorted({r["task"] for r in runs}):
-        table[task] = {"arms": {}, "vs_grpo": {}, "reference": {}}
+        table[task] = {"arms": {}, "vs": {}, "reference": {}}
         for record in warms.values():
             if record["task"] == task:
                 ref = {f"pass@{k}": record["passk"]["metrics"].get(f"pass@{k}") for k in ks}
@@ -415,21 +445,11 @@ def aggregate(
                     for key, v in figures.items()
                 },
             }
-        grpo = {r["seed"]: r for r in by_arm.get("grpo", [])}
-        for arm, records in by_arm.items():
-            if arm == "grpo":
-                continue
-            pairs = [(grpo[r["seed"]], r) for r in records if r["seed"] in grpo]
-            if not pairs:
-                continue
-            table[task]["vs_grpo"][arm] = {}
-            for k in (1, ks[-1]):
-                a, b = [], []
-                for base, other in pairs:
-                    for pid, correct in base["passk"]["correct"].items():
-                        a.append(_problem_passk(correct, k))
-                        b.append(_problem_passk(other["passk"]["correct"][pid], k))
-                table[task]["vs_grpo"][arm][f"pass@{k}"] = paired_bootstrap(a, b, seed=0)
+        table[task]["vs"] = {
+            baseline: paired_against(by_arm, baseline, arms, ks)
+            for baseline, arms in BASELINES.items()
+            if baseline in by_arm
+        }
     return table
 
 
@@ -446,7 +466,7 @@ def render_markdown(table: dict[str, Any], command: str, args: argparse.Namespac
         f"half-width over seeds; {args.eval_problems} held-out problems, pass@k from "
         f"{args.passk_samples} samples at temperature 0.7).",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`" + (" (this report: `--report-only`)" if args.report_only else ""),
         "",
     ]
     for task, section in table.items():
@@ -474,13 +494,15 @@ def render_markdown(table: dict[str, Any], command: str, args: argparse.Namespac
             cells += [_cell(row["consult_rate"]), _cell(row["dependency_gap"])]
             seeds = ",".join(str(s) for s in row["seeds"])
             lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
-        if section["vs_grpo"]:
+        for baseline, against in section["vs"].items():
+            if not against:
+                continue
             lines += [
                 "",
-                "Against `grpo` on the same (seed, problem) pairs (paired bootstrap, 95%):",
+                f"Against `{baseline}` on the same (seed, problem) pairs (paired bootstrap, 95%):",
                 "",
             ]
-            for arm, diffs in section["vs_grpo"].items():
+            for arm, diffs in against.items():
                 parts = [
                     f"{metric} {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] over {d['problems']} pairs"
                     for metric, d in diffs.items()
@@ -672,7 +694,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    command = " ".join(["python benchmarks/efficacy.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    # The command that runs (or resumes) the runs reported; --report-only only reads them.
+    command = " ".join(
+        ["python benchmarks/efficacy.py", *(a for a in given if a != "--report-only")]
+    )
     began = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.report_only:

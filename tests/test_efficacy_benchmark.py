@@ -114,14 +114,37 @@ def test_aggregate_gives_seed_intervals_and_pairs_problems_within_a_seed(tmp_pat
     assert row["greedy_after"]["ci95"] == pytest.approx(12.706 * 0.125)  # t(1) x sd/sqrt(2)
     assert row["consult_rate"]["values"][0] == pytest.approx(0.375)  # mean over the steps
     # pass@1 per (seed, problem): grpo 0.25, 0, 0, 0; aipo 1, 0.25, 0, 0.5.
-    paired = table["vs_grpo"]["aipo"]["pass@1"]
+    paired = table["vs"]["grpo"]["aipo"]["pass@1"]
     assert paired["problems"] == 4
     assert paired["a"] == pytest.approx(0.0625) and paired["b"] == pytest.approx(0.4375)
     assert paired["diff"] == pytest.approx(0.375)
     # pass@4 of aipo seed 1, p1: 2 of 4 correct, so pass@4 is 1.
-    assert table["vs_grpo"]["aipo"]["pass@4"]["b"] == pytest.approx((1 + 1 + 0 + 1) / 4)
+    assert table["vs"]["grpo"]["aipo"]["pass@4"]["b"] == pytest.approx((1 + 1 + 0 + 1) / 4)
     markdown = bench.render_markdown({"reasoning": table}, "cmd", a)
     assert "| aipo | 0,1 | 0.250 ± 0.000 | 0.625 ± 1.588 |" in markdown
+
+
+def test_the_arms_that_train_agent_tokens_are_also_paired_against_the_masked_arm(tmp_path) -> None:
+    a = args(tmp_path, "--passk-samples", "4")
+    runs = [
+        _run("reasoning", "grpo", 0, {"p0": [False] * 4, "p1": [False] * 4}),
+        _run("reasoning", "aipo_mask", 0, {"p0": [True] * 4, "p1": [False] * 4}),
+        _run("reasoning", "aipo", 0, {"p0": [True] * 4, "p1": [True, True, False, False]}),
+        # Seed 1 has no masked run to pair with: it is left out of that comparison only.
+        _run("reasoning", "grpo", 1, {"p0": [False] * 4, "p1": [False] * 4}),
+        _run("reasoning", "aipo", 1, {"p0": [True] * 4, "p1": [True] * 4}),
+    ]
+    table = bench.aggregate(runs, {}, a)["reasoning"]
+    assert set(table["vs"]) == {"grpo", "aipo_mask"}
+    assert set(table["vs"]["grpo"]) == {"aipo_mask", "aipo"}
+    assert set(table["vs"]["aipo_mask"]) == {"aipo"}  # never the masked arm against itself
+    against_mask = table["vs"]["aipo_mask"]["aipo"]["pass@1"]
+    assert against_mask["problems"] == 2  # seed 0's two problems
+    assert against_mask["a"] == pytest.approx(0.5) and against_mask["b"] == pytest.approx(0.75)
+    assert table["vs"]["grpo"]["aipo"]["pass@1"]["problems"] == 4
+    markdown = bench.render_markdown({"reasoning": table}, "cmd", a)
+    assert "Against `aipo_mask`" in markdown
+    assert "- aipo: pass@1 +0.250" in markdown.split("Against `aipo_mask`")[1]
 
 
 def test_a_finished_run_with_the_same_budget_is_read_back(tmp_path, monkeypatch) -> None:
