@@ -181,6 +181,18 @@ def _problems(n_problems: int, count: int, offset: int, seed: int) -> list[int]:
     return [perm[(offset + j) % n_problems] for j in range(count)]
 
 
+def _warmup_problems(run: RunState) -> tuple[list[int], list[int]]:
+    """The demonstration problems, then the check's: the next ones of the same permutation."""
+    section: WarmupSection = run.config.warmup  # type: ignore[attr-defined]
+    n_problems = len(run.task)
+    demo = min(section.problems, n_problems)
+    seed = run.config.seed + 7919
+    return (
+        _problems(n_problems, demo, 0, seed),
+        _problems(n_problems, section.check_problems, demo, seed),
+    )
+
+
 async def _roll(
     run: RunState, options: list[dict[str, Any]], output: Path, *, resume: bool
 ) -> list[Trajectory]:
@@ -254,8 +266,7 @@ async def collect_demonstrations(
     section: WarmupSection = cfg.warmup  # type: ignore[attr-defined]
     folder = run.run_dir / "warmup"
     folder.mkdir(parents=True, exist_ok=True)
-    n_problems = len(run.task)
-    demo_problems = _problems(n_problems, min(section.problems, n_problems), 0, cfg.seed + 7919)
+    demo_problems, _ = _warmup_problems(run)
     reference = _reference_ids(run) if section.reference else None
     saved_env = run.driver.env_config
     run.driver.env_config = saved_env.model_copy(
@@ -307,7 +318,6 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     started = time.perf_counter()
     folder = run.run_dir / "warmup"
     demos, counts = await collect_demonstrations(run, resume=resume)
-    n_problems = len(run.task)
     saved_env = run.driver.env_config
     if len(demos) < section.min_demonstrations:
         raise WarmupError(
@@ -346,8 +356,7 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     check: dict[str, float] = {"episodes": 0.0, "consult_written_rate": 0.0, "malformed_rate": 0.0}
     check["accuracy"] = 0.0
     if section.check_problems:
-        offset = min(section.problems, n_problems)
-        check_problems = _problems(n_problems, section.check_problems, offset, cfg.seed + 7919)
+        _, check_problems = _warmup_problems(run)
         run.driver.env_config = run.env_config.model_copy(update={"policy_version": "warmup"})
         try:
             checked = await _roll(
