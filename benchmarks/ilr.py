@@ -64,9 +64,16 @@ ARMS: dict[str, list[str]] = {
 GRPO_TOKENS_SAMPLES = 21  # module docstring
 
 
+def _single(arm: str) -> bool:
+    """Whether ``arm`` trains one policy with GRPO (else two ILR peers)."""
+    return ARMS[arm] is GRPO
+
+
 def _grpo_samples(arm: str, args: argparse.Namespace) -> int | None:
     """Samples per prompt of a single-policy arm; None for the peer arms."""
-    return {"grpo": args.grpo_samples, "grpo_tokens": GRPO_TOKENS_SAMPLES}.get(arm)
+    if not _single(arm):
+        return None
+    return GRPO_TOKENS_SAMPLES if arm == "grpo_tokens" else args.grpo_samples
 
 
 def run_config(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> TrainConfig:
@@ -100,7 +107,7 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
 
 def _policies(arm: str, run_dir: Path) -> dict[str, Path]:
     """Each trained policy's folder: the peers', or the single GRPO run."""
-    if ARMS[arm] is GRPO:
+    if _single(arm):
         return {"policy": run_dir}
     return {p.name: p for p in sorted((run_dir / "peers").iterdir())}
 
@@ -115,7 +122,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     resume = run_dir.is_dir() and any(run_dir.rglob("checkpoints/step_*"))
     print(f"== {arm} seed {seed}{' (resumed)' if resume else ''}", flush=True)
     started = time.perf_counter()
-    if ARMS[arm] is GRPO:
+    if _single(arm):
         from trainers.embedded import EmbeddedTrainer
 
         EmbeddedTrainer(config, resume=resume, progress=not args.no_progress).run()
