@@ -106,6 +106,9 @@ class Task(ABC):
     #: Dataset rows the last load skipped as malformed (dataset-backed tasks count them in
     #: :meth:`load`, through ``tasks.sources.build_problems``; results files report it).
     skipped: int = 0
+    #: Whether the problems are draws of a generator (reasoning-gym), so a repeated
+    #: question is a repeated draw, not a duplicate row of a dataset (``tasks.splits``).
+    generated: bool = False
 
     def __init__(self) -> None:
         self._problems: list[Problem] | None = None
@@ -123,6 +126,18 @@ class Task(ABC):
 
     def __len__(self) -> int:
         return len(self.problems)
+
+    def content_key(self, problem: Problem) -> str:
+        """What ``problem`` asks, in a form two copies of the same question share.
+
+        Held-out sets are partitioned by it and checked against training by it
+        (``tasks/splits.py``). Default: :func:`tasks.splits.normalize_question` of the
+        question. A task whose question text carries more than its identity (options
+        shuffled per seed) or less (data outside the text) overrides it.
+        """
+        from tasks.splits import normalize_question
+
+        return normalize_question(problem.question)
 
     @abstractmethod
     def extract_answer(self, response: str) -> str | None:

@@ -130,13 +130,29 @@ class MultipleChoiceTask(Task):
         shown = [options[i] for i in order]
         reference = LETTERS[order.index(0)]  # option 0 is the correct one
         body = "\n".join(f"({LETTERS[i]}) {text}" for i, text in enumerate(shown))
+        stem = required_text(row, self.columns["question"])
         return Problem(
             id=problem_id,
             task=self.name,
-            question=f"{required_text(row, self.columns['question'])}\n\n{body}",
+            question=f"{stem}\n\n{body}",
             reference=reference,
-            metadata={"options": shown, "permutation": order},
+            metadata={"options": shown, "permutation": order, "stem": stem},
         )
+
+    def content_key(self, problem: Problem) -> str:
+        """The question's stem and its options as a set: the same whatever order a seed shows them in.
+
+        The options are sorted after normalising, so neither the shuffle nor the letters
+        change the key. A problem without ``stem``/``options`` metadata (made elsewhere)
+        falls back to its question text.
+        """
+        from tasks.splits import normalize_question
+
+        stem, options = problem.metadata.get("stem"), problem.metadata.get("options")
+        if not isinstance(stem, str) or not options:
+            return super().content_key(problem)
+        parts = [normalize_question(stem), *sorted(normalize_question(str(o)) for o in options)]
+        return "\x1f".join(parts)
 
     def extract_answer(self, response: str) -> str | None:
         """The chosen option letter, or None."""

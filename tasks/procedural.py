@@ -37,7 +37,15 @@ class ProceduralTask(Task):
         seed: generation seed (same seed, same problems).
         name: registered task name; default ``rg:<dataset>``.
         **dataset_kwargs: passed to ``reasoning_gym.create_dataset`` (difficulty knobs).
+
+    Another seed draws from the same question space, so it is no held-out set by
+    itself: a held-out set is the held-out side of the content partition
+    (``tasks/splits.py``). A question is its whole text (the animals of a leg count, the
+    expression of a chain sum), so the default content key is the problem's identity.
     """
+
+    #: Problems are draws: the same question may come up twice in one task.
+    generated = True
 
     def __init__(
         self,
