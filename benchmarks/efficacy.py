@@ -34,8 +34,11 @@ Stages, each kept on disk as it finishes, so a stopped run resumes where it was:
 
 Reported per task and arm, as mean ± 95% t-interval over seeds: greedy accuracy after,
 pass@k for k = 1, 2, 4, 8, 16; and each consulting arm against ``grpo``, and the arms
-that train the agent's tokens against ``aipo_mask``, on the same (seed, problem) pairs
-with a paired bootstrap. Writes ``<out>/efficacy.json``,
+that train the agent's tokens against ``aipo_mask``, paired by seed on the same held-out
+problems (:mod:`benchmarks.seed_stats`: a t-interval over the seeds' differences, a
+two-stage bootstrap beside it, the (seed, problem) pairs bootstrap as a secondary figure).
+The warm-up is trained once (seed 0) and serves every seed, so every interval covers the
+RL seeds only. Writes ``<out>/efficacy.json``,
 ``efficacy.md``, ``passk.png`` (pass@k curves: the capability-boundary picture) and
 ``curves.png`` (held-out accuracy, consult rate, dependency gap against step); each
 finished run's record is ``<out>/arms/<task>-<arm>-seed<k>.json``.
@@ -62,8 +65,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from aipo.config import load_config  # noqa: E402
-from aipo_env.passk import mean_ci, paired_bootstrap  # noqa: E402
+from aipo_env.passk import mean_ci  # noqa: E402
 from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
+from benchmarks.seed_stats import compare_over_seeds, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 from trainers.warmup import WarmupError  # noqa: E402
@@ -388,21 +392,31 @@ def _problem_passk(correct: list[bool], k: int) -> float:
 def paired_against(
     by_arm: dict[str, list[dict[str, Any]]], baseline: str, arms: tuple[str, ...], ks: list[int]
 ) -> dict[str, dict[str, Any]]:
-    """Each arm against ``baseline`` on the same (seed, problem) pairs: pass@1 and pass@k_max."""
+    """Each arm against ``baseline``, seed by seed on the same problems: pass@1 and pass@k_max.
+
+    Per arm and metric, :func:`benchmarks.seed_stats.compare_over_seeds` over the seeds
+    both arms ran: the t-interval over the seeds' paired differences (``seed_t``, the
+    primary figure), the two-stage bootstrap, and the (seed, problem) pairs bootstrap
+    (``pairs_bootstrap``, secondary: it treats problems as independent).
+    """
     base = {r["seed"]: r for r in by_arm[baseline]}
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        pairs = [(base[r["seed"]], r) for r in by_arm.get(arm, []) if r["seed"] in base]
+        pairs = sorted(
+            ((base[r["seed"]], r) for r in by_arm.get(arm, []) if r["seed"] in base),
+            key=lambda pair: pair[0]["seed"],
+        )
         if not pairs:
             continue
         out[arm] = {}
         for k in (1, ks[-1]):
             a, b = [], []
             for first, other in pairs:
-                for pid, correct in first["passk"]["correct"].items():
-                    a.append(_problem_passk(correct, k))
-                    b.append(_problem_passk(other["passk"]["correct"][pid], k))
-            out[arm][f"pass@{k}"] = paired_bootstrap(a, b, seed=0)
+                problems = first["passk"]["correct"]
+                a.append([_problem_passk(correct, k) for correct in problems.values()])
+                b.append([_problem_passk(other["passk"]["correct"][p], k) for p in problems])
+            seeds = [first["seed"] for first, _ in pairs]
+            out[arm][f"pass@{k}"] = compare_over_seeds(a, b, seeds, pairs=True)
     return out
 
 
@@ -466,6 +480,11 @@ def render_markdown(table: dict[str, Any], command: str, args: argparse.Namespac
         f"half-width over seeds; {args.eval_problems} held-out problems, pass@k from "
         f"{args.passk_samples} samples at temperature 0.7).",
         "",
+        "The warm-up is not replicated (one warm-up serves all seeds): intervals cover RL "
+        "seeds only.",
+        "",
+        legend(pairs=True),
+        "",
         f"Command: `{command}`" + (" (this report: `--report-only`)" if args.report_only else ""),
         "",
     ]
@@ -499,15 +518,12 @@ def render_markdown(table: dict[str, Any], command: str, args: argparse.Namespac
                 continue
             lines += [
                 "",
-                f"Against `{baseline}` on the same (seed, problem) pairs (paired bootstrap, 95%):",
+                f"Against `{baseline}` (arm minus `{baseline}`, on the same seeds and "
+                "held-out problems):",
                 "",
             ]
             for arm, diffs in against.items():
-                parts = [
-                    f"{metric} {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] over {d['problems']} pairs"
-                    for metric, d in diffs.items()
-                ]
-                lines.append(f"- {arm}: " + "; ".join(parts))
+                lines += [f"- {arm}, {metric}: {describe(d)}" for metric, d in diffs.items()]
         lines.append("")
     return "\n".join(lines)
 

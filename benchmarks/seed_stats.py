@@ -42,18 +42,19 @@ PAIRS_LABEL = "pairs bootstrap, treats problems as independent"
 
 
 def legend(pairs: bool = False) -> str:
-    """What each figure of a :func:`describe` line is, for a report to print before them."""
+    """The sentence a report prints once, before its comparisons: what each figure is."""
     text = (
-        "paired by seed (arm minus baseline, 95%): first the t-interval over the per-seed "
-        "differences (each seed's mean over its problems; n = seeds), the primary figure; "
-        "then the two-stage bootstrap (seeds resampled, then problems within each seed)"
+        "Arm comparisons are paired by seed (arm minus baseline, 95%): first the t-interval "
+        "over the per-seed differences (each seed's mean over its problems; n = seeds), the "
+        "primary figure; then the two-stage bootstrap (seeds resampled, then problems within "
+        "each seed)"
     )
     if pairs:
         text += (
             f"; last, as a secondary figure, the {PAIRS_LABEL} (every (seed, problem) pair "
             "resampled as one unit: too narrow when seeds disagree)"
         )
-    return text
+    return text + "."
 
 
 class SeedInterval(NamedTuple):

@@ -91,7 +91,7 @@ def _run(task, arm, seed, correct, greedy_after=0.5, curve=()):
     }
 
 
-def test_aggregate_gives_seed_intervals_and_pairs_problems_within_a_seed(tmp_path) -> None:
+def test_aggregate_gives_seed_intervals_and_compares_arms_seed_by_seed(tmp_path) -> None:
     a = args(tmp_path, "--passk-samples", "4")
     grpo = [
         _run("reasoning", "grpo", 0, {"p0": [True, False, False, False], "p1": [False] * 4}, 0.25),
@@ -113,15 +113,41 @@ def test_aggregate_gives_seed_intervals_and_pairs_problems_within_a_seed(tmp_pat
     assert row["greedy_after"]["mean"] == pytest.approx(0.625)
     assert row["greedy_after"]["ci95"] == pytest.approx(12.706 * 0.125)  # t(1) x sd/sqrt(2)
     assert row["consult_rate"]["values"][0] == pytest.approx(0.375)  # mean over the steps
-    # pass@1 per (seed, problem): grpo 0.25, 0, 0, 0; aipo 1, 0.25, 0, 0.5.
+    # pass@1 per (seed, problem): grpo 0.25, 0 | 0, 0; aipo 1, 0.25 | 0, 0.5.
     paired = table["vs"]["grpo"]["aipo"]["pass@1"]
-    assert paired["problems"] == 4
     assert paired["a"] == pytest.approx(0.0625) and paired["b"] == pytest.approx(0.4375)
-    assert paired["diff"] == pytest.approx(0.375)
+    # Per seed: 0.625 - 0.125 and 0.25 - 0; the t-interval is over those two differences.
+    assert paired["per_seed"] == pytest.approx({"0": 0.5, "1": 0.25})
+    half = 12.706 * 0.125  # t(1) x sd(0.5, 0.25) / sqrt(2)
+    assert paired["seed_t"]["mean"] == pytest.approx(0.375) == paired["diff"]
+    assert paired["seed_t"]["ci_low"] == pytest.approx(0.375 - half)
+    assert paired["seed_t"]["seeds"] == 2 and paired["two_stage_bootstrap"]["seeds"] == 2
+    assert paired["pairs_bootstrap"]["problems"] == 4  # the secondary figure, kept
+    assert paired["pairs_bootstrap"]["diff"] == pytest.approx(0.375)
     # pass@4 of aipo seed 1, p1: 2 of 4 correct, so pass@4 is 1.
     assert table["vs"]["grpo"]["aipo"]["pass@4"]["b"] == pytest.approx((1 + 1 + 0 + 1) / 4)
     markdown = bench.render_markdown({"reasoning": table}, "cmd", a)
     assert "| aipo | 0,1 | 0.250 ± 0.000 | 0.625 ± 1.588 |" in markdown
+    line = next(x for x in markdown.splitlines() if x.startswith("- aipo, pass@1: "))
+    assert line.startswith("- aipo, pass@1: +0.375 [-1.213, +1.963] (t over 2 seeds; per seed")
+    assert "; two-stage bootstrap [" in line
+    assert "; pairs bootstrap, treats problems as independent: [" in line
+    assert line.endswith("over 4 pairs")
+
+
+def test_the_report_says_the_warm_up_is_not_replicated(tmp_path) -> None:
+    a = args(tmp_path, "--passk-samples", "4")
+    runs = [
+        _run("reasoning", arm, seed, {"p0": [seed == 1] * 4, "p1": [False] * 4})
+        for arm in ("grpo", "aipo")
+        for seed in (0, 1)
+    ]
+    markdown = bench.render_markdown(bench.aggregate(runs, {}, a), "cmd", a)
+    assert (
+        "The warm-up is not replicated (one warm-up serves all seeds): intervals cover RL "
+        "seeds only." in markdown
+    )
+    assert "as a secondary figure, the pairs bootstrap, treats problems as independent" in markdown
 
 
 def test_the_arms_that_train_agent_tokens_are_also_paired_against_the_masked_arm(tmp_path) -> None:
@@ -139,12 +165,15 @@ def test_the_arms_that_train_agent_tokens_are_also_paired_against_the_masked_arm
     assert set(table["vs"]["grpo"]) == {"aipo_mask", "aipo"}
     assert set(table["vs"]["aipo_mask"]) == {"aipo"}  # never the masked arm against itself
     against_mask = table["vs"]["aipo_mask"]["aipo"]["pass@1"]
-    assert against_mask["problems"] == 2  # seed 0's two problems
+    assert against_mask["pairs_bootstrap"]["problems"] == 2  # seed 0's two problems
     assert against_mask["a"] == pytest.approx(0.5) and against_mask["b"] == pytest.approx(0.75)
-    assert table["vs"]["grpo"]["aipo"]["pass@1"]["problems"] == 4
+    assert against_mask["seed_t"]["seeds"] == 1
+    assert table["vs"]["grpo"]["aipo"]["pass@1"]["pairs_bootstrap"]["problems"] == 4
     markdown = bench.render_markdown({"reasoning": table}, "cmd", a)
     assert "Against `aipo_mask`" in markdown
-    assert "- aipo: pass@1 +0.250" in markdown.split("Against `aipo_mask`")[1]
+    # One shared seed: the difference, but no interval (never a zero-width one).
+    after_mask = markdown.split("Against `aipo_mask`")[1]
+    assert "- aipo, pass@1: +0.250, no interval (1 seed" in after_mask
 
 
 def test_a_finished_run_with_the_same_budget_is_read_back(tmp_path, monkeypatch) -> None:

@@ -95,6 +95,6 @@ def test_the_report_line_labels_the_pairs_bootstrap_as_secondary() -> None:
     assert two_part.startswith("two-stage bootstrap [")
     assert pairs_part.startswith("pairs bootstrap, treats problems as independent: [")
     assert pairs_part.endswith("over 4 pairs")
-    assert "secondary figure, the pairs bootstrap, treats problems as independent" in (
+    assert "as a secondary figure, the pairs bootstrap, treats problems as independent" in (
         stats.legend(pairs=True)
     )
