@@ -138,24 +138,60 @@ class TaskSection(BaseModel):
     )
     eval_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"seed": 10_000},
-        description="Overrides of kwargs for the held-out evaluation set (a different seed for generated tasks).",
+        description="Overrides of kwargs for the held-out evaluation set (a different seed for generated tasks, another split or file for datasets).",
     )
     eval_size: int = Field(
         default=32,
         ge=0,
-        description="Problems evaluated before and after training (0: no evaluation).",
+        description="Problems evaluated before and after training (0: no evaluation); a held-out set with fewer distinct problems is refused, never shrunk.",
+    )
+    held_out: Literal["partition", "task"] = Field(
+        default="partition",
+        description=(
+            "How the held-out set is kept apart. 'partition': both sides partition the task's "
+            "content (tasks/splits.py): training is the task built with kwargs, filtered to the "
+            "train side; held-out is the task built with kwargs and eval_kwargs, filtered to the "
+            "held-out side. 'task': the held-out set is the task eval_name built with eval_kwargs "
+            "(over kwargs when it is the same task; e.g. train on deepmath, evaluate on "
+            "math500), unfiltered, but still checked for overlap."
+        ),
+    )
+    eval_name: str | None = Field(
+        default=None,
+        description="With held_out 'task': the registered task evaluated on (None: name itself).",
+    )
+    held_out_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="With held_out 'partition': the share of the content space on the held-out side.",
+    )
+    allow_overlap: bool = Field(
+        default=False,
+        description="Train even when held-out problems occur in training (the run is refused otherwise); the summary then reports the overlap on every eval line.",
     )
 
-    @field_validator("name")
+    @field_validator("name", "eval_name")
     @classmethod
-    def _registered(cls, value: str) -> str:
+    def _registered(cls, value: str | None) -> str | None:
         from tasks.registry import UnknownTaskError, check_task_name
 
+        if value is None:
+            return value
         try:
             check_task_name(value)  # an unknown name fails before anything loads
         except UnknownTaskError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _eval_name_needs_task(self) -> TaskSection:
+        if self.eval_name is not None and self.held_out != "task":
+            raise ValueError(
+                f"task.eval_name {self.eval_name!r} names another held-out task, which only "
+                "task.held_out: task uses; set task.held_out: task, or remove task.eval_name"
+            )
+        return self
 
 
 class TrainSection(BaseModel):

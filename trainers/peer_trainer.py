@@ -52,6 +52,8 @@ from aipo_env.interaction_mode import (
 )
 from aipo_env.peer_episode import Peer, PeerEpisodeConfig, run_idea3
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
+from tasks.base import Task
+from tasks.splits import Overlap
 from trainers.config import TrainConfig, write_config
 from trainers.embedded import (
     evaluate,
@@ -63,6 +65,7 @@ from trainers.embedded import (
     update_metrics,
     update_policy,
 )
+from trainers.held_out import held_out_set, make_train_task
 from trainers.peer_config import PeerSection
 from trainers.peer_rewards import perception_calibration
 from trainers.run_state import RunDirError, RunState, open_run
@@ -70,7 +73,7 @@ from trainers.stopping import StopRequest, TrainingInterrupted
 from trainers.summary import EvalResult
 from trainers.weights import generation_paused
 
-__all__ = ["PeerSummary", "PeerTrainer", "peer_config"]
+__all__ = ["PeerSummary", "PeerTrainer", "peer_config", "validation_task"]
 
 STATE = "peer_state.json"
 
@@ -106,6 +109,7 @@ class PeerTrainer:
         self.tracker = DifficultyTracker(prior_weight=self.section.difficulty_prior)
         self.abilities: dict[str, float] = {}
         self.ability_history: list[dict[str, Any]] = []
+        self._validation: Task | None = None
 
     def run(self) -> PeerSummary:
         """Train to ``train.steps``; returns (and writes) the summary of every peer."""
@@ -122,6 +126,10 @@ class PeerTrainer:
         stop.install()
         try:
             async with contextlib.AsyncExitStack() as stack:
+                if self.section.interaction == "dynamic":
+                    # Built and checked against training before any peer's model loads.
+                    self._validation = validation_task(cfg)
+                    stack.callback(self._validation.close)
                 runs: dict[str, RunState] = {}
                 for i, name in enumerate(self.section.names):
                     sub = peer_config(cfg, i)
@@ -135,6 +143,7 @@ class PeerTrainer:
                     )
                 before, after = await self._train(run_dir, runs, stop, committed)
                 checkpoints = {n: str(r.checkpoint or r.saved_path) for n, r in runs.items()}
+                overlaps = {n: r.overlap for n, r in runs.items()}
         finally:
             stop.uninstall()
         summary = {
@@ -146,6 +155,7 @@ class PeerTrainer:
                     "eval_after": _eval_dict(after[name]),
                     "checkpoint": checkpoints[name],
                     "ability": self.abilities.get(name),
+                    "held_out": _overlap_dict(overlaps[name]),
                 }
                 for name in self.section.names
             },
@@ -258,32 +268,27 @@ class PeerTrainer:
 
     async def _abilities(self, runs: Mapping[str, RunState], step: int) -> None:
         """Each peer's greedy accuracy alone on the validation split, as an ability."""
-        from tasks.registry import make_task
-
-        task_cfg = self.config.task
-        task = make_task(task_cfg.name, **{**task_cfg.kwargs, **self.section.validation_kwargs})
-        try:
-            n = min(self.section.validation_size, len(task))
-            # Set only once every peer is measured: a cancelled measurement changes nothing.
-            record: dict[str, Any] = {"step": step}
-            abilities: dict[str, float] = {}
-            for name, run in runs.items():
-                done = await evaluate_alone(
-                    run.generator,
-                    task,
-                    problems=range(n),
-                    output=run.run_dir / "validation" / f"step{step}.jsonl",
-                    env_config=run.config.env,
-                    max_new_tokens=run.config.rollout.max_new_tokens,
-                    concurrency=run.config.rollout.concurrency,
-                )
-                accuracy = sum(bool(t.verifier and t.verifier.correct) for t in done) / max(n, 1)
-                abilities[name] = ability_from_accuracy(accuracy)
-                record[name] = {"accuracy": accuracy, "ability": abilities[name]}
-            self.abilities.update(abilities)
-            self.ability_history.append(record)
-        finally:
-            task.close()
+        task = self._validation
+        assert task is not None, "arun builds the validation task"
+        n = len(task)
+        # Set only once every peer is measured: a cancelled measurement changes nothing.
+        record: dict[str, Any] = {"step": step}
+        abilities: dict[str, float] = {}
+        for name, run in runs.items():
+            done = await evaluate_alone(
+                run.generator,
+                task,
+                problems=range(n),
+                output=run.run_dir / "validation" / f"step{step}.jsonl",
+                env_config=run.config.env,
+                max_new_tokens=run.config.rollout.max_new_tokens,
+                concurrency=run.config.rollout.concurrency,
+            )
+            accuracy = sum(bool(t.verifier and t.verifier.correct) for t in done) / max(n, 1)
+            abilities[name] = ability_from_accuracy(accuracy)
+            record[name] = {"accuracy": accuracy, "ability": abilities[name]}
+        self.abilities.update(abilities)
+        self.ability_history.append(record)
 
     def _modes(self, problem_id: str) -> dict[str, Mode]:
         fixed = self.section.interaction
@@ -427,6 +432,11 @@ class PeerSummary(dict):
             before = (peer["eval_before"] or {}).get("accuracy")
             after = (peer["eval_after"] or {}).get("accuracy")
             held = "" if before is None else f"held-out alone {before:.3f} -> {after:.3f}; "
+            overlap = peer.get("held_out") or {}
+            if held and overlap.get("count"):
+                held += (
+                    f"[held-out overlaps training: {overlap['count']} of {overlap['held_out']}]; "
+                )
             lines.append(f"  peer {name}: {held}checkpoint {peer['checkpoint']}")
         lines.append("Evaluate a peer alone with: aipo eval --model <its checkpoint>")
         return "\n".join(lines)
@@ -457,3 +467,31 @@ def _peer_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
 
 def _eval_dict(result: EvalResult | None) -> dict[str, Any] | None:
     return None if result is None else dict(result.__dict__)
+
+
+def _overlap_dict(overlap: Overlap | None) -> dict[str, Any] | None:
+    return None if overlap is None else overlap.model_dump()
+
+
+def validation_task(config: TrainConfig) -> Task:
+    """The validation split abilities are measured on: held out like the evaluation set.
+
+    Built by :func:`trainers.held_out.held_out_set` from ``peers.validation_kwargs``
+    (``peers.validation_size`` distinct problems), checked against the training set and
+    refused on overlap unless ``task.allow_overlap``. Under ``task.held_out: partition``
+    it lies on the held-out side, as the evaluation set does (the two may share questions;
+    neither shares any with training).
+    """
+    assert config.peers is not None
+    train = make_train_task(config.task)
+    try:
+        task, _ = held_out_set(
+            config.task,
+            train,
+            overrides=config.peers.validation_kwargs,
+            size=config.peers.validation_size,
+            fields=("peers.validation_size", "peers.validation_kwargs"),
+        )
+    finally:
+        train.close()
+    return task

@@ -1,19 +1,21 @@
 """Everything an embedded training run holds, built in one fixed order and closed in reverse.
 
 :func:`open_run` is the set-up half of the training script: check the run directory,
-write ``config.yaml``, seed, make the tasks, load the policy (and the frozen reference
-model when the loss has a KL term), build the optimizer, scheduler and loss, restore
-the last checkpoint on ``--resume``, start the generator and publish the weights to
-it, start the agents (their replies seeded from the run's seed) and probe every remote
-backend (:func:`trainers.stopping.check_backends`), then the rollout driver and the
-metrics logger. The order is part of the contract: every seeded operation happens in
-it, so a fixed-seed run is repeatable and a resumed run draws what an uninterrupted one
-would.
+write ``config.yaml``, seed, make the training and held-out tasks (refusing a held-out
+set that overlaps training, :mod:`trainers.held_out`; the report in ``held_out.json``),
+load the policy (and the frozen reference model when the loss has a KL term), build the
+optimizer, scheduler and loss, restore the last checkpoint on ``--resume``, start the
+generator and publish the weights to it, start the agents (their replies seeded from
+the run's seed) and probe every remote backend (:func:`trainers.stopping.check_backends`),
+then the rollout driver and the metrics logger. The order is part of the contract: every
+seeded operation happens in it, so a fixed-seed run is repeatable and a resumed run draws
+what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -32,8 +34,10 @@ from aipo_env.masks import MaskRule
 from aipo_env.rollout import RolloutDriver
 from policies.base import Generator
 from tasks.base import Task
+from tasks.splits import Overlap
 from trainers.checkpoint import restore_latest
-from trainers.config import PolicySection, TaskSection, TrainConfig, write_config
+from trainers.config import PolicySection, TrainConfig, write_config
+from trainers.held_out import HELD_OUT_FILE, make_tasks
 from trainers.losses import AIPOLoss
 from trainers.metrics import MetricsLogger
 from trainers.optim import OptimConfig, build_optimizer, build_scheduler
@@ -76,6 +80,7 @@ class RunState:
     saved_step: int | None = None  #: the step of the newest checkpoint on disk, if any
     saved_path: Path | None = None  #: that checkpoint's directory
     rng_state: dict[str, Any] | None = None  #: RNG states at the end of ``completed_step``
+    overlap: Overlap | None = None  #: held-out against training (trainers/held_out.py)
 
 
 def _run_contents(run_dir: Path) -> list[str]:
@@ -119,15 +124,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_tasks(cfg: TaskSection) -> tuple[Task, Task | None]:
-    """The training task and, when ``eval_size`` is set, the held-out one."""
-    from tasks.registry import make_task
-
-    task = make_task(cfg.name, **cfg.kwargs)
-    eval_task = make_task(cfg.name, **{**cfg.kwargs, **cfg.eval_kwargs}) if cfg.eval_size else None
-    return task, eval_task
 
 
 def load_policy(cfg: PolicySection) -> tuple[torch.nn.Module, Any]:
@@ -203,8 +199,12 @@ async def open_run(
     write_config(config, run_dir / "config.yaml")
     seed_everything(config.seed)
     async with contextlib.AsyncExitStack() as stack:
-        task, eval_task = make_tasks(config.task)
+        # Both sides, measured against each other and refused on overlap, before the
+        # policy loads; the warm-up draws from ``task``, so it is covered too.
+        split = make_tasks(config.task)
+        task, eval_task = split.task, split.eval_task
         stack.callback(_close_tasks, task, eval_task)
+        (run_dir / HELD_OUT_FILE).write_text(json.dumps(split.report(config.task), indent=2))
         model, tokenizer = load_policy(config.policy)
         ref_model = None
         if config.loss.kl_coef > 0:
@@ -296,4 +296,5 @@ async def open_run(
             completed_step=start_step,
             saved_step=saved.step if saved is not None else None,
             saved_path=saved.path if saved is not None else None,
+            overlap=split.overlap,
         )

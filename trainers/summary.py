@@ -5,8 +5,8 @@
 ``consult_errors/<kind>`` of consults) and whether consulting pays
 (:func:`consulting_metrics`: consult rate by difficulty, the dependency gap, leaks); :class:`EvalResult` is the held-out accuracy of
 the policy alone, written to ``eval/before.json`` and ``eval/after.json``;
-:func:`summarize` reads the run back at the end and writes ``summary.json`` (and
-``curves.png``).
+:func:`summarize` reads the run back at the end (with ``held_out.json``, the held-out
+set's overlap with training) and writes ``summary.json`` (and ``curves.png``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from trainers.consulting import (
 )
 from trainers.consulting import correct as _correct
 from trainers.consulting import mean as _mean
+from trainers.held_out import HELD_OUT_FILE
 from trainers.metrics import plot_curves, read_metrics
 
 #: Finish reasons of episodes that ran into a budget rather than ending on their own.
@@ -215,6 +216,33 @@ class TrainSummary:
     warmup: dict[str, float] = field(default_factory=dict)
     #: Held-out accuracy alone right after the warm-up (``eval/warmup.json``).
     eval_warmup: EvalResult | None = None
+    #: The held-out set against the training set (``held_out.json``, trainers/held_out.py):
+    #: how it was split, the overlap count, distinct problems on each side, examples and
+    #: duplicates dropped; empty for a run that wrote none.
+    held_out: dict[str, Any] = field(default_factory=dict)
+
+    def _overlap_note(self) -> str:
+        """`` [held-out overlaps training: 30 of 32]`` when the run allowed an overlap; else empty."""
+        count = self.held_out.get("count") or 0
+        if not count:
+            return ""
+        return f" [held-out overlaps training: {count} of {self.held_out['held_out']}]"
+
+    def _held_out_line(self) -> list[str]:
+        h = self.held_out
+        if "count" not in h:
+            return []
+        how = (
+            f"partition, {h['fraction']:.0%} of the content held out"
+            if h.get("mode") == "partition"
+            else "another task"
+        )
+        dropped = h.get("held_out_duplicates", 0) + h.get("train_duplicates", 0)
+        return [
+            f"  held-out    : {h['held_out']} problems ({h['held_out_distinct']} distinct) "
+            f"against {h['train_distinct']} distinct training ones ({how}); overlap "
+            f"{h['count']}" + (f", {dropped} duplicates dropped" if dropped else "")
+        ]
 
     def _warmup_lines(self, ev: Any) -> list[str]:
         if not self.warmup:
@@ -234,13 +262,17 @@ class TrainSummary:
         def ev(result: EvalResult | None) -> str:
             if result is None:
                 return "not evaluated"
-            return f"accuracy {result.accuracy:.3f}, reward {result.reward_mean:.3f} ({result.problems} problems)"
+            return (
+                f"accuracy {result.accuracy:.3f}, reward {result.reward_mean:.3f} "
+                f"({result.problems} problems)" + self._overlap_note()
+            )
 
         lines = [
             f"AIPO run finished: {self.steps} steps in {self.wall_s:.0f} s ({self.run_dir})",
             f"  eval before : {ev(self.eval_before)}",
             *self._warmup_lines(ev),
             f"  eval after  : {ev(self.eval_after)}",
+            *self._held_out_line(),
             f"  train reward: {self.train_reward_first:.3f} (first step) -> {self.train_reward_last:.3f} (last step)",
             f"  consult rate: {self.consult_rate_mean:.3f} of training episodes consulted at least once",
             f"  throughput  : {self.policy_tokens_per_s:.1f} policy tokens/s during rollouts",
@@ -329,6 +361,7 @@ def summarize(
         agent_coef=agent_coef_summary(records),
         warmup=_read_json(run_dir / "warmup" / "result.json"),
         eval_warmup=EvalResult.read(run_dir / "eval" / "warmup.json"),
+        held_out=_read_json(run_dir / HELD_OUT_FILE),
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
