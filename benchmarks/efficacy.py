@@ -67,7 +67,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci  # noqa: E402
 from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
-from benchmarks.seed_stats import compare_over_seeds, describe, legend  # noqa: E402
+from benchmarks.seed_stats import compare_by_seed, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 from trainers.warmup import WarmupError  # noqa: E402
@@ -389,34 +389,33 @@ def _problem_passk(correct: list[bool], k: int) -> float:
     return pass_at_k(len(correct), sum(correct), k)
 
 
+def _seed_scores(runs: list[dict[str, Any]], k: int) -> dict[int, dict[str, float]]:
+    """``{seed: {problem id: pass@k}}`` of one arm's runs."""
+    return {
+        r["seed"]: {p: _problem_passk(c, k) for p, c in r["passk"]["correct"].items()} for r in runs
+    }
+
+
 def paired_against(
     by_arm: dict[str, list[dict[str, Any]]], baseline: str, arms: tuple[str, ...], ks: list[int]
 ) -> dict[str, dict[str, Any]]:
     """Each arm against ``baseline``, seed by seed on the same problems: pass@1 and pass@k_max.
 
-    Per arm and metric, :func:`benchmarks.seed_stats.compare_over_seeds` over the seeds
+    Per arm and metric, :func:`benchmarks.seed_stats.compare_by_seed` over the seeds
     both arms ran: the t-interval over the seeds' paired differences (``seed_t``, the
     primary figure), the two-stage bootstrap, and the (seed, problem) pairs bootstrap
     (``pairs_bootstrap``, secondary: it treats problems as independent).
     """
-    base = {r["seed"]: r for r in by_arm[baseline]}
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        pairs = sorted(
-            ((base[r["seed"]], r) for r in by_arm.get(arm, []) if r["seed"] in base),
-            key=lambda pair: pair[0]["seed"],
-        )
-        if not pairs:
-            continue
-        out[arm] = {}
-        for k in (1, ks[-1]):
-            a, b = [], []
-            for first, other in pairs:
-                problems = first["passk"]["correct"]
-                a.append([_problem_passk(correct, k) for correct in problems.values()])
-                b.append([_problem_passk(other["passk"]["correct"][p], k) for p in problems])
-            seeds = [first["seed"] for first, _ in pairs]
-            out[arm][f"pass@{k}"] = compare_over_seeds(a, b, seeds, pairs=True)
+        figures = {
+            f"pass@{k}": compare_by_seed(
+                _seed_scores(by_arm[baseline], k), _seed_scores(by_arm.get(arm, []), k), pairs=True
+            )
+            for k in (1, ks[-1])
+        }
+        if all(figures.values()):  # None: no seed in common
+            out[arm] = figures
     return out
 
 

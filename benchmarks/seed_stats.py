@@ -30,7 +30,7 @@ seeds only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -184,6 +184,39 @@ def compare_over_seeds(
             "label": PAIRS_LABEL,
         }
     return out
+
+
+def compare_by_seed(
+    base: Mapping[int, float | Mapping[str, float]],
+    arm: Mapping[int, float | Mapping[str, float]],
+    *,
+    pairs: bool = False,
+) -> dict[str, Any] | None:
+    """``arm`` against ``base`` on the seeds both ran (:func:`compare_over_seeds`); None if none.
+
+    Per seed, either ``{problem id: score}`` (both arms on the same problems, paired by id)
+    or the seed's mean score alone, where a record keeps no per-problem results.
+    """
+    seeds = sorted(set(base) & set(arm))
+    if not seeds:
+        return None
+    values_a: list[Sequence[float] | float] = []
+    values_b: list[Sequence[float] | float] = []
+    for s in seeds:
+        a, b = base[s], arm[s]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            if set(a) != set(b):
+                raise ValueError(
+                    f"seed {s}: the arms were scored on different problems; only one has "
+                    f"{sorted(set(a) ^ set(b))}"
+                )
+            ids = list(a)  # the baseline's order: a pairs bootstrap draws the same pairs
+            values_a.append([float(a[p]) for p in ids])
+            values_b.append([float(b[p]) for p in ids])
+        else:
+            values_a.append(float(np.mean(list(a.values()))) if isinstance(a, Mapping) else a)
+            values_b.append(float(np.mean(list(b.values()))) if isinstance(b, Mapping) else b)
+    return compare_over_seeds(values_a, values_b, seeds, pairs=pairs)
 
 
 def _bounds(low: float, high: float) -> str:

@@ -98,3 +98,18 @@ def test_the_report_line_labels_the_pairs_bootstrap_as_secondary() -> None:
     assert "as a secondary figure, the pairs bootstrap, treats problems as independent" in (
         stats.legend(pairs=True)
     )
+
+
+def test_records_are_paired_on_shared_seeds_and_problem_ids() -> None:
+    base = {0: {"p1": 0.0, "p2": 1.0}, 1: {"p1": 1.0, "p2": 1.0}, 2: {"p1": 0.0, "p2": 0.0}}
+    arm = {0: {"p2": 1.0, "p1": 1.0}, 1: {"p1": 1.0, "p2": 0.0}}  # seed 2 did not run
+    comparison = stats.compare_by_seed(base, arm)
+    assert comparison["per_seed"] == pytest.approx({"0": 0.5, "1": -0.5})
+    assert comparison["two_stage_bootstrap"]["seeds"] == 2
+    # A record with the seed's accuracy only: the t-interval, no two-stage bootstrap.
+    mixed = stats.compare_by_seed(base, {0: 0.75, 1: 0.5})
+    assert mixed["per_seed"] == pytest.approx({"0": 0.25, "1": -0.5})
+    assert mixed["two_stage_bootstrap"] is None
+    assert stats.compare_by_seed(base, {5: 1.0}) is None
+    with pytest.raises(ValueError, match=r"seed 0: the arms were scored on different problems"):
+        stats.compare_by_seed(base, {0: {"p1": 1.0, "p3": 0.0}})
