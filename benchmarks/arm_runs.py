@@ -2,7 +2,9 @@
 
 ``arpo.py``, ``efficacy.py`` and ``ilr.py`` each train every (arm, seed) once and keep
 each finished run's record as JSON; a later invocation with the same budget reads it
-back instead of training again.
+back instead of training again. A record keeps the held-out problems each run solved
+(:func:`held_out_correct`), so that arms can be compared seed by seed on the same
+problems (:mod:`benchmarks.seed_stats`).
 """
 
 from __future__ import annotations
@@ -59,3 +61,17 @@ def write_record(path: Path, record: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(path)
+
+
+def held_out_correct(samples: Path) -> dict[str, bool]:
+    """``{problem id: solved}`` from a run's held-out samples alone (``eval/<tag>.jsonl``).
+
+    The trainer's evaluation writes one greedy sample per problem; ``{}`` when the file
+    is not there (a run without a held-out task).
+    """
+    from aipo_env.trajectory import read_jsonl
+    from trainers.consulting import correct
+
+    if not samples.is_file():
+        return {}
+    return {t.problem_id: bool(correct(t)) for t in read_jsonl(samples)}

@@ -20,7 +20,12 @@ token limits, learning rate and seeds):
 Each (arm, seed) is one run; reported per arm as mean ± 95% t-interval over seeds: the
 held-out accuracy alone (greedy, the trainer's own evaluation) of each peer (ILR arms;
 ``grpo`` has one policy), before and after, and the generated tokens per step and
-policy. Finished runs are kept in ``<out>/arms/<arm>-seed<k>.json`` and not run again.
+policy. The ILR arms are compared with ``grpo_tokens`` (the same generated tokens), and
+the two ablations with ``ilr``, seed by seed (:mod:`benchmarks.seed_stats`: a seed's
+value is the mean of its policies' held-out accuracy after; a t-interval over the seeds'
+paired differences, the two-stage bootstrap beside it where the records keep which
+problems each policy solved). Finished runs are kept in ``<out>/arms/<arm>-seed<k>.json``
+and not run again.
 
     python benchmarks/ilr.py --no-progress            # 5 arms x 3 seeds
     python benchmarks/ilr.py --report-only            # the table from the finished runs
@@ -41,7 +46,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci  # noqa: E402
-from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
+from benchmarks.arm_runs import (  # noqa: E402
+    add_run_arguments,
+    held_out_correct,
+    read_finished,
+    write_record,
+)
+from benchmarks.seed_stats import compare_by_seed, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -62,6 +73,12 @@ ARMS: dict[str, list[str]] = {
     "grpo_tokens": GRPO,
 }
 GRPO_TOKENS_SAMPLES = 21  # module docstring
+#: Paired comparisons: the ILR arms against plain GRPO at the peers' generated tokens, and
+#: each ablation against the full method.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "grpo_tokens": ("ilr", "dynamic_only", "calibration_only"),
+    "ilr": ("dynamic_only", "calibration_only"),
+}
 
 
 def _single(arm: str) -> bool:
@@ -138,6 +155,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         policies[name] = {
             "eval_before": before,
             "eval_after": after,
+            "held_out_after": held_out_correct(folder / "eval" / "after.jsonl"),
             "curve": records,
             "generated_tokens_per_step": _generated(folder, args),
         }
@@ -182,10 +200,44 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
-def render_markdown(table: dict[str, Any], command: str) -> str:
+def seed_score(record: dict[str, Any]) -> float | dict[str, float]:
+    """One run's held-out result after training, the mean over its policies (both peers).
+
+    Per problem (``{problem id: share of the policies that solved it}``) where the record
+    keeps which problems each policy solved; else the mean of their accuracies (records
+    written before ``held_out_after`` was kept).
+    """
+    policies = list(record["policies"].values())
+    solved = [p.get("held_out_after") for p in policies]
+    if not all(solved):
+        return sum(float(p["eval_after"]) for p in policies) / len(policies)
+    if any(set(s) != set(solved[0]) for s in solved):
+        raise ValueError(
+            f"{record['arm']} seed {record['seed']}: its policies were evaluated on "
+            "different held-out problems"
+        )
+    return {pid: sum(float(s[pid]) for s in solved) / len(solved) for pid in solved[0]}
+
+
+def paired(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm of :data:`BASELINES` against its baseline, seed by seed: held-out accuracy after."""
+    by_arm = {arm: {r["seed"]: seed_score(r) for r in records if r["arm"] == arm} for arm in ARMS}
+    out: dict[str, dict[str, Any]] = {}
+    for baseline, arms in BASELINES.items():
+        against = {arm: compare_by_seed(by_arm[baseline], by_arm[arm]) for arm in arms}
+        against = {arm: c for arm, c in against.items() if c is not None}
+        if against:
+            out[baseline] = against
+    return out
+
+
+def render_markdown(table: dict[str, Any], command: str, vs: dict[str, dict[str, Any]]) -> str:
+    """The table of arms, then each comparison of :func:`paired` on one line."""
     lines = [
         "Held-out accuracy of each trained policy alone (greedy), mean ± 95% t-interval over "
-        "policies and seeds (two peers per seed for the ILR arms, one policy for grpo).",
+        "policies and seeds (two peers per seed for the ILR arms, one policy for grpo). The "
+        "two peers of a seed share its problems and its exchanges, so this interval counts "
+        "them as independent; the comparisons below pair the arms by seed instead.",
         "",
         f"Command: `{command}`",
         "",
@@ -199,6 +251,14 @@ def render_markdown(table: dict[str, Any], command: str) -> str:
             half = "" if c["ci95"] != c["ci95"] else f" ± {c['ci95']:.3g}"
             cells.append(f"{c['mean']:.3g}{half}")
         lines.append(f"| {arm} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    if vs:
+        lines += [
+            "",
+            "Held-out accuracy after, a seed's value being the mean of its policies. " + legend(),
+        ]
+    for baseline, against in vs.items():
+        lines += ["", f"Against `{baseline}` (arm minus `{baseline}`):", ""]
+        lines += [f"- {arm}: {describe(c)}" for arm, c in against.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -263,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     records = [r for r in records if r.get("budget") == budget(args)]
     table = aggregate(records)
-    markdown = render_markdown(table, command)
+    vs = paired(records)
+    markdown = render_markdown(table, command, vs)
     (out / "ilr.md").write_text(markdown)
     (out / "ilr.json").write_text(
-        json.dumps({"command": command, "budget": budget(args), "arms": table}, indent=2)
+        json.dumps({"command": command, "budget": budget(args), "arms": table, "vs": vs}, indent=2)
     )
     if table:
         plot(table, out / "ilr.png")

@@ -56,3 +56,82 @@ def test_aggregate_pools_every_policy_of_every_seed() -> None:
     assert row["eval_after"]["values"] == [0.2, 0.4, 0.3, 0.5]
     assert row["eval_after"]["mean"] == pytest.approx(0.35)
     assert row["generated_tokens_per_step"]["mean"] == pytest.approx(110.0)
+
+
+def _record(arm: str, seed: int, after: dict[str, float], solved=None) -> dict:
+    """An arm's record: each policy's accuracy after and, if given, which problems it solved."""
+    policies = {}
+    for name, accuracy in after.items():
+        policies[name] = {
+            "eval_before": 0.5,
+            "eval_after": accuracy,
+            "generated_tokens_per_step": 100.0,
+        }
+        if solved is not None:
+            policies[name]["held_out_after"] = solved[name]
+    return {"arm": arm, "seed": seed, "policies": policies}
+
+
+def test_old_records_are_compared_by_seed_on_the_mean_of_the_peers() -> None:
+    # Records written before held_out_after was kept: one value per seed, the peers' mean.
+    records = [
+        _record("grpo_tokens", 0, {"policy": 0.75}),
+        _record("grpo_tokens", 1, {"policy": 0.75}),
+        _record("ilr", 0, {"A": 0.5, "B": 0.75}),
+        _record("ilr", 1, {"A": 0.5, "B": 0.5}),
+    ]
+    vs = bench.paired(records)
+    assert set(vs) == {"grpo_tokens"}  # no ablation ran: nothing against ilr
+    ilr = vs["grpo_tokens"]["ilr"]
+    assert ilr["per_seed"] == pytest.approx({"0": -0.125, "1": -0.25})
+    half = 12.706 * 0.0625  # t(1) x sd(-0.125, -0.25) / sqrt(2)
+    assert ilr["seed_t"]["ci_high"] == pytest.approx(-0.1875 + half)
+    assert ilr["two_stage_bootstrap"] is None
+    markdown = bench.render_markdown(bench.aggregate(records), "cmd", vs)
+    assert "the comparisons below pair the arms by seed instead" in markdown
+    assert "- ilr: -0.188 [-0.982, +0.607] (t over 2 seeds; per seed -0.125, -0.250); " in markdown
+    assert "two-stage bootstrap n/a (the records keep no per-problem results)" in markdown
+
+
+def test_records_with_solved_problems_pair_them_and_bootstrap_in_two_stages() -> None:
+    peers = {"A": {"p0": True, "p1": False}, "B": {"p0": True, "p1": True}}
+    records = [
+        _record("ilr", 0, {"A": 0.5, "B": 1.0}, peers),
+        _record("ilr", 1, {"A": 0.5, "B": 1.0}, peers),
+        _record("dynamic_only", 0, {"A": 0.5, "B": 0.5}, {n: peers["A"] for n in "AB"}),
+        _record("dynamic_only", 1, {"A": 1.0, "B": 1.0}, {n: peers["B"] for n in "AB"}),
+    ]
+    assert bench.seed_score(records[0]) == {"p0": 1.0, "p1": 0.5}  # share of peers that solved
+    against = bench.paired(records)["ilr"]["dynamic_only"]
+    assert against["per_seed"] == pytest.approx({"0": -0.25, "1": 0.25})
+    assert against["two_stage_bootstrap"]["seeds"] == 2
+    with pytest.raises(ValueError, match="ilr seed 0: its policies were evaluated on different"):
+        bench.seed_score(_record("ilr", 0, {"A": 1, "B": 1}, {"A": {"p0": 1}, "B": {"p9": 1}}))
+
+
+def test_a_record_keeps_which_held_out_problems_a_policy_solved(tmp_path) -> None:
+    from aipo_env.trajectory import Trajectory, write_jsonl
+    from benchmarks.arm_runs import held_out_correct
+    from tasks.base import RewardResult
+
+    def sample(problem: str, correct: bool | None) -> Trajectory:
+        verifier = None if correct is None else RewardResult(score=float(correct), correct=correct)
+        return Trajectory(
+            trajectory_id=f"eval-{problem}",
+            problem_id=problem,
+            task="test",
+            group_id=problem,
+            token_ids=[1, 2],
+            prompt_len=1,
+            source=["prompt", "policy"],
+            loss_mask=[0, 1],
+            behavior_logprobs=[None, -0.5],
+            verifier=verifier,
+            finish_reason="eos" if correct is not None else "error:policy",
+        )
+
+    path = tmp_path / "eval" / "after.jsonl"
+    path.parent.mkdir()
+    write_jsonl(path, [sample("3", True), sample("7", False), sample("9", None)])
+    assert held_out_correct(path) == {"3": True, "7": False, "9": False}  # unscored: not solved
+    assert held_out_correct(tmp_path / "eval" / "missing.jsonl") == {}
