@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def _ks(text: str) -> list[int]:
@@ -70,6 +72,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--train-config",
+        metavar="PATH_OR_RUN_DIR",
+        help="a training config (YAML) or run directory (its config.yaml): check the problems "
+        "against that run's training set by content, report the overlap, refuse one",
+    )
+    parser.add_argument(
+        "--held-out-side",
+        action="store_true",
+        help="with --train-config: evaluate only the problems on the held-out side of the "
+        "run's content partition (task.held_out: partition), what the run never trained on",
+    )
+    parser.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="with --train-config: evaluate even problems the run trained on (reported)",
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("A.json", "B.json"),
@@ -96,6 +115,50 @@ def _compare(path_a: str, path_b: str, ks: list[int] | None, seed: int) -> int:
     return 0
 
 
+def _training_run(path: str) -> tuple[Any, str]:
+    """The ``TrainConfig`` of ``--train-config`` (a YAML file, or a run directory's config.yaml) and its file."""
+    from aipo.config import load_config
+    from trainers.config import TrainConfig
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.yaml"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"--train-config {path!r}: {str(file)!r} does not exist (give a training config "
+            "YAML or a run directory that holds config.yaml)"
+        )
+    return load_config(TrainConfig, file), str(file)
+
+
+def _training_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The run's training task and the EvalConfig fields that say how it is used; (None, {}) without --train-config."""
+    if not args.train_config:
+        if args.held_out_side or args.allow_overlap:
+            raise ValueError("--held-out-side and --allow-overlap need --train-config")
+        return None, {}
+    from trainers.held_out import make_train_task
+
+    config, file = _training_run(args.train_config)
+    fields: dict[str, Any] = {"train_config": file, "allow_overlap": args.allow_overlap}
+    if args.held_out_side:
+        if config.task.held_out != "partition":
+            raise ValueError(
+                f"--held-out-side: {file} holds out another task (task.held_out: task, "
+                f"{config.task.eval_name or config.task.name}); evaluate that task instead"
+            )
+        fields["held_out_fraction"] = config.task.held_out_fraction
+    task = make_train_task(config.task)
+    try:
+        task.problems  # noqa: B018 - loaded here, so a missing dataset fails as bad input
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        task.close()
+        raise ValueError(
+            f"--train-config: the run's training task {config.task.name}: {exc}"
+        ) from None
+    return task, fields
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``aipo eval``; 0 on success, 2 on bad input (message on stderr)."""
     if args.compare:
@@ -116,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"agents config '{args.agents}' does not exist")
         except ConfigError as exc:
             return _fail(f"agents config '{args.agents}' is invalid: {exc}")
+    try:
+        training, held_out = _training_task(args)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    except (ConfigError, ValueError) as exc:
+        return _fail(f"--train-config: {exc}" if isinstance(exc, ConfigError) else str(exc))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         config = EvalConfig(
@@ -134,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             concurrency=args.concurrency,
             seed=args.seed,
+            **held_out,
         )
         config.resolved_ks()
         results = asyncio.run(
@@ -141,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
                 config,
                 args.output,
                 agents=agents,
+                training=training,
                 resume=args.resume,
                 progress=not args.no_progress,
             )
@@ -153,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
             for e in exc.errors()
         )
         return _fail(errors)
+    finally:
+        if training is not None:
+            training.close()
     from aipo_env.evaluation.results import to_markdown
 
     print(to_markdown(results), end="")

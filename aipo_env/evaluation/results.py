@@ -10,6 +10,7 @@ A results file is plain JSON so that it can be read without this package::
         "math500": {
           "n": 4,                           # samples per problem requested
           "skipped_rows": 0,                # dataset rows skipped as malformed
+          "overlap": {"count": 0, ...},     # with --train-config: problems seen in training
           "metrics": {"avg@n": .., "pass@1": .., ..., "consult_attempt_rate": ..,
                       "mean_response_tokens": .., "truncation_rate": .., ...},
           "ci": {"pass@1": {"mean": .., "ci_low": .., "ci_high": ..}, ...},
@@ -90,11 +91,14 @@ def task_summary(
     n_boot: int = 1000,
     seed: int = 0,
     skipped_rows: int = 0,
+    overlap: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One task's section of the results: problems with their samples, metrics and CIs.
 
     ``skipped_rows``: dataset rows the task skipped as malformed (``Task.skipped``), so
-    a results file says when it covers less than the whole dataset.
+    a results file says when it covers less than the whole dataset. ``overlap``: the
+    problems measured against a run's training set (``aipo eval --train-config``;
+    :class:`tasks.splits.Overlap` as a dict), kept as ``overlap`` when given.
     Raises ValueError naming the problem when one has fewer samples than the largest k.
     """
     by_problem: dict[str, list[SampleRecord]] = {}
@@ -129,7 +133,7 @@ def task_summary(
         metrics["error_rate"] = (
             sum(1 for s in samples if s.finish_reason.startswith("error")) / total
         )
-    return {
+    summary = {
         "n": n if n is not None else max((len(p["samples"]) for p in problems), default=0),
         "problems_evaluated": len(problems),
         "skipped_rows": skipped_rows,
@@ -138,6 +142,9 @@ def task_summary(
         "ci": metrics_with_ci(per_problem_metrics, n_boot=n_boot, seed=seed),
         "problems": problems,
     }
+    if overlap is not None:
+        summary["overlap"] = dict(overlap)
+    return summary
 
 
 def build_results(
@@ -218,6 +225,18 @@ def to_markdown(results: Mapping[str, Any]) -> str:
             "",
             "Dataset rows skipped as malformed (not evaluated): "
             + ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
+            + ".",
+        ]
+    overlaps = {name: t["overlap"] for name, t in tasks.items() if t.get("overlap")}
+    if overlaps:
+        source = next(iter(overlaps.values())).get("train_config") or "the run"
+        lines += [
+            "",
+            f"Problems that occur in the training set of {source} (by content): "
+            + ", ".join(
+                f"{name} {o['count']} of {o['held_out']}" + (" (allowed)" if o["count"] else "")
+                for name, o in overlaps.items()
+            )
             + ".",
         ]
     lines += ["", "95% bootstrap confidence intervals over problems:", ""]

@@ -50,6 +50,7 @@ RESUME_FIELDS = (
     "max_context",
     "consult",
     "seed",
+    "held_out_fraction",
 )
 
 
@@ -93,6 +94,20 @@ class EvalConfig(BaseModel):
     concurrency: int = Field(default=8, ge=1, description="Episodes in flight at once.")
     seed: int = Field(default=0, description="Base seed; each sample's seed derives from its id.")
     n_boot: int = Field(default=1000, ge=1, description="Bootstrap resamples for the CIs.")
+    train_config: str | None = Field(
+        default=None,
+        description="The training run (config or run directory) whose training set the problems are checked against; None: not checked.",
+    )
+    held_out_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep only each task's problems on the held-out side of a content partition at this fraction (a run's task.held_out_fraction); None: every problem.",
+    )
+    allow_overlap: bool = Field(
+        default=False,
+        description="Evaluate even when problems occur in the training set of train_config (refused otherwise).",
+    )
 
     def resolved_ks(self) -> list[int]:
         """The k values to report, checked against n."""
@@ -137,9 +152,10 @@ def trajectory_id(task: str, problem_id: str, sample_index: int) -> str:
 
 
 def load_tasks(config: EvalConfig) -> dict[str, Any]:
-    """Make and load every task, turning user errors into :class:`EvalInputError`."""
+    """Make and load every task (its held-out side only, with ``held_out_fraction``), turning user errors into :class:`EvalInputError`."""
     from tasks.registry import make_task
     from tasks.sources import DatasetUnavailable
+    from tasks.splits import SplitTask
 
     tasks: dict[str, Any] = {}
     for name in config.tasks:
@@ -149,6 +165,8 @@ def load_tasks(config: EvalConfig) -> dict[str, Any]:
             raise EvalInputError(exc.args[0]) from None
         except (TypeError, ValueError) as exc:
             raise EvalInputError(f"task '{name}': {exc}") from None
+        if config.held_out_fraction is not None:
+            task = SplitTask(task, "held_out", config.held_out_fraction)
         try:
             problems = task.problems
         except DatasetUnavailable as exc:
@@ -161,6 +179,37 @@ def load_tasks(config: EvalConfig) -> dict[str, Any]:
             raise EvalInputError(f"task '{name}' has no problems")
         tasks[name] = task
     return tasks
+
+
+def check_overlap(
+    config: EvalConfig, tasks: Mapping[str, Any], training: Any
+) -> dict[str, dict[str, Any]]:
+    """Each task's evaluated problems measured against ``training`` (a run's training task), by content key.
+
+    Returns each task's :class:`~tasks.splits.Overlap` as a dict (with ``train_config``).
+
+    Raises:
+        EvalInputError: a task's problems occur in training and ``allow_overlap`` is off
+            (the count, the task, two examples and what to do).
+    """
+    from tasks.splits import measure_overlap
+
+    train_problems = training.problems
+    found: dict[str, dict[str, Any]] = {}
+    for name, task in tasks.items():
+        problems = task.problems[: config.limit] if config.limit else task.problems
+        overlap = measure_overlap(
+            train_problems, problems, task.content_key, train_key_fn=training.content_key
+        )
+        found[name] = {**overlap.model_dump(), "train_config": config.train_config}
+        if overlap.count and not config.allow_overlap:
+            examples = "; ".join(repr(e) for e in overlap.examples[:2])
+            raise EvalInputError(
+                f"task '{name}': {overlap.describe()} problems to evaluate occur in the training "
+                f"set of {config.train_config}, e.g. {examples}; evaluate the run's held-out side "
+                "(--held-out-side) or other problems, or pass --allow-overlap to proceed knowingly"
+            )
+    return found
 
 
 def check_tokenizer(model: str) -> None:
@@ -254,6 +303,7 @@ async def evaluate(
     *,
     generator: Any | None = None,
     agents: Any | None = None,
+    training: Any | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -262,7 +312,10 @@ async def evaluate(
     ``generator`` overrides the one ``config.model`` names (tests, a shared engine).
     ``agents`` is the ``AgentPoolConfig`` of ``config.agents``, loaded by the caller
     (``aipo eval`` reads the file with the application's config loader); None with
-    ``config.agents`` unset: the three default agents.
+    ``config.agents`` unset: the three default agents. ``training``: the training task
+    of ``config.train_config``, built by the caller; every task's problems are measured
+    against it (:func:`check_overlap`) before the model loads, and the overlap is
+    written into each task's results.
     Raises :class:`EvalInputError` on bad input before any sampling starts.
     """
     from aipo_env.config import EnvConfig
@@ -274,6 +327,12 @@ async def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     _check_resume(output, config, resume)
     tasks = load_tasks(config)
+    try:
+        overlaps = check_overlap(config, tasks, training) if training is not None else {}
+    except EvalInputError:
+        for task in tasks.values():
+            task.close()
+        raise
     traj_path = output / TRAJECTORIES_FILE
     done = {t.trajectory_id: t for t in (_existing_trajectories(traj_path) if resume else [])}
     (output / CONFIG_FILE).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
@@ -361,6 +420,7 @@ async def evaluate(
             n_boot=config.n_boot,
             seed=config.seed,
             skipped_rows=task.skipped,
+            overlap=overlaps.get(name),
         )
     results = build_results(config.model_dump(), summaries, ks)
     write_json(results, output / "results.json")
