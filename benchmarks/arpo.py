@@ -12,7 +12,10 @@ Each arm runs once per seed (``--seeds``, default 0 1 2) as one
 with a 95% t-interval: held-out accuracy of the policy alone after training (the trainer's
 own greedy evaluation, :func:`aipo_env.evaluation.alone.evaluate_alone`), tool calls per
 trajectory and per step, generated tokens per step (a tree's shared prefix counted once,
-:func:`aipo_env.tree_rollout.generation_metrics`), branches per step and wall time.
+:func:`aipo_env.tree_rollout.generation_metrics`), branches per step and wall time; and
+``arpo`` against ``grpo`` seed by seed on held-out accuracy after (:mod:`benchmarks.seed_stats`:
+a t-interval over the seeds' paired differences, the two-stage bootstrap beside it where
+the records keep which held-out problems each run solved).
 
 Settings (``--setting``):
 
@@ -34,6 +37,7 @@ its run directory. Writes ``<out>/<setting>.json``, ``.png`` and ``.md``::
 
     python benchmarks/arpo.py                      # 2 arms x 3 seeds: about 20-25 min, 2 idle cores
     python benchmarks/arpo.py --seeds 0 --steps 1 --prompts 2 --set task.eval_size=4  # smoke
+    python benchmarks/arpo.py --report-only        # the table from the finished runs only
 """
 
 from __future__ import annotations
@@ -53,7 +57,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci  # noqa: E402
-from benchmarks.arm_runs import add_run_arguments, read_finished, write_record  # noqa: E402
+from benchmarks.arm_runs import (  # noqa: E402
+    add_run_arguments,
+    held_out_correct,
+    read_finished,
+    write_record,
+)
+from benchmarks.seed_stats import compare_by_seed, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -78,6 +88,8 @@ ARMS: dict[str, list[str]] = {
     "grpo": ["rollout.strategy=grpo"],
     "arpo": ["rollout.strategy=arpo"],
 }
+#: Paired comparisons: the tree against independent samples.
+BASELINES: dict[str, tuple[str, ...]] = {"grpo": ("arpo",)}
 #: Per-run figures taken from the metrics (mean over steps) and the summary.
 FIGURES = {
     "eval_accuracy_after": "held-out accuracy alone, after",
@@ -167,6 +179,7 @@ def run_arm(
         "summary": summary,
         "curve": records,
         "figures": run_figures(records, summary),
+        "held_out_after": held_out_correct(run_dir / "eval" / "after.jsonl"),
     }
     write_record(path, record)
     return record
@@ -185,7 +198,41 @@ def aggregate(records: list[dict[str, Any]], arms: list[str]) -> dict[str, dict[
     return out
 
 
-def render_markdown(table: dict[str, dict[str, Any]], command: str, setting: str) -> str:
+def seed_score(record: dict[str, Any]) -> float | dict[str, float]:
+    """One run's held-out result after training: ``{problem id: 1.0 or 0.0}`` where the
+    record keeps it, else its accuracy (records written before ``held_out_after`` was kept).
+    """
+    solved = record.get("held_out_after")
+    if solved:
+        return {pid: float(ok) for pid, ok in solved.items()}
+    return float(record["figures"]["eval_accuracy_after"])
+
+
+def paired(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm of :data:`BASELINES` against its baseline, seed by seed: held-out accuracy after.
+
+    A run without a held-out evaluation (accuracy NaN) is left out of its seed's pair.
+    """
+    by_arm: dict[str, dict[int, float | dict[str, float]]] = {arm: {} for arm in ARMS}
+    for r in records:
+        score = seed_score(r)
+        if isinstance(score, dict) or math.isfinite(score):
+            by_arm[r["arm"]][r["seed"]] = score
+    out: dict[str, dict[str, Any]] = {}
+    for baseline, arms in BASELINES.items():
+        against = {arm: compare_by_seed(by_arm[baseline], by_arm[arm]) for arm in arms}
+        against = {arm: c for arm, c in against.items() if c is not None}
+        if against:
+            out[baseline] = against
+    return out
+
+
+def render_markdown(
+    table: dict[str, dict[str, Any]],
+    command: str,
+    setting: str,
+    vs: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """A Markdown table, one row per figure and one column per arm: mean ± 95% half-width."""
     arms = list(table)
     seeds = ", ".join(str(s) for s in table[arms[0]]["seeds"])
@@ -205,6 +252,11 @@ def render_markdown(table: dict[str, dict[str, Any]], command: str, setting: str
             half = "" if math.isnan(cell["ci95"]) else f" ± {cell['ci95']:.3g}"
             cells.append(f"{cell['mean']:.3g}{half}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if vs:
+        lines += ["", f"Held-out accuracy alone, after. {legend()}"]
+    for baseline, against in (vs or {}).items():
+        lines += ["", f"Against `{baseline}` (arm minus `{baseline}`):", ""]
+        lines += [f"- {arm}: {describe(c)}" for arm, c in against.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +294,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         run_root=REPO / "runs" / "arpo_bench",
         out=RESULTS,
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the report from the finished runs under --out with this budget",
+    )
     return p.parse_args(argv)
+
+
+def finished(setting: str, arms: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The finished (arm, seed) records under ``<out>/arms/`` with this budget; none trained."""
+    records = []
+    for seed in args.seeds:
+        for arm in arms:
+            path = Path(args.out) / "arms" / f"{setting}-{arm}-seed{seed}.json"
+            record = json.loads(path.read_text()) if path.is_file() else {}
+            if record.get("budget") == budget(args):
+                records.append(record)
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,11 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/arpo.py", *(sys.argv[1:] if argv is None else argv)])
     began = time.perf_counter()
     root = Path(args.run_root)
-    records = [run_arm(args.setting, arm, seed, args, root) for seed in args.seeds for arm in arms]
+    if args.report_only:
+        records = finished(args.setting, arms, args)
+        if not records:
+            print(
+                f"no finished {args.setting} runs with this budget under {Path(args.out) / 'arms'}",
+                file=sys.stderr,
+            )
+            return 1
+    else:
+        records = [
+            run_arm(args.setting, arm, seed, args, root) for seed in args.seeds for arm in arms
+        ]
     table = aggregate(records, arms)
+    vs = paired(records)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(table, command, args.setting)
+    markdown = render_markdown(table, command, args.setting, vs)
     (out / f"{args.setting}.md").write_text(markdown)
     result = {
         "command": command,
@@ -267,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": budget(args),
         "seeds": args.seeds,
         "arms": table,
+        "vs": vs,
         "runs": [{k: r[k] for k in ("arm", "seed", "figures")} for r in records],
         "wall_s": time.perf_counter() - began,
     }
