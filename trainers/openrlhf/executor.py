@@ -139,6 +139,10 @@ class AgentExecutor(AgentExecutorBase):
         if task is None:
             from tasks.registry import make_task
 
+            # The task only scores here: OpenRLHF's own data flags hold the problems
+            # (data.prompt_dataset, eval.dataset), so there is no train or held-out side to
+            # build (trainers/held_out.py is the embedded trainers'); the prompt and label
+            # of each episode arrive with it.
             task = make_task(self.config.task)
         agents = self._agents
         if agents is None and self.config.env.protocol in TOOL_PROTOCOLS:
