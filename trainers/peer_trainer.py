@@ -6,7 +6,8 @@ checkpoints. One step:
 
 1. **interaction modes**: with ``peers.interaction: dynamic``, each peer's ability is
    re-measured every ``peers.ability_every`` steps (greedy accuracy alone on a validation
-   split, :func:`aipo_env.interaction_mode.ability_from_accuracy`), each question's
+   split held out from training like the evaluation set, :func:`validation_task`;
+   :func:`aipo_env.interaction_mode.ability_from_accuracy`), each question's
    difficulty comes from the solve rates seen so far
    (:class:`~aipo_env.interaction_mode.DifficultyTracker`), and each peer cooperates
    where ``P(q, i) < 0.5``, else competes;
