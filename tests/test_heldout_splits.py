@@ -311,12 +311,15 @@ def test_a_held_out_set_larger_than_its_pool_is_refused_with_both_numbers() -> N
 
 def test_ilr_validation_split_is_held_out_too() -> None:
     from aipo.config import load_config
-    from trainers.held_out import make_train_task
-    from trainers.peer_trainer import validation_task
+    from trainers.held_out import make_train_task, validation_task
 
     config = load_config(TrainConfig, Path(__file__).parent.parent / "configs" / "ilr.yaml")
-    validation = validation_task(config)
-    assert config.peers is not None and len(validation) == config.peers.validation_size
+    assert config.peers is not None
+    peers = config.peers
+    validation = validation_task(
+        config.task, overrides=peers.validation_kwargs, size=peers.validation_size
+    )
+    assert len(validation) == peers.validation_size
     assert not _keys(validation) & _keys(make_train_task(config.task))
 
 

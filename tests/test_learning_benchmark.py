@@ -149,6 +149,8 @@ def test_main_trains_both_arms_and_writes_results(tmp_path, tiny_model_dir):
             f"--set=policy.model={tiny_model_dir}",
             "--set=task.eval_size=2",
             "--set=task.kwargs.size=8",
+            # Eight draws leave no held-out side to evaluate; the held-out set draws its own.
+            "--set=task.eval_kwargs.size=200",
             "--set=env.max_new_tokens_per_turn=6",
         ]
     )

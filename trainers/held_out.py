@@ -15,8 +15,8 @@ Either way :func:`make_tasks` measures the overlap by content key before any mod
 loads and refuses a held-out set that overlaps training unless ``task.allow_overlap``,
 and a held-out set with fewer distinct problems than asked (never a smaller or
 overlapping one in silence). The consult warm-up draws its problems from the training
-task, so it is covered by the same split. ILR's validation set is built by
-:func:`held_out_set` too (``trainers/peer_trainer.py``).
+task, so it is covered by the same split. ILR's validation set is held out the same
+way (:func:`validation_task`, ``trainers/peer_trainer.py``).
 """
 
 from __future__ import annotations
@@ -168,3 +168,24 @@ def make_tasks(cfg: TaskSection) -> TaskSplit:
         task.close()
         raise
     return TaskSplit(task=task, eval_task=eval_task, overlap=overlap)
+
+
+def validation_task(cfg: TaskSection, *, overrides: dict[str, Any], size: int) -> Task:
+    """ILR's validation split (``peers.validation_kwargs``, ``peers.validation_size``), held out like the evaluation set.
+
+    Checked against the training set and refused on overlap unless ``task.allow_overlap``.
+    Under ``task.held_out: partition`` it lies on the held-out side, as the evaluation set
+    does: the two may share questions, neither shares any with training.
+    """
+    train = make_train_task(cfg)
+    try:
+        task, _ = held_out_set(
+            cfg,
+            train,
+            overrides=overrides,
+            size=size,
+            fields=("peers.validation_size", "peers.validation_kwargs"),
+        )
+    finally:
+        train.close()
+    return task

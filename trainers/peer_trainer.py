@@ -6,7 +6,8 @@ checkpoints. One step:
 
 1. **interaction modes**: with ``peers.interaction: dynamic``, each peer's ability is
    re-measured every ``peers.ability_every`` steps (greedy accuracy alone on a validation
-   split held out from training like the evaluation set, :func:`validation_task`;
+   split held out from training like the evaluation set,
+   :func:`trainers.held_out.validation_task`;
    :func:`aipo_env.interaction_mode.ability_from_accuracy`), each question's
    difficulty comes from the solve rates seen so far
    (:class:`~aipo_env.interaction_mode.DifficultyTracker`), and each peer cooperates
@@ -66,7 +67,7 @@ from trainers.embedded import (
     update_metrics,
     update_policy,
 )
-from trainers.held_out import held_out_set, make_train_task
+from trainers.held_out import validation_task
 from trainers.peer_config import PeerSection
 from trainers.peer_rewards import perception_calibration
 from trainers.run_state import RunDirError, RunState, open_run
@@ -74,7 +75,7 @@ from trainers.stopping import StopRequest, TrainingInterrupted
 from trainers.summary import EvalResult
 from trainers.weights import generation_paused
 
-__all__ = ["PeerSummary", "PeerTrainer", "peer_config", "validation_task"]
+__all__ = ["PeerSummary", "PeerTrainer", "peer_config"]
 
 STATE = "peer_state.json"
 
@@ -129,7 +130,11 @@ class PeerTrainer:
             async with contextlib.AsyncExitStack() as stack:
                 if self.section.interaction == "dynamic":
                     # Built and checked against training before any peer's model loads.
-                    self._validation = validation_task(cfg)
+                    self._validation = validation_task(
+                        cfg.task,
+                        overrides=self.section.validation_kwargs,
+                        size=self.section.validation_size,
+                    )
                     stack.callback(self._validation.close)
                 runs: dict[str, RunState] = {}
                 for i, name in enumerate(self.section.names):
@@ -472,27 +477,3 @@ def _eval_dict(result: EvalResult | None) -> dict[str, Any] | None:
 
 def _overlap_dict(overlap: Overlap | None) -> dict[str, Any] | None:
     return None if overlap is None else overlap.model_dump()
-
-
-def validation_task(config: TrainConfig) -> Task:
-    """The validation split abilities are measured on: held out like the evaluation set.
-
-    Built by :func:`trainers.held_out.held_out_set` from ``peers.validation_kwargs``
-    (``peers.validation_size`` distinct problems), checked against the training set and
-    refused on overlap unless ``task.allow_overlap``. Under ``task.held_out: partition``
-    it lies on the held-out side, as the evaluation set does (the two may share questions;
-    neither shares any with training).
-    """
-    assert config.peers is not None
-    train = make_train_task(config.task)
-    try:
-        task, _ = held_out_set(
-            config.task,
-            train,
-            overrides=config.peers.validation_kwargs,
-            size=config.peers.validation_size,
-            fields=("peers.validation_size", "peers.validation_kwargs"),
-        )
-    finally:
-        train.close()
-    return task
