@@ -20,7 +20,16 @@ estimator                    advantage
 ============================ ===================================================================
 
 Groups may have different sizes and need not be contiguous. Every estimator here needs at
-least two rollouts per group; a group of one raises ``ValueError``.
+least two rollouts per group; a group of one raises ``ValueError``, unless
+``lone_groups="zero"``: then its rollout gets advantage 0 (nothing to compare it with) and the
+estimator runs on the other rows.
+
+Baseline groups (:func:`baseline_group_ids`, ``train.advantage_groups``): ``prompt`` compares
+a sample with every sample of its prompt; ``prompt_and_consult`` only with the samples of its
+prompt that consulted as it did (at least once, or never), so a solo attempt is not judged
+against rewards raised by an agent's help, nor a consulting one against solo failures. A
+subgroup of one (the only sample of its prompt that consulted, or the only one that did not)
+gets advantage 0.
 
 Also here: dynamic sampling (DAPO), which drops groups whose rewards are all equal (their
 group advantages are all zero, so they carry no gradient), and DAPO's overlong reward shaping.
@@ -35,6 +44,8 @@ import torch
 
 #: Names accepted by :func:`compute_advantages`.
 ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+#: Names accepted by :func:`baseline_group_ids`.
+ADVANTAGE_GROUPS: tuple[str, ...] = ("prompt", "prompt_and_consult")
 
 GroupIds = Sequence[str] | torch.Tensor
 
@@ -61,6 +72,30 @@ def group_index(group_ids: GroupIds, batch_size: int | None = None) -> tuple[tor
     dense: dict[object, int] = {}
     index = [dense.setdefault(key, len(dense)) for key in keys]
     return torch.tensor(index, dtype=torch.long), len(dense)
+
+
+def baseline_group_ids(
+    group_ids: Sequence[str], consulted: Sequence[bool], advantage_groups: str = "prompt"
+) -> list[str]:
+    """The groups whose rewards form each sample's baseline (module docstring).
+
+    ``group_ids`` are the prompts' groups, ``consulted`` whether each sample consulted at
+    least once. ``prompt`` returns ``group_ids``; ``prompt_and_consult`` splits each group
+    into its consulting and its solo samples.
+    """
+    if len(consulted) != len(group_ids):
+        raise ValueError(
+            f"got {len(consulted)} consulted flags for {len(group_ids)} group ids; expected one per row"
+        )
+    if advantage_groups == "prompt":
+        return list(group_ids)
+    if advantage_groups == "prompt_and_consult":
+        return [
+            f"{g} ({'consult' if c else 'solo'})" for g, c in zip(group_ids, consulted, strict=True)
+        ]
+    raise ValueError(
+        f"unknown advantage_groups {advantage_groups!r}; expected one of {', '.join(ADVANTAGE_GROUPS)}"
+    )
 
 
 def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -152,12 +187,33 @@ def compute_advantages(
     *,
     eps: float = 1e-6,
     token_weights: torch.Tensor | None = None,
+    lone_groups: str = "raise",
 ) -> torch.Tensor:
     """Advantages ``[B]`` for ``rewards [B]`` grouped by ``group_ids`` with ``estimator``.
 
     ``estimator`` is one of :data:`ESTIMATORS` (formulas in the module docstring). ``eps``
-    applies to ``grpo``; ``token_weights`` to ``reinforce_baseline``.
+    applies to ``grpo``; ``token_weights`` to ``reinforce_baseline``. A group of one
+    raises ``ValueError`` (``lone_groups="raise"``) or gets advantage 0 (``"zero"``; the
+    estimator, ``reinforce_baseline``'s whitening included, runs on the other rows).
     """
+    if lone_groups not in ("raise", "zero"):
+        raise ValueError(f"unknown lone_groups {lone_groups!r}; expected 'raise' or 'zero'")
+    if lone_groups == "zero":
+        rewards = _check_rewards(rewards)
+        index, n_groups = group_index(group_ids, rewards.shape[0])
+        sizes = torch.bincount(index, minlength=n_groups)[index]
+        if (sizes < 2).any():
+            rows = (sizes >= 2).nonzero(as_tuple=True)[0]
+            advantages = torch.zeros_like(rewards)
+            if rows.numel():
+                advantages[rows.to(rewards.device)] = compute_advantages(
+                    rewards[rows.to(rewards.device)],
+                    index[rows],
+                    estimator,
+                    eps=eps,
+                    token_weights=None if token_weights is None else token_weights[rows],
+                )
+            return advantages
     if estimator == "grpo":
         return grpo_advantages(rewards, group_ids, eps=eps)
     if estimator == "dr_grpo":

@@ -223,6 +223,16 @@ class TrainSection(BaseModel):
     advantage: str = Field(
         default="grpo", description=f"Advantage estimator: one of {', '.join(ESTIMATORS)}."
     )
+    advantage_groups: Literal["prompt", "prompt_and_consult"] = Field(
+        default="prompt",
+        description=(
+            "Whose rewards form a sample's baseline. 'prompt': every sample of its prompt. "
+            "'prompt_and_consult': the samples of its prompt that consulted as it did (at least "
+            "once, or never), so a solo attempt is not judged against rewards raised by an "
+            "agent's help; a sample alone in its subgroup gets advantage 0. Dynamic sampling "
+            "then drops subgroups whose rewards are all equal."
+        ),
+    )
     dynamic_sampling: bool = Field(
         default=False,
         description="Drop groups whose rewards are all equal (zero advantage) from the update (DAPO). The batch is not refilled.",

@@ -46,7 +46,12 @@ from aipo_env.evaluation.alone import evaluate_alone
 from aipo_env.masks import trained_token_masks
 from aipo_env.trajectory import Trajectory
 from aipo_env.tree_rollout import generation_metrics
-from trainers.advantages import compute_advantages, filter_uniform_groups, overlong_penalty
+from trainers.advantages import (
+    baseline_group_ids,
+    compute_advantages,
+    filter_uniform_groups,
+    overlong_penalty,
+)
 from trainers.checkpoint import capture_rng_state, save_checkpoint, should_save
 from trainers.config import TrainConfig
 from trainers.run_state import RunDirError, RunState, open_run
@@ -145,7 +150,8 @@ def shaped_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Group advantages of the shaped rewards, the rows to train, and the shaping's metrics.
 
-    Rewards get DAPO's overlong penalty when ``train.overlong_buffer`` is set. Rows are
+    Rewards get DAPO's overlong penalty when ``train.overlong_buffer`` is set. Baselines
+    are per prompt, or per prompt and consulted-or-not (``train.advantage_groups``). Rows are
     dropped when their group's rewards are all equal (``train.dynamic_sampling``), when
     the episode failed, and when it was truncated (``train.mask_truncated``). Under
     ``rollout.strategy: arpo`` the advantages are per token ``[B, T]``, attributed over
@@ -171,8 +177,15 @@ def shaped_advantages(
         )
         rewards = rewards + penalty
         metrics["overlong_penalty_mean"] = float(penalty.mean())
-    group_ids = [t.group_id for t in trajectories]
-    advantages = compute_advantages(rewards, group_ids, cfg.advantage)
+    # Each prompt's samples, or (prompt_and_consult) its consulting and its solo samples
+    # apart; there a sample alone in its subgroup gets advantage 0.
+    group_ids = baseline_group_ids(
+        [t.group_id for t in trajectories],
+        [t.consults > 0 for t in trajectories],
+        cfg.advantage_groups,
+    )
+    lone = "raise" if cfg.advantage_groups == "prompt" else "zero"
+    advantages = compute_advantages(rewards, group_ids, cfg.advantage, lone_groups=lone)
     if config.rollout.strategy == "arpo":  # a group is one tree: per-token attribution [B, T]
         advantages = tree_token_advantages(trajectories, advantages, config.rollout.attribution)
     keep = torch.ones(len(trajectories), dtype=torch.bool)
