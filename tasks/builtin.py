@@ -33,6 +33,12 @@ def _livecodebench(**kwargs: Any) -> Task:
     return make_livecodebench(**kwargs)
 
 
+def _codebook(**kwargs: Any) -> Task:
+    from tasks.codebook import make_codebook
+
+    return make_codebook(**kwargs)
+
+
 def _procedural(dataset: str, **kwargs: Any) -> Task:
     from tasks.procedural import make_procedural
 
@@ -99,6 +105,13 @@ register_task(
     _livecodebench,
     description="LiveCodeBench code generation, sandboxed stdin/call tests, all must pass",
     source="livecodebench/code_generation_lite (test.jsonl)",
+    size=None,
+)
+register_task(
+    "codebook",
+    _codebook,
+    description="nonce words that each stand for a seeded digit; facts only an agent can give",
+    source="generated (tasks/codebook.py)",
     size=None,
 )
 register_prefix("rg:", _procedural, names=_reasoning_gym_names)
