@@ -404,15 +404,15 @@ def trl_child(spec_path: Path) -> None:
     from aipo_env.env import ConsultEnv
     from policies.default_model import resolve_model_path
     from policies.loading import load_tokenizer
-    from tasks.registry import make_task
     from trainers.embedded import problem_order
+    from trainers.held_out import make_train_task
 
     spec = json.loads(spec_path.read_text())
     budget = PeerBudget(**spec["budget"])
     run_dir = Path(spec["run_dir"])
     cfg = aipo_config(budget, run_dir / "aipo-config")  # the config aipo runs, never run here
     model_path = resolve_model_path(cfg.policy.model)
-    task = make_task(cfg.task.name, **cfg.task.kwargs)
+    task = make_train_task(cfg.task)  # the problems the aipo arm trains on: the train side
     env = ConsultEnv(task, None, load_tokenizer(model_path, pad_to_eos=True), cfg.env)
     order = [
         i

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         RunDirError,
         TrainingInterrupted,
     )
+    from trainers.held_out import HeldOutError
     from trainers.warmup import WarmupError
 
     if config.peers is not None:  # ILR: two or more peers trained together
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         summary = trainer.run()
-    except RunDirError as exc:
+    except (RunDirError, HeldOutError) as exc:  # refused before anything loaded
         return _fail(str(exc))
     except (CheckpointError, WarmupError) as exc:
         print(f"aipo train: {exc}", file=sys.stderr)
