@@ -67,7 +67,11 @@ def _expected_grad(scale_of: dict[tuple[int, int], float]) -> torch.Tensor:
 
 
 def _config(**kw: object) -> LossConfig:
-    return LossConfig(eps_clip_low=0.2, eps_clip_high=0.28, shaped_gamma=GAMMA, **kw)
+    # The hand-computed terms train sequence 1's agent tokens (A < 0) and share one
+    # normaliser over policy and agent tokens: agent_positive_only off and 'shared', the
+    # defaults before they became on and 'separate' (tests/test_loss_agent_channel.py).
+    settings = {"agent_positive_only": False, "agent_normalization": "shared", **kw}
+    return LossConfig(eps_clip_low=0.2, eps_clip_high=0.28, shaped_gamma=GAMMA, **settings)
 
 
 def test_shaped_token_mean_matches_hand_computation() -> None:

@@ -93,18 +93,26 @@ def test_mask_mode_equals_openrlhf_policy_loss(openrlhf_models, seed, eps_low, e
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-def test_shaped_mode_policy_part_equals_openrlhf_rescaled(openrlhf_models, seed) -> None:
-    """With agent tokens trained, the normaliser counts them: policy part = PPO * n_pol / n_all."""
+@pytest.mark.parametrize("normalization", ["shared", "separate"])
+def test_shaped_mode_policy_part_equals_openrlhf_rescaled(
+    openrlhf_models, seed, normalization
+) -> None:
+    """'shared': the normaliser counts agent tokens, policy part = PPO * n_pol / n_all; 'separate': PPO."""
     loss_mod, _ = openrlhf_models
     batch = _batch(seed)
-    _, grad, metrics = _ours(LossConfig(eps_clip_high=0.28), batch)
+    # agent_positive_only off: every agent token in loss_mask is trained and counted.
+    config = LossConfig(
+        eps_clip_high=0.28, agent_positive_only=False, agent_normalization=normalization
+    )
+    _, grad, metrics = _ours(config, batch)
     (ref_loss, *_), ref_grad, policy = _theirs(loss_mod.PolicyLoss(clip_eps_high=0.28), batch)
     n_policy = policy.sum()
     n_trained = batch["loss_mask"].sum()
+    scale = n_policy / n_trained if normalization == "shared" else 1.0
     assert metrics["tokens/agent_trained"] > 0
-    assert metrics["loss/policy"] == pytest.approx((ref_loss * n_policy / n_trained).item())
+    assert metrics["loss/policy"] == pytest.approx((ref_loss * scale).item())
     on_policy = policy.bool()
-    torch.testing.assert_close(grad[on_policy], (ref_grad * n_policy / n_trained)[on_policy])
+    torch.testing.assert_close(grad[on_policy], (ref_grad * scale)[on_policy])
 
 
 @pytest.mark.parametrize("seed", [5, 6])

@@ -267,7 +267,11 @@ async def test_openrlhf_batches_and_trains_failed_samples_without_nan(tokenizer,
 
     advantages = (returns - 0.5) * mask  # as if whitened; zero off the action mask
     logp = (batch.rollout_log_probs.clamp(max=0) - 0.1).requires_grad_()
-    loss_fn = make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode="shaped"))
+    # batch_num_tokens given by hand: the 'shared' normaliser (under 'separate' the step's
+    # policy and agent counts come from ppo_train's own counting; test_loss_agent_channel.py).
+    loss_fn = make_aipo_policy_loss_class()(
+        agent_loss=LossConfig(agent_mode="shaped", agent_normalization="shared")
+    )
     loss, clip, kl_ppo, _, _ = loss_fn(
         logp,
         batch.rollout_log_probs.clamp(max=0),

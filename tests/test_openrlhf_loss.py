@@ -26,6 +26,10 @@ from trainers.openrlhf.loss import (  # noqa: E402
 from trainers.openrlhf.metrics import status_metrics  # noqa: E402
 
 STOCK_POLICY_LOSS = PolicyLoss
+#: The agent-token defaults before agent_positive_only became on and agent_normalization
+#: 'separate': tests whose expected values train agent tokens of A < 0 and count them in
+#: OpenRLHF's own normaliser pin them (tests/test_loss_agent_channel.py covers the new ones).
+OLD_AGENT_DEFAULTS = dict(agent_positive_only=False, agent_normalization="shared")
 
 
 def _batch(seed: int = 0, b: int = 3, a: int = 7):
@@ -81,14 +85,17 @@ def test_shaped_mode_without_agent_tokens_equals_stock(settings):
         STOCK_POLICY_LOSS(**settings), logp, old, adv, mask, rollout, batch_num_tokens=30.0
     )
     ours = _call(
-        make_aipo_policy_loss_class()(**settings, agent_loss=LossConfig()),
+        make_aipo_policy_loss_class()(**settings, agent_loss=LossConfig(**OLD_AGENT_DEFAULTS)),
         logp, old, adv, mask, rollout, batch_num_tokens=30.0,
     )  # fmt: skip
     assert torch.allclose(ours[0], stock[0], atol=0, rtol=0)
 
 
 def test_agent_tokens_get_the_shaped_coefficient_and_gradient():
-    cfg = LossConfig(agent_mode="shaped", shaped_gamma=0.1, agent_w_min=0.0, agent_w_max=1.0)
+    cfg = LossConfig(
+        agent_mode="shaped", shaped_gamma=0.1, agent_w_min=0.0, agent_w_max=1.0,
+        **OLD_AGENT_DEFAULTS,
+    )  # fmt: skip
     logp, old, adv, mask, rollout = _batch(seed=2)
     agent = torch.zeros_like(mask, dtype=torch.bool)
     agent[1, 2:5] = True
@@ -219,11 +226,17 @@ def _shared_batch(seed: int):
 
 
 AGENT_CONFIGS = [
-    LossConfig(agent_mode="shaped"),  # default floor w_min = 0.1 clips rare tokens
-    LossConfig(agent_mode="shaped", shaped_gamma=0.5, agent_w_min=0.2, agent_w_max=0.6),
-    LossConfig(agent_mode="ratio", ratio_cap=0.3, agent_loss_weight=0.5),
-    LossConfig(agent_mode="shaped", agent_positive_only=True),
+    LossConfig(agent_mode="shaped"),  # the defaults: floor 0.1, positive only, separate
+    LossConfig(agent_mode="shaped", **OLD_AGENT_DEFAULTS),  # default floor clips rare tokens
+    LossConfig(
+        agent_mode="shaped", shaped_gamma=0.5, agent_w_min=0.2, agent_w_max=0.6,
+        **OLD_AGENT_DEFAULTS,
+    ),  # fmt: skip
+    LossConfig(agent_mode="ratio", ratio_cap=0.3, agent_loss_weight=0.5, **OLD_AGENT_DEFAULTS),
+    LossConfig(agent_mode="shaped", agent_positive_only=True, agent_normalization="shared"),
     LossConfig(agent_mode="ratio", ratio_cap=2.0, agent_positive_only=True),
+    LossConfig(agent_mode="supervised", agent_loss_weight=0.5),
+    LossConfig(agent_mode="supervised", **OLD_AGENT_DEFAULTS),
 ]
 
 
@@ -250,19 +263,24 @@ def test_openrlhf_path_equals_embedded_loss_and_gradient(config, seed):
     # Both sides train agent tokens, and some coefficients are clipped: the comparison
     # covers the gradient-preserving clip, not only the unclipped formula.
     assert metrics["tokens/agent_trained"] > 0
-    assert metrics["agent/clip_frac"] > 0
+    assert metrics["agent/clip_frac"] > 0 or config.agent_mode == "supervised"
     assert torch.allclose(ours, embedded, rtol=1e-12, atol=1e-12)
     assert torch.allclose(ours_logp.grad, embedded_logp.grad, rtol=1e-12, atol=1e-12)
     trained_agent = agent & mask.bool()
     assert (ours_logp.grad[trained_agent] != 0).any()
 
-    # The agent-token part alone: ours minus the stock loss with agent tokens at zero advantage.
-    policy_only = LossConfig(**{**config.model_dump(), "agent_mode": "mask"})
+    # The agent-token part alone: ours minus the stock loss with agent tokens at zero advantage
+    # (over the policy tokens; rescaled to the shared normaliser under 'shared').
+    policy_only = LossConfig(
+        **{**config.model_dump(exclude={"agent_positive_only", "agent_normalization"}),
+           "agent_mode": "mask"}
+    )  # fmt: skip
     stock_part, _ = aipo_policy_loss(policy_only, logp, old, adv, mask, agent)
     n_policy = float((mask.bool() & ~agent).sum())
     n_trained = metrics["tokens/policy"] + metrics["tokens/agent_trained"]
     assert n_policy == metrics["tokens/policy"]
-    agent_part = ours.detach() - stock_part * n_policy / n_trained
+    shared = config.agent_normalization == "shared"
+    agent_part = ours.detach() - stock_part * (n_policy / n_trained if shared else 1.0)
     assert agent_part.item() == pytest.approx(metrics["loss/agent"], rel=1e-10, abs=1e-12)
 
 
@@ -304,7 +322,9 @@ def _flagged_batch(seed: int = 5):
 
 def test_policy_only_clip_ratio_and_kl_are_stock_over_policy_tokens():
     logp, old, adv, mask, rollout, agent = _flagged_batch()
-    loss_fn = make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode="shaped"))
+    loss_fn = make_aipo_policy_loss_class()(
+        agent_loss=LossConfig(agent_mode="shaped", **OLD_AGENT_DEFAULTS)
+    )
     _, clip_all, kl_all, _, _ = _call(loss_fn, logp, old, adv, mask, rollout)
     metrics = status_metrics(loss_fn.stats.reduce())
 
@@ -341,8 +361,10 @@ def test_micro_batch_without_trained_tokens_reports_zero_not_nan(mode):
     empty = torch.zeros_like(mask)
     stock = _call(STOCK_POLICY_LOSS(), logp, old, adv, empty, rollout, batch_num_tokens=10.0)
     assert torch.isnan(stock[1]) and torch.isnan(stock[2])  # what OpenRLHF would all-reduce
+    # 'shared': OpenRLHF's global batch_num_tokens without the step's separate counts.
+    shared = {} if mode == "mask" else {"agent_normalization": "shared"}
     ours = _call(
-        make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode=mode)),
+        make_aipo_policy_loss_class()(agent_loss=LossConfig(agent_mode=mode, **shared)),
         logp, old, adv, empty, rollout, batch_num_tokens=10.0,
     )  # fmt: skip
     assert ours[0].item() == 0.0 and ours[1].item() == 0.0 and ours[2].item() == 0.0

@@ -191,7 +191,10 @@ def _expected(cfg: LossConfig, batches: list[Experience], actor: TokenTableActor
 
 
 def test_stock_ppo_train_status_carries_the_aipo_metrics(stock_trainer_module, caplog):
-    cfg = LossConfig(agent_mode="shaped", agent_w_min=0.7, agent_w_max=0.95)
+    # agent_positive_only off: the hand computation (_expected) counts every agent token.
+    cfg = LossConfig(
+        agent_mode="shaped", agent_w_min=0.7, agent_w_max=0.95, agent_positive_only=False
+    )
     with caplog.at_level(logging.WARNING):
         # Built as ActorPPOTrainer.__init__ builds it: this also wraps ppo_train.
         loss_fn = make_aipo_policy_loss_class()(agent_loss=cfg)
@@ -210,15 +213,16 @@ def test_stock_ppo_train_status_carries_the_aipo_metrics(stock_trainer_module, c
     assert set(METRIC_KEYS) <= set(status)
     for key, value in expected.items():
         assert status[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    # The batch exercises what the metrics are for: clipped agent coefficients, clipped
-    # policy tokens, and OpenRLHF's own ratio diluted by the never-clipped agent tokens.
+    # The batch exercises what the metrics are for: clipped agent coefficients and clipped
+    # policy tokens. Under agent_normalization 'separate' (the default) OpenRLHF's own ratio
+    # is over the policy tokens as well ('shared' dilutes it with the never-clipped agent tokens).
     assert 0 < status["agent/clip_frac"] < 1
     assert status["policy/clip_frac"] > 0
-    assert status["ppo_clip_ratio"] < status["policy/clip_frac"]
+    assert status["ppo_clip_ratio"] == pytest.approx(status["policy/clip_frac"], rel=1e-6)
 
 
 def test_counts_are_per_epoch_and_ratios_unchanged_over_epochs(stock_trainer_module):
-    cfg = LossConfig(agent_mode="ratio", ratio_cap=1.5)
+    cfg = LossConfig(agent_mode="ratio", ratio_cap=1.5, agent_positive_only=False)
     actor = TokenTableActor()
     cls = stock_trainer_module.ActorPPOTrainer
     one = _trainer(cls, make_aipo_policy_loss_class()(agent_loss=cfg), [_micro_batch(2, actor)])

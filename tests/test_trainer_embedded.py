@@ -245,7 +245,8 @@ def test_agent_tokens_are_trained_only_outside_mask_mode(
     cfg = make_config(
         tmp_path / "run",
         tiny_model_dir,
-        loss={"agent_mode": agent_mode},
+        # Every agent token trained whatever its advantage: agent_positive_only off.
+        loss={"agent_mode": agent_mode, "agent_positive_only": False},
         env={"max_new_tokens_per_turn": 24, "max_reply_tokens": 16},
         train={"steps": 1},
     )

@@ -28,23 +28,47 @@ Agent tokens (``loss_mask & agent_mask``), with ``w = exp(clamp(logp - behavior_
 
   The value is ``c``, the gradient ``(c / f) grad f``: a clipped token keeps a gradient (for a
   token under the floor it tends to ``-w_min A grad logp``) instead of the zero a plain clamp gives.
+  The weight on ``grad logp`` is ``c (1 - f)``: at most 0.25, and ``w_min`` for rare tokens.
 - ``ratio``: truncated IS with the same gradient-preserving clip::
 
       c = min(w, C);   l = -w * sg(c / w) * A
 
   The value is ``min(w, C) A``; the gradient is ``-min(w, C) A grad logp`` (the truncated IS
-  weight times the score function), so tokens above ``C`` keep a gradient.
+  weight times the score function), so tokens above ``C`` keep a gradient; with ``mu = 1`` the
+  weight is ``pi`` itself, almost nothing for the informative low-probability tokens.
+- ``supervised``: ``l = -A logp``, weight 1 on ``grad logp`` whatever the token's probability
+  (SFT on the agent's text, scaled by the advantage); ``w`` is not used.
 
-Both trained agent modes are multiplied by ``agent_loss_weight``; with ``agent_positive_only`` the
-agent tokens of trajectories with ``A <= 0`` are left out (no loss, not counted).
+Every trained agent mode is multiplied by ``agent_loss_weight``. With ``agent_positive_only``
+(default) the agent tokens of trajectories with ``A <= 0`` are left out (no loss, not counted):
+guidance is learned from episodes that beat their group and never trained down. Without it, a
+group whose samples all got the same reply at the same place gets advantages that sum to zero
+on those tokens, so their gradient cancels exactly, and a failed episode trains the oracle's
+correct text down.
 
-Aggregation over the trained tokens (policy tokens plus the agent tokens the mode trains):
-``token_mean`` (DAPO: sum / number of trained tokens in the batch), ``seq_mean_token_mean`` (GRPO:
-mean over sequences with a trained token of each sequence's token mean), ``seq_sum_norm``
-(Dr. GRPO: sum / (B * constant), the constant being ``seq_sum_norm_constant`` or ``T``).
+Aggregation (``aggregation``): ``token_mean`` (DAPO: sum / number of tokens), ``seq_mean_token_mean``
+(GRPO: mean over sequences with a token of each sequence's token mean), ``seq_sum_norm``
+(Dr. GRPO: sum / (B * constant), the constant being ``seq_sum_norm_constant`` or ``T``), over:
 
-Optional terms, aggregated the same way over the trained tokens: ``kl_coef * KL`` to the
-reference with ``log r = logp - ref_logp``: ``k1 = log r``, ``k2 = (log r)^2 / 2``,
+- ``agent_normalization: shared``: policy tokens and trained agent tokens together, one
+  normaliser; consulting then shrinks the policy tokens' gradient (agent tokens enter the
+  denominator) in the trained modes, and not in ``mask`` mode.
+- ``agent_normalization: separate`` (default): the policy part over the policy tokens only, so it
+  equals ``mask`` mode's loss exactly, plus the agent part over the trained agent tokens only
+  (their own token mean, or the mean over sequences with a trained agent token of each one's
+  agent-token mean); ``seq_sum_norm`` has no token count and is the same under both.
+
+A trainer that splits a minibatch into micro-batches passes the minibatch's counts
+(:func:`loss_normalizers`) to each call, so the micro losses add up to the minibatch loss
+exactly under either normalisation (OpenRLHF's ``batch_num_tokens`` idea).
+
+The defaults (``shaped``, ``agent_w_min`` 0.1, ``agent_positive_only``, ``separate``) are the
+same for the embedded trainer and the OpenRLHF recipe: a floor that keeps a gradient on rare
+agent tokens, guidance learned only from episodes that beat their group (no cancellation, no
+inversion), and a policy-token gradient that consulting does not dilute.
+
+Optional terms, aggregated over all trained tokens with one (shared) normaliser: ``kl_coef *
+KL`` to the reference with ``log r = logp - ref_logp``: ``k1 = log r``, ``k2 = (log r)^2 / 2``,
 ``k3 = exp(-log r) - 1 + log r`` (OpenRLHF's clamps: ``log r >= -10`` in k3, value in
 ``[-10, 10]``); and ``-entropy_coef * entropy``.
 
@@ -54,10 +78,18 @@ passed through ``torch.where`` before any arithmetic so neither the loss nor its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from torch import nn
 
 from aipo_env import masks
@@ -96,9 +128,9 @@ class LossConfig(BaseModel):
         default=(0.5, 5.0),
         description="(lo, hi) for rollout_correction, 0 <= lo < hi. Default (0.5, 5.0), OpenRLHF's is_correction_threshold.",
     )
-    agent_mode: Literal["mask", "shaped", "ratio"] = Field(
+    agent_mode: Literal["mask", "shaped", "ratio", "supervised"] = Field(
         default="shaped",
-        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma), 'ratio' with truncated IS min(w, C). Default 'shaped'; 'mask' in an ILR run (peers:) unless set.",
+        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma) (weight c(1-f) <= 0.25 on grad log pi), 'ratio' with truncated IS min(w, C) (weight pi itself when the agent's log-probs are unknown), 'supervised' with -A log pi (weight 1, as SFT: rare, informative tokens are not starved). Default 'shaped'; 'mask' in an ILR run (peers:) or under a tool protocol unless set.",
     )
     shaped_gamma: float = Field(
         default=0.1,
@@ -108,7 +140,7 @@ class LossConfig(BaseModel):
     agent_w_min: float = Field(
         default=0.1,
         ge=0.0,
-        description="Floor of the shaped coefficient (gradient-preserving clip): tokens with f below it count as w_min and keep a gradient. Default 0.1; 0 disables the floor.",
+        description="Floor of the shaped coefficient (gradient-preserving clip): tokens with f below it count as w_min and keep a gradient of about w_min on grad log pi. Default 0.1, in the embedded trainer and the OpenRLHF recipe alike: without a floor a token the policy finds unlikely (the informative part of a reply) gets almost no gradient. 0 disables the floor.",
     )
     agent_w_max: float = Field(
         default=1.0,
@@ -116,8 +148,8 @@ class LossConfig(BaseModel):
         description="Ceiling of the shaped coefficient. f < 1 always, so the default 1.0 never clips.",
     )
     agent_positive_only: bool = Field(
-        default=False,
-        description="Train agent tokens only in trajectories with A > 0 (learn from guidance that led to success). Default False.",
+        default=True,
+        description="Train agent tokens only in trajectories with A > 0. Default True: guidance is learned from episodes that beat their group, never trained down. Off, a failed consult episode trains the oracle's correct text down, and a group whose samples all got the same reply at the same place has advantages summing to zero on it, so its gradient cancels exactly.",
     )
     ratio_cap: float = Field(
         default=1.0,
@@ -128,6 +160,10 @@ class LossConfig(BaseModel):
         default=1.0,
         ge=0.0,
         description="Multiplier on the agent-token loss terms. Default 1.0.",
+    )
+    agent_normalization: Literal["shared", "separate"] = Field(
+        default="separate",
+        description="How the agent-token part is normalised. 'separate' (default): policy tokens over policy tokens only (the policy part equals mask mode's exactly, so consulting does not dilute it), agent tokens over the trained agent tokens only (their own token mean or sequence mean, by aggregation). 'shared': one normaliser over policy and agent tokens together (the behaviour before this option).",
     )
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = Field(
         default="token_mean",
@@ -164,7 +200,35 @@ class LossConfig(BaseModel):
             raise ValueError(
                 f"agent_w_min ({self.agent_w_min}) must not exceed agent_w_max ({self.agent_w_max})"
             )
+        # Both settings only act on trained agent tokens. Refused only when set explicitly:
+        # they are defaults, and mask mode is what an ILR run or a tool protocol falls back to.
+        if self.agent_mode == "mask":
+            explicit = self.model_fields_set
+            if "agent_positive_only" in explicit and self.agent_positive_only:
+                raise ValueError(
+                    "agent_positive_only=true with agent_mode='mask': mask trains no agent "
+                    "token, so positive-only advantages select nothing; set agent_mode to "
+                    "shaped, ratio or supervised, or leave agent_positive_only unset"
+                )
+            if "agent_normalization" in explicit and self.agent_normalization == "separate":
+                raise ValueError(
+                    "agent_normalization='separate' with agent_mode='mask': mask trains no "
+                    "agent token, so there is no agent part to normalise on its own; set "
+                    "agent_mode to shaped, ratio or supervised, or leave agent_normalization unset"
+                )
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data = handler(self)
+        if self.agent_mode == "mask":
+            # Their defaults act on no token in mask mode; dumped, they would read back as set
+            # explicitly and be refused (a run's config.yaml, the OpenRLHF workers' JSON).
+            if self.agent_positive_only:
+                data.pop("agent_positive_only", None)
+            if self.agent_normalization == "separate":
+                data.pop("agent_normalization", None)
+        return data
 
     def trains_agent_tokens(self) -> bool:
         """Whether agent tokens enter the loss at all (every mode but 'mask')."""
@@ -198,32 +262,88 @@ def _kl(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
     return value.clamp(min=-10.0, max=10.0)
 
 
+@dataclass(frozen=True)
+class LossNormalizers:
+    """The loss's denominators, counted over a whole minibatch (:func:`loss_normalizers`).
+
+    Passed to every micro-batch's call of :func:`aipo_policy_loss`, they make the micro
+    losses add up to the minibatch's loss exactly, whichever ``aggregation`` and
+    ``agent_normalization``: each micro-batch divides by the minibatch's counts, not its own.
+    """
+
+    rows: int  #: rows of the minibatch (``seq_sum_norm``)
+    policy_tokens: float  #: trained policy tokens
+    agent_tokens: float  #: trained agent tokens
+    policy_rows: float  #: rows with a trained policy token
+    agent_rows: float  #: rows with a trained agent token
+    trained_rows: float  #: rows with any trained token
+
+
+def loss_normalizers(
+    config: LossConfig,
+    loss_mask: torch.Tensor,
+    agent_mask: torch.Tensor,
+    advantages: torch.Tensor,
+) -> LossNormalizers:
+    """Count the trained tokens and rows of a minibatch, as the loss trains them.
+
+    The tensors are the minibatch's (``[B, T]``; ``advantages`` ``[B]`` or ``[B, T]``): the
+    trained tokens follow :func:`~aipo_env.masks.trained_token_masks` under ``config``'s rule,
+    so ``agent_positive_only`` is counted as the loss applies it.
+    """
+    policy, agent = masks.trained_token_masks(config.mask_rule(), loss_mask, agent_mask, advantages)
+    return LossNormalizers(
+        rows=int(policy.shape[0]),
+        policy_tokens=float(policy.sum()),
+        agent_tokens=float(agent.sum()),
+        policy_rows=float(policy.any(dim=-1).sum()),
+        agent_rows=float(agent.any(dim=-1).sum()),
+        trained_rows=float((policy | agent).any(dim=-1).sum()),
+    )
+
+
 class _Aggregator:
-    """Reduces per-token values to a scalar with one normaliser shared by every loss part."""
+    """Reduces per-token values on ``mask`` to a scalar (the ``aggregation`` formulas).
+
+    ``tokens``, ``rows`` and ``batch_rows`` are the denominators counted over a whole
+    minibatch (:class:`LossNormalizers`); None counts them on ``mask`` itself.
+    """
 
     def __init__(
-        self, trained: torch.Tensor, mode: str, constant: float | None, dtype: torch.dtype
+        self,
+        mask: torch.Tensor,
+        mode: str,
+        constant: float | None,
+        dtype: torch.dtype,
+        *,
+        tokens: float | None = None,
+        rows: float | None = None,
+        batch_rows: int | None = None,
     ) -> None:
         self.mode = mode
         # Count in at least float32: a bfloat16 token count is inexact above 256.
-        trained = trained.to(torch.promote_types(dtype, torch.float32))
+        mask = mask.to(torch.promote_types(dtype, torch.float32))
         if mode == "token_mean":
-            self.scale = 1.0 / trained.sum().clamp(min=1.0)
+            total = mask.sum() if tokens is None else mask.new_tensor(tokens)
+            self.scale = 1.0 / total.clamp(min=1.0)
         elif mode == "seq_mean_token_mean":
-            per_seq = trained.sum(dim=-1)
-            n_seq = (per_seq > 0).float().sum().clamp(min=1.0)
-            # Row weight 1 / (count_i * n_seq); rows with no trained token get weight 0.
-            self.row_scale = torch.where(per_seq > 0, 1.0 / per_seq.clamp(min=1.0), 0.0) / n_seq
+            per_seq = mask.sum(dim=-1)
+            n_seq = (per_seq > 0).to(mask.dtype).sum() if rows is None else mask.new_tensor(rows)
+            # Row weight 1 / (count_i * n_seq); rows with no token on the mask get weight 0.
+            self.row_scale = torch.where(
+                per_seq > 0, 1.0 / per_seq.clamp(min=1.0), 0.0
+            ) / n_seq.clamp(min=1.0)
         elif mode == "seq_sum_norm":
-            norm = constant if constant is not None else float(trained.shape[-1])
-            self.scale = 1.0 / (trained.shape[0] * norm)
+            norm = constant if constant is not None else float(mask.shape[-1])
+            n_rows = mask.shape[0] if batch_rows is None else batch_rows
+            self.scale = 1.0 / (n_rows * norm)
         else:
             raise ValueError(
                 f"unknown aggregation {mode!r}; expected token_mean, seq_mean_token_mean or seq_sum_norm"
             )
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        """Reduce ``values`` [B, T], already zero off the trained tokens."""
+        """Reduce ``values`` [B, T], already zero off the mask."""
         if self.mode == "seq_mean_token_mean":
             return (values.sum(dim=-1) * self.row_scale).sum()
         return values.sum() * self.scale
@@ -247,6 +367,34 @@ def _fraction(flags: torch.Tensor, mask: torch.Tensor) -> float:
     return float((flags & mask).sum()) / count if count else 0.0
 
 
+def _aggregator(
+    config: LossConfig,
+    mask: torch.Tensor,
+    part: Literal["policy", "agent", "trained"],
+    dtype: torch.dtype,
+    normalizers: LossNormalizers | None,
+) -> _Aggregator:
+    """The reduction over ``mask``, the tokens of ``part``, with the minibatch's counts if given."""
+    counts: dict[str, float | None] = {"tokens": None, "rows": None}
+    batch_rows = None
+    if normalizers is not None:
+        n = normalizers
+        counts = {
+            "policy": {"tokens": n.policy_tokens, "rows": n.policy_rows},
+            "agent": {"tokens": n.agent_tokens, "rows": n.agent_rows},
+            "trained": {"tokens": n.policy_tokens + n.agent_tokens, "rows": n.trained_rows},
+        }[part]
+        batch_rows = n.rows
+    return _Aggregator(
+        mask,
+        config.aggregation,
+        config.seq_sum_norm_constant,
+        dtype,
+        batch_rows=batch_rows,
+        **counts,
+    )
+
+
 def agent_token_terms(
     config: LossConfig,
     logprobs: torch.Tensor,
@@ -257,7 +405,8 @@ def agent_token_terms(
     """The agent-token part of the AIPO loss, per token: ``(loss, coefficient, clipped)``.
 
     The one definition of the agent-token formula (module docstring, ``agent_mode``
-    ``shaped`` or ``ratio``), shared by the embedded trainer and the OpenRLHF loss.
+    ``shaped``, ``ratio`` or ``supervised``), shared by the embedded trainer and the OpenRLHF
+    loss.
 
     Args:
         config: the loss config; only the agent-token fields are read.
@@ -269,10 +418,12 @@ def agent_token_terms(
             returns them: ``agent_positive_only`` is not applied again here).
 
     Returns:
-        ``loss``: ``[B, T]`` ``-c A * agent_loss_weight`` with the gradient-preserving clip,
-        0 (and no gradient) off ``agent_mask``; ``coefficient``: ``[B, T]`` the detached value
-        ``c`` (``clamp(f, w_min, w_max)`` or ``min(w, C)``); ``clipped``: ``[B, T]`` bool,
-        True where the clip changed the value. Mode ``mask`` gives zeros and no clipped token.
+        ``loss``: ``[B, T]`` ``-c A * agent_loss_weight`` with the gradient-preserving clip
+        (``-A logp * agent_loss_weight`` in ``supervised``), 0 (and no gradient) off
+        ``agent_mask``; ``coefficient``: ``[B, T]`` the detached value ``c``
+        (``clamp(f, w_min, w_max)``, ``min(w, C)``, or 1 in ``supervised``, its weight on
+        ``grad logp``); ``clipped``: ``[B, T]`` bool, True where the clip changed the value.
+        Mode ``mask`` gives zeros and no clipped token.
     """
     agent = agent_mask.bool()
     if advantages.dim() == 1:
@@ -281,11 +432,15 @@ def agent_token_terms(
     if config.agent_mode == "mask":
         zeros = torch.zeros_like(logp)
         return zeros, zeros.detach(), torch.zeros_like(agent)
+    adv = _zeros_where(agent, advantages.to(logp.dtype))
+    if config.agent_mode == "supervised":
+        # Coefficient 1 on grad logp: the reply's text is imitated like SFT, scaled by A.
+        loss = _zeros_where(agent, -logp * adv * config.agent_loss_weight)
+        return loss, agent.to(logp.dtype), torch.zeros_like(agent)
     if behavior_logprobs is None:
         beh = torch.zeros_like(logp)
     else:
         beh = torch.where(agent & torch.isfinite(behavior_logprobs), behavior_logprobs, 0.0)
-    adv = _zeros_where(agent, advantages.to(logp.dtype))
     w = _zeros_where(agent, logp - beh.to(logp.dtype))
     w = w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
     if config.agent_mode == "shaped":
@@ -296,7 +451,7 @@ def agent_token_terms(
         coef = w.clamp(max=config.ratio_cap)
     else:
         raise ValueError(
-            f"unknown agent_mode {config.agent_mode!r}; expected one of mask, shaped, ratio"
+            f"unknown agent_mode {config.agent_mode!r}; expected one of mask, shaped, ratio, supervised"
         )
     # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
     preserved = raw * (coef / raw).detach()
@@ -315,6 +470,7 @@ def aipo_policy_loss(
     rollout_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    normalizers: LossNormalizers | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The AIPO loss (module docstring) and its metrics.
 
@@ -329,6 +485,8 @@ def aipo_policy_loss(
         rollout_logprobs: ``[B, T]`` the rollout engine's log-probs (needed for rollout_correction).
         ref_logprobs: ``[B, T]`` reference-policy log-probs (needed when kl_coef > 0).
         entropy: ``[B, T]`` per-token entropy of the current policy (needed when entropy_coef > 0).
+        normalizers: the denominators counted over the whole minibatch this micro-batch is
+            part of (:func:`loss_normalizers`); None counts them on this call's tensors.
 
     Returns:
         ``(loss, metrics)``: a scalar to minimise and a dict of floats, among them
@@ -375,7 +533,12 @@ def aipo_policy_loss(
     adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))
     trained = policy | agent
     logp = _zeros_where(trained, logprobs)
-    aggregate = _Aggregator(trained, config.aggregation, config.seq_sum_norm_constant, logp.dtype)
+    aggregate = _aggregator(config, trained, "trained", logp.dtype, normalizers)
+    if config.agent_normalization == "separate":
+        aggregate_policy = _aggregator(config, policy, "policy", logp.dtype, normalizers)
+        aggregate_agent = _aggregator(config, agent, "agent", logp.dtype, normalizers)
+    else:
+        aggregate_policy = aggregate_agent = aggregate
     metrics: dict[str, float] = {}
 
     # Policy tokens: PPO clipped surrogate, term for term as OpenRLHF's PolicyLoss.
@@ -419,8 +582,8 @@ def aipo_policy_loss(
         metrics.update({f"agent/coef_{k}": 0.0 for k in ("mean", "std", "min", "max")})
         metrics["agent/clip_frac"] = 0.0
 
-    policy_part = aggregate(policy_loss)
-    agent_part = aggregate(agent_loss)
+    policy_part = aggregate_policy(policy_loss)
+    agent_part = aggregate_agent(agent_loss)
     total = policy_part + agent_part
     kl_part = torch.zeros((), dtype=total.dtype, device=total.device)
     if ref_logprobs is not None:
@@ -485,6 +648,15 @@ class AIPOLoss(nn.Module):
         c = self.config
         return c.aggregation == "seq_sum_norm" and c.seq_sum_norm_constant is None
 
+    def normalizers(
+        self, loss_mask: torch.Tensor, agent_mask: torch.Tensor, advantages: torch.Tensor
+    ) -> LossNormalizers:
+        """The minibatch's denominators (:func:`loss_normalizers`) under this loss's config.
+
+        :func:`trainers.update.ppo_update` passes them to every micro-batch's call.
+        """
+        return loss_normalizers(self.config, loss_mask, agent_mask, advantages)
+
     def forward(
         self,
         logprobs: torch.Tensor,
@@ -496,6 +668,7 @@ class AIPOLoss(nn.Module):
         rollout_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        normalizers: LossNormalizers | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss and float metrics for one micro-batch (tensor contract in the module docstring)."""
         return aipo_policy_loss(
@@ -509,4 +682,5 @@ class AIPOLoss(nn.Module):
             rollout_logprobs=rollout_logprobs,
             ref_logprobs=ref_logprobs,
             entropy=entropy,
+            normalizers=normalizers,
         )

@@ -5,15 +5,22 @@ The algorithm box (:func:`ppo_update`)::
     for epoch in 1..ppo_epochs:
         shuffle the B rows (seeded)
         for each minibatch of `minibatch_size` rows:
+            counts = loss_fn.normalizers(minibatch)        # if the loss has them
             for each micro-batch of `micro_batch_size` rows (a prompt's samples together):
                 logp, H = token_logprobs(model, micro, where=loss_mask)  # aligned with input_ids
-                loss_micro = loss_fn(logp, old_logp, A, masks, ...)
-                backward(loss_micro * weight(micro))               # accumulate
+                loss_micro = loss_fn(logp, old_logp, A, masks, ..., counts)
+                backward(loss_micro * weight(micro))   # accumulate; weight 1 with counts
             if loss or grad-norm is not finite: drop the gradient, dump the minibatch
             else: clip grad-norm, optimizer.step(), scheduler.step()
 
-Gradient accumulation is exact. A micro-batch's loss is scaled by its share of the
-minibatch, so the accumulated gradient equals the gradient of the loss computed on
+Gradient accumulation is exact. A loss that counts its denominators over the whole
+minibatch (one with a ``normalizers`` method, as ``trainers.losses.AIPOLoss``) gets
+those counts once per minibatch and passes them to every micro-batch's call
+(``normalizers=``): each micro loss is then already its part of the minibatch loss, and
+the parts add up with weight 1, under every ``aggregation`` and ``agent_normalization``
+(the policy and agent tokens normalised apart need two counts, which no single weight
+per micro-batch could apply). Any other loss's micro-batch is scaled by its share of
+the minibatch, so the accumulated gradient equals the gradient of the loss computed on
 the whole minibatch at once:
 
 - ``accumulation="tokens"`` (for token-mean aggregation, DAPO): the share is
@@ -325,9 +332,18 @@ def _accumulate_gradients(
 ) -> tuple[float, dict[str, float], bool]:
     """Backward every micro-batch's share of the minibatch loss (module docstring).
 
-    Returns the minibatch loss, its loss metrics (weighted like the loss) and whether
+    Returns the minibatch loss, its loss metrics (token counts and, with normalizers, the
+    loss parts summed; the other metrics weighted by the micro-batch's share) and whether
     every micro loss was finite; stops at the first non-finite one.
     """
+    count = getattr(loss_fn, "normalizers", None)
+    normalizers = (
+        count(minibatch.loss_mask, minibatch.agent_mask, minibatch.advantages)
+        if count is not None
+        else None
+    )
+    extra = {} if normalizers is None else {"normalizers": normalizers}
+    additive = ("tokens/",) if normalizers is None else ("tokens/", "loss/")
     mb_tokens = minibatch.trained_tokens()
     mb_loss = 0.0
     mb_metrics: dict[str, float] = defaultdict(float)
@@ -341,9 +357,11 @@ def _accumulate_gradients(
             micro_tokens = micro.trained_tokens()
             if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
                 continue
-            weight = micro_tokens / mb_tokens
+            share = micro_tokens / mb_tokens
         else:
-            weight = len(micro) / len(minibatch)
+            share = len(micro) / len(minibatch)
+        # With the minibatch's counts, the micro loss already is its part of the minibatch's.
+        weight = share if normalizers is None else 1.0
         logprobs, entropy = token_logprobs(
             model,
             micro.input_ids,
@@ -368,15 +386,17 @@ def _accumulate_gradients(
             rollout_logprobs=micro.behavior_logprobs,
             ref_logprobs=micro.ref_logprobs,
             entropy=entropy,
+            **extra,
         )
         if not torch.isfinite(loss.detach()).all():
             return float(loss.detach()), dict(mb_metrics), False
         (loss * weight).backward()
         mb_loss += float(loss.detach()) * weight
         for key, value in metrics.items():
-            # Token counts add up over the micro-batches; every other metric is a mean,
-            # weighted like the loss.
-            mb_metrics[key] += float(value) * (1.0 if key.startswith("tokens/") else weight)
+            # Token counts add up over the micro-batches, and so do the loss parts when the
+            # minibatch's counts normalised them; every other metric is a mean, weighted by
+            # the micro-batch's share.
+            mb_metrics[key] += float(value) * (1.0 if key.startswith(additive) else share)
     return mb_loss, dict(mb_metrics), True
 
 
@@ -409,7 +429,9 @@ def ppo_update(
         loss_fn: called as ``loss_fn(logprobs=, old_logprobs=, advantages=, loss_mask=,
             agent_mask=, behavior_logprobs=, rollout_logprobs=, ref_logprobs=, entropy=)`` on a micro-batch;
             returns ``(scalar loss, metrics dict)``. ``logprobs`` and ``entropy`` are 0
-            where ``loss_mask`` is 0: the loss must read them only under its mask.
+            where ``loss_mask`` is 0: the loss must read them only under its mask. A loss
+            with a ``normalizers(loss_mask, agent_mask, advantages)`` method also gets
+            ``normalizers=``, its result on the minibatch (module docstring).
         ppo_epochs: passes over the batch.
         minibatch_size: rows per optimizer step (the last minibatch may be smaller).
         micro_batch_size: rows per forward/backward; gradients accumulate over a minibatch.

@@ -224,6 +224,24 @@ class OpenRLHFRecipe(BaseModel):
             return check_agent_token_fields(value)
         return value
 
+    @model_validator(mode="after")
+    def _separate_needs_step_counts(self) -> OpenRLHFRecipe:
+        # Dynamic batching counts each step's tokens in the replay buffer, where the
+        # separate policy and agent counts (trainers.openrlhf.loss) are not made.
+        loss = self.agent_loss
+        if (
+            loss.trains_agent_tokens()
+            and loss.agent_normalization == "separate"
+            and self.openrlhf.get("train.dynamic_batch_enable")
+        ):
+            raise ValueError(
+                "agent_loss.agent_normalization 'separate' with openrlhf "
+                "train.dynamic_batch_enable: the separate policy and agent token counts are "
+                "made on OpenRLHF's non-dynamic path only; set agent_loss.agent_normalization: "
+                "shared or turn dynamic batching off"
+            )
+        return self
+
     @field_validator("openrlhf")
     @classmethod
     def _no_dashes(cls, flags: dict[str, FlagValue]) -> dict[str, FlagValue]:

@@ -17,12 +17,23 @@ by the loss), so it is the side channel that tells agent tokens apart:
 :func:`encode_agent_logprob` / :func:`decode_rollout_log_probs` are the two ends of
 that channel. :class:`AIPOPolicyLoss` decodes it, lets the stock ``PolicyLoss`` handle
 the policy tokens (agent tokens get a zero advantage there, so they add nothing to its
-numerator but keep OpenRLHF's normalisation), and adds the agent-token term of
-:mod:`trainers.losses` aggregated with OpenRLHF's own ``aggregate_loss`` over the same mask. The
-agent-token term is :func:`trainers.losses.agent_token_terms`, the embedded trainer's
-own, configured by the same :class:`~trainers.losses.LossConfig` fields
-(:data:`AGENT_TOKEN_FIELDS`). In mode ``mask`` it is the stock ``PolicyLoss`` call,
-unchanged.
+numerator), and adds the agent-token term of :mod:`trainers.losses` aggregated with
+OpenRLHF's own ``aggregate_loss``. The agent-token term is
+:func:`trainers.losses.agent_token_terms`, the embedded trainer's own, configured by the
+same :class:`~trainers.losses.LossConfig` fields (:data:`AGENT_TOKEN_FIELDS`). In mode
+``mask`` it is the stock ``PolicyLoss`` call, unchanged.
+
+Normalisation (``agent_normalization``). ``shared``: both terms over the trained tokens with
+OpenRLHF's normalisers (``batch_num_tokens``, ``global_batch_size``), which OpenRLHF counts
+over every action token of the optimizer step. ``separate``: the stock term over the policy
+tokens only and the agent term over the trained agent tokens only, each with the step's own
+global counts. OpenRLHF counts only ``action_mask``, so :func:`install_separate_normalizers`
+wraps ``ppo_actor.iter_grad_accum_global_norm`` (the per-step counting of the non-dynamic
+path) to count the two sets too, with OpenRLHF's ``_optimizer_step_loss_norm`` (all-reduced
+over data-parallel ranks, divided by the accumulation steps), and hands them to the loss of
+the micro-batch it yields next. Dynamic batching counts elsewhere and is refused with
+``separate`` (:class:`~trainers.openrlhf.config.OpenRLHFRecipe`). Called without OpenRLHF's
+global counts (tests), ``separate`` counts the micro-batch's own tokens.
 
 Every call adds its statistics to ``loss.stats`` (:class:`~trainers.openrlhf.metrics.LossStats`):
 the agent-token coefficient, its clip fraction, and the PPO clip fraction and approximate KL of
@@ -35,11 +46,13 @@ whole step's all-reduced ``ppo_clip_ratio`` and ``ppo_kl`` into NaN on every ran
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -69,6 +82,7 @@ AGENT_TOKEN_FIELDS = (
     "agent_positive_only",
     "ratio_cap",
     "agent_loss_weight",
+    "agent_normalization",
 )
 
 
@@ -136,6 +150,95 @@ def _zero_nan(value: torch.Tensor | None) -> torch.Tensor | None:
     return torch.where(torch.isnan(value), torch.zeros_like(value), value)
 
 
+#: The separate normalisers of the micro-batch whose training step runs next, set by the
+#: wrapped ``iter_grad_accum_global_norm`` just before it yields that micro-batch:
+#: ``(action_mask shape, policy normalisers, agent normalisers)``.
+_next_separate: list[tuple[torch.Size, dict[str, Any], dict[str, Any]]] = []
+
+
+def _split_masks(config: LossConfig, experience: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained policy and agent tokens of one OpenRLHF ``Experience``, as the loss sees them."""
+    action_mask = experience.action_mask
+    rollout = getattr(experience, "rollout_log_probs", None)
+    if rollout is None:
+        agent_flag = torch.zeros_like(action_mask, dtype=torch.bool)
+    else:
+        agent_flag = decode_rollout_log_probs(rollout)[0]
+    return trained_token_masks(config.mask_rule(), action_mask, agent_flag, experience.advantages)
+
+
+def separate_step_normalizers(
+    config: LossConfig, experiences: list[Any], strategy: Any, gas: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """OpenRLHF's normalisers of one optimizer step, over its policy tokens and its agent tokens.
+
+    ``experiences`` are the step's micro-batches on this rank; the counts are summed over
+    them and all data-parallel ranks and divided by ``gas``, exactly as OpenRLHF counts
+    ``action_mask`` (``_optimizer_step_loss_norm``), and kept at least one token (sequence)
+    so a step without agent tokens gives a zero term, not 0/0.
+    """
+    import torch.distributed as dist
+    from openrlhf.utils import loss_utils
+
+    dp_group = loss_utils._get_dp_group(strategy)
+    dp_size = (
+        dist.get_world_size(group=dp_group) if dist.is_available() and dist.is_initialized() else 1
+    )
+    split = [_split_masks(config, e) for e in experiences]
+    infos = []
+    for masks in ([p for p, _ in split], [a for _, a in split]):
+        info = loss_utils._optimizer_step_loss_norm(masks, dp_group, dp_size, gas)
+        info["batch_num_tokens"] = info["batch_num_tokens"].clamp(min=1.0 / gas)
+        info["global_batch_size"] = info["global_batch_size"].clamp(min=1.0 / gas)
+        infos.append(info)
+    return infos[0], infos[1]
+
+
+def install_separate_normalizers(ppo_actor: ModuleType | None, config: LossConfig) -> bool:
+    """Make ``ppo_actor``'s per-step counting also count policy and agent tokens apart.
+
+    Replaces ``iter_grad_accum_global_norm`` where ``ActorPPOTrainer.ppo_train`` looks it
+    up (its globals: the module's namespace; idempotent, ``config`` is the latest loss's)
+    by a wrapper that takes each optimizer step's micro-batches from the stock iterator,
+    counts them with :func:`separate_step_normalizers`, and puts the counts in
+    :data:`_next_separate` before yielding each micro-batch to the training step that
+    calls the loss. Returns False (changing nothing) when the module is None or the name
+    is not there.
+    """
+    if ppo_actor is None:
+        return False
+    ppo_train = getattr(getattr(ppo_actor, "ActorPPOTrainer", None), "ppo_train", None)
+    # The stock ppo_train, under install_metrics's wrapper: the namespace it reads names from.
+    namespace = (
+        getattr(ppo_train, "__aipo_wrapped__", ppo_train).__globals__
+        if ppo_train is not None
+        else vars(ppo_actor)
+    )
+    original = namespace.get("iter_grad_accum_global_norm")
+    if original is None:
+        return False
+    original = getattr(original, "__aipo_wrapped__", original)
+
+    def iterate(
+        data_iter: Any, strategy: Any, accumulated_gradient: int, mask_fn: Callable[[Any], Any]
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
+        gas = max(int(accumulated_gradient), 1)
+        stock = original(data_iter, strategy, accumulated_gradient, mask_fn)
+        # The stock iterator yields one step's gas micro-batches after reading all of them,
+        # so taking gas at a time reads no further than it does.
+        while window := list(itertools.islice(stock, gas)):
+            policy, agent = separate_step_normalizers(
+                config, [item for item, _ in window], strategy, gas
+            )
+            for item, info in window:
+                _next_separate[:] = [(item.action_mask.shape, policy, agent)]
+                yield item, info
+
+    iterate.__aipo_wrapped__ = original  # type: ignore[attr-defined]
+    namespace["iter_grad_accum_global_norm"] = iterate
+    return True
+
+
 def _policy_loss_base() -> type:
     from openrlhf.models.loss import PolicyLoss
 
@@ -168,7 +271,10 @@ def make_aipo_policy_loss_class() -> type:
             self.stats = LossStats()
             # OpenRLHF builds its loss in ActorPPOTrainer.__init__: ppo_actor is fully
             # imported now and no ppo_train has run yet, so this is where the metrics go in.
-            install_metrics(sys.modules.get(PPO_ACTOR_MODULE))
+            ppo_actor = sys.modules.get(PPO_ACTOR_MODULE)
+            install_metrics(ppo_actor)
+            if self._separate():
+                install_separate_normalizers(ppo_actor, self.agent_loss)
             # WARNING, not INFO: Ray workers have no handler, and this line is the evidence
             # in a worker's log that the AIPO term is the one being trained.
             logger.warning(
@@ -178,6 +284,42 @@ def make_aipo_policy_loss_class() -> type:
                 if self.agent_loss.trains_agent_tokens()
                 else "agent tokens not trained; stock PPO on policy tokens",
             )
+
+        def _separate(self) -> bool:
+            return (
+                self.agent_loss.trains_agent_tokens()
+                and self.agent_loss.agent_normalization == "separate"
+            )
+
+        def _separate_normalizers(
+            self,
+            action_mask: torch.Tensor,
+            policy: torch.Tensor,
+            agent: torch.Tensor,
+            stock: dict[str, Any],
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+            """The policy term's and the agent term's normalisers (module docstring)."""
+            if stock["batch_num_tokens"] is None and stock["global_batch_size"] is None:
+                # No global counts (a direct call): this micro-batch's own, as masked means.
+                return tuple(  # type: ignore[return-value]
+                    dict(
+                        dp_size=stock["dp_size"],
+                        batch_num_tokens=mask.sum().clamp(min=1).float(),
+                        global_batch_size=mask.any(dim=-1).sum().clamp(min=1).float(),
+                    )
+                    for mask in (policy, agent)
+                )
+            pending = _next_separate[:]
+            _next_separate.clear()
+            if not pending or pending[0][0] != action_mask.shape:
+                raise RuntimeError(
+                    "agent_normalization 'separate' needs the optimizer step's policy and agent "
+                    "token counts, which the wrapped ppo_actor.iter_grad_accum_global_norm "
+                    "provides; none came for this micro-batch (dynamic batching counts "
+                    "elsewhere): set agent_loss.agent_normalization: shared"
+                )
+            _, policy_info, agent_info = pending[0]
+            return policy_info, agent_info
 
         def _policy_token_stats(
             self,
@@ -232,22 +374,30 @@ def make_aipo_policy_loss_class() -> type:
             policy, agent = trained_token_masks(
                 self.agent_loss.mask_rule(), action_mask, agent_mask, advantages
             )
-            # The loss's own mask: agent tokens that agent_positive_only leaves out are not
-            # counted either, as in the embedded trainer (a global batch_num_tokens, counted by
-            # OpenRLHF before the loss, still includes them).
-            trained = (policy | agent).to(action_mask.dtype)
+            if self._separate():
+                # Each term over its own tokens, with the step's own counts of them.
+                policy_norm, agent_norm = self._separate_normalizers(
+                    action_mask, policy, agent, stock
+                )
+                policy_over, agent_over = policy.to(action_mask.dtype), agent.to(action_mask.dtype)
+            else:
+                # The loss's own mask: agent tokens that agent_positive_only leaves out are not
+                # counted either, as in the embedded trainer (a global batch_num_tokens, counted
+                # by OpenRLHF before the loss, still includes them).
+                policy_norm = agent_norm = stock
+                policy_over = agent_over = (policy | agent).to(action_mask.dtype)
             # Agent tokens: zero advantage and a neutral rollout log-prob in the stock
-            # term, so they add nothing there but still count in its normalisation.
+            # term, so they add nothing there (and, shared, still count in its normalisation).
             policy_adv = torch.where(agent_mask, torch.zeros_like(advantages), advantages)
             policy_rollout = torch.where(agent_mask, old_log_probs.detach(), policy_rollout)
             loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio = super().forward(
-                log_probs, old_log_probs, policy_adv, trained, policy_rollout, **stock
+                log_probs, old_log_probs, policy_adv, policy_over, policy_rollout, **policy_norm
             )
             per_token, coef, clipped = agent_token_terms(
                 self.agent_loss, log_probs, behavior, advantages, agent
             )
             loss = loss + aggregate_loss(
-                per_token, trained, token_level_loss=self.token_level_loss, **stock
+                per_token, agent_over, token_level_loss=self.token_level_loss, **agent_norm
             )
             with torch.no_grad():
                 self.stats.add_policy(
