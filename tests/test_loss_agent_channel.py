@@ -246,9 +246,17 @@ def _max_diff(a, b) -> float:
     )
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
-def test_separate_update_in_two_micro_batches_equals_one(aggregation: str) -> None:
+@pytest.fixture
+def one_thread():
+    """A tiny model runs fastest on one thread (and does not fight other processes for cores)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_separate_update_in_two_micro_batches_equals_one(aggregation: str, one_thread) -> None:
     base = random_llama(61, seed=2, layers=1)
     loss_fn = AIPOLoss(LossConfig(aggregation=aggregation, agent_mode="supervised"))
     whole = _updated(base, loss_fn, micro_batch_size=4)
