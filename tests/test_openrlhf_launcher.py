@@ -160,11 +160,12 @@ def _dry_run_args(recipe: OpenRLHFRecipe, launch_dir: Path, capsys):
 def test_relative_outputs_and_data_are_absolute_against_the_launch_directory(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "deepmath_train.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    (tmp_path / "data" / "held_out.jsonl").write_text('{"question": "2+2", "answer": "4"}\n')
     overrides = [
         f"executor.endpoints_file={_endpoints(tmp_path)}",
         "openrlhf.ckpt.output_dir=null",  # unset: OpenRLHF's relative default, resolved too
         "openrlhf.logger.tensorboard_dir=runs/tb",
-        "openrlhf.eval.dataset=OpenRLHF/prompt-collection-v0.1@main,data/deepmath_train.jsonl",
+        "openrlhf.eval.dataset=OpenRLHF/prompt-collection-v0.1@main,data/held_out.jsonl",
     ]
     args = _dry_run_args(load_recipe(GRPO, overrides), tmp_path, capsys)  # grpo_1node
     assert args.ckpt.path == str(tmp_path / "ckpt" / "grpo_1node")
@@ -173,7 +174,7 @@ def test_relative_outputs_and_data_are_absolute_against_the_launch_directory(tmp
     assert args.data.prompt_dataset == str(tmp_path / "data" / "deepmath_train.jsonl")
     # A Hugging Face dataset id is left alone; a local entry beside it is resolved.
     assert args.eval.dataset == (
-        f"OpenRLHF/prompt-collection-v0.1@main,{tmp_path / 'data' / 'deepmath_train.jsonl'}"
+        f"OpenRLHF/prompt-collection-v0.1@main,{tmp_path / 'data' / 'held_out.jsonl'}"
     )
     assert args.actor.model_name_or_path == "Qwen/Qwen3-1.7B"  # a Hub id, not a path here
 
@@ -297,3 +298,28 @@ def test_a_recipe_setting_openrlhfs_runtime_env_variables_is_refused(name):
     assert load_recipe(GRPO, ["ray.env_vars.MY_FLAG=verbose"]).ray.env_vars == {
         "MY_FLAG": "verbose"
     }
+
+
+def test_evaluation_data_that_repeats_training_questions_is_refused(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr("subprocess.call", lambda command, **_: calls.append(command) or 0)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The same question in other spacing and case counts; a new one does not.
+    held = [{"question": "what is  3 + 1 ?".replace(" ?", "?"), "answer": "4"}]
+    held.append({"question": "What is 9 + 1?", "answer": "10"})
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    overrides = [
+        f"executor.endpoints_file={_endpoints(tmp_path)}",
+        "openrlhf.data.prompt_dataset=data/train.jsonl",
+        "openrlhf.eval.dataset=data/test.jsonl",
+    ]
+    with pytest.raises(ValueError, match="1 of the 2 evaluation questions"):
+        run_openrlhf(load_recipe(GRPO, overrides), launch_dir=tmp_path)
+    assert not calls
+    assert run_openrlhf(load_recipe(GRPO, [*overrides, "allow_overlap=true"]), launch_dir=tmp_path) == 0
+    clean = [{"question": "What is 9 + 1?", "answer": "10"}]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean))
+    assert run_openrlhf(load_recipe(GRPO, overrides), launch_dir=tmp_path) == 0

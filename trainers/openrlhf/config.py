@@ -203,6 +203,10 @@ class OpenRLHFRecipe(BaseModel):
             + "), the embedded trainer's own; policy-token settings are OpenRLHF flags."
         ),
     )
+    allow_overlap: bool = Field(
+        default=False,
+        description="Launch even when the evaluation data (eval.dataset) shares questions with the training data (data.prompt_dataset), compared by normalised question text (tasks/splits.py). Default False: such a launch is refused.",
+    )
     openrlhf: dict[str, FlagValue] = Field(
         default_factory=dict,
         description="OpenRLHF 0.11.2 flags without the leading '--' ('actor.model_name_or_path': ...); True = bare switch, False/None = omitted, lists = several values.",

@@ -145,6 +145,31 @@ def missing_data(flags: dict[str, FlagValue]) -> list[str]:
     ]
 
 
+def data_overlap(flags: dict[str, FlagValue]) -> tuple[int, int, list[str]]:
+    """Questions of the local ``eval.dataset`` files that also occur in the local training data.
+
+    Compared by :func:`tasks.splits.normalize_question` of each row's ``data.input_key``
+    (OpenRLHF's default ``input``). Hub datasets are not read (nothing is downloaded
+    here). Returns ``(overlapping, evaluated, examples)``.
+    """
+    from tasks.sources import read_local
+    from tasks.splits import normalize_question
+
+    key = str(flags.get("data.input_key") or "input")
+
+    def questions(flag: str) -> list[str]:
+        out = []
+        for name, entry, local in dataset_entries(flags):
+            if name == flag and local and Path(entry).is_file():
+                out += [str(row[key]) for row in read_local(entry) if row.get(key) is not None]
+        return out
+
+    train = {normalize_question(q) for q in questions("data.prompt_dataset")}
+    held = questions("eval.dataset")
+    shared = [q for q in held if normalize_question(q) in train]
+    return len(shared), len(held), shared[:2]
+
+
 def flag_argv(flags: dict[str, Any]) -> list[str]:
     """OpenRLHF argv from a flag map: True = bare switch, False/None omitted, lists spread."""
     argv: list[str] = []
@@ -271,6 +296,8 @@ def run_openrlhf(
         OpenRLHFVersionError: the OpenRLHF installed here is not the pinned release.
         OpenRLHFArgumentError: OpenRLHF's parser refuses the flags.
         FileNotFoundError: the endpoints file or a local dataset is missing (a real launch only).
+        ValueError: the local evaluation data shares questions with the training data
+            (unless the recipe sets ``allow_overlap``).
     """
     here = Path.cwd() if launch_dir is None else Path(launch_dir)
     check_openrlhf_version()
@@ -283,6 +310,16 @@ def run_openrlhf(
         )
     for entry in missing:
         print(f"note: {entry} does not exist yet; a real launch refuses it", file=sys.stderr)
+    shared, evaluated, examples = data_overlap(resolved_flags(recipe, here))
+    if shared:
+        message = (
+            f"{shared} of the {evaluated} evaluation questions (eval.dataset) are also training "
+            f"questions (data.prompt_dataset), e.g. {examples}: evaluate on another split or "
+            "dataset, or set allow_overlap: true in the recipe to launch knowingly"
+        )
+        if not recipe.allow_overlap:
+            raise ValueError(message)
+        print(f"note: {message}", file=sys.stderr)
     command = build_command(recipe, dry_run=dry_run, launch_dir=here)
     if recipe.ray.submit:
         if dry_run:
