@@ -61,6 +61,9 @@ CALIBRATION_GAIN_FLOOR = 0.10  #: a probe gain below this: the control does not 
 CALIBRATION_SHARE = 0.8  #: steps = first checkpoint with this share of the largest gain
 #: Warm-up fit: the warm-up's own defaults (trainers/warmup.py).
 WARM_EPOCHS, WARM_BATCH, WARM_LR = 3, 8, 1.0e-4
+#: The warm-up's check: with every consult answered, at least this share of the calibration
+#: words' questions must end with the right code, or the experiment stops before any arm.
+CHECK_QUESTIONS, CHECK_MIN_ACCURACY = 32, 0.5
 #: Warm-up questions (of the warm-up words' 90 pairs, drawn by the seed): each gives a solo
 #: and a consulting demonstration. A fit costs about 12 s a batch of 8 on two cores.
 WARM_PAIRS = 48
@@ -161,14 +164,14 @@ async def _solo(
                 "consult_attempt_rate": attempts / len(trajectories),
                 "problems": len(correct),
                 "correct": correct,
-                "probe": probe(generator, task, config),
+                "probe": await probe(model, task, config),
             }
     finally:
         await generator.aclose()
     return out
 
 
-def probe(generator: Any, task: Any, config: TrainConfig) -> dict[str, float]:
+async def probe(model_dir: Path, task: Any, config: TrainConfig) -> dict[str, float]:
     """P(the word's digit | the solo prompt, then "word = "), for every word of ``task``.
 
     For each word, the first of ``task``'s questions that has it; the prompt is the env's
@@ -180,9 +183,11 @@ def probe(generator: Any, task: Any, config: TrainConfig) -> dict[str, float]:
     import torch
 
     from aipo_env.env import ConsultEnv
+    from policies.loading import load_causal_lm, load_tokenizer
 
-    tokenizer = generator.tokenizer
-    model = generator.model
+    # The trainer's float32 weights, not the generator's (possibly bfloat16) copy.
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), dtype=torch.float32).eval()
     digits = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
     if any(len(d) != 1 for d in digits):
         raise ValueError("the probe needs single-token digits; this tokenizer splits them")
@@ -195,10 +200,10 @@ def probe(generator: Any, task: Any, config: TrainConfig) -> dict[str, float]:
         where.setdefault(second, (problem, f"{first} = {task.book[first]}. {second} = "))
     probs, shares, top = [], [], []
     for word, (problem, prefix) in sorted(where.items()):
-        obs, _ = env.reset(options={"problem_id": problem.id})
+        obs, _ = await env.areset(options={"problem_id": problem.id})
         ids = list(obs) + tokenizer.encode(prefix, add_special_tokens=False)
         with torch.no_grad():
-            logits = model(torch.tensor([ids], device=generator.device)).logits[0, -1].float()
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
         p = torch.softmax(logits, dim=-1)[digit_ids]
         right = task.book[word]
         probs.append(float(p[right]))
@@ -266,6 +271,44 @@ async def _scripted(config: TrainConfig, tokenizer: Any, task: Any) -> list[Any]
     return out
 
 
+async def _consulted(model: Path, seed: int) -> dict[str, float]:
+    """The warm-up's check: every consult answered by the oracle, on calibration words."""
+    from agents.pool import AgentPool
+    from aipo_env.rollout import RolloutConfig, RolloutDriver
+    from policies import make_generator
+    from tasks.codebook import CodebookTask
+
+    config = base_config([f"seed={seed}"])
+    task = CodebookTask(words="calibration", split="all", seed=seed, size=CHECK_QUESTIONS)
+    generator = make_generator(str(model), seed=seed, max_context=config.policy.max_context)
+    pool = AgentPool.from_config(
+        config.agents,
+        task=task,
+        max_reply_tokens=config.env.max_reply_tokens,
+        timeout_s=config.env.agent_timeout_s,
+        seed=seed,
+    )
+    rollout = RolloutConfig(
+        n_samples=1,
+        temperature=TEMPERATURE,
+        max_new_tokens=config.env.max_new_tokens_per_turn,
+        seed=seed,
+        schedule={"start_fraction": 1.0, "end_fraction": 1.0},
+    )
+    try:
+        driver = RolloutDriver(generator, task, pool, config.env, rollout)
+        done = await driver.run([p.id for p in task.problems])
+    finally:
+        await pool.aclose()
+        await generator.aclose()
+    n = len(done)
+    return {
+        "questions": n,
+        "accuracy": sum(bool(t.verifier and t.verifier.correct) for t in done) / n,
+        "consulted": sum(t.consults > 0 for t in done) / n,
+    }
+
+
 def warm(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seed ``seed``'s format warm-up (trained now, or read back): its record."""
     from aipo_env import sources
@@ -284,7 +327,9 @@ def warm(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_policy(config.policy)
     from tasks.codebook import CodebookTask
 
-    task = CodebookTask(words="warmup", split="all", fact_seed=seed, seed=seed, size=args.warm_pairs)
+    task = CodebookTask(
+        words="warmup", split="all", fact_seed=seed, seed=seed, size=args.warm_pairs
+    )
     trajectories = asyncio.run(_scripted(config, tokenizer, task))
     demos = [
         Demonstration(
@@ -320,11 +365,23 @@ def warm(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "consulting": sum(d.consulted for d in demos),
         "trained_tokens": sum(d.trained_tokens for d in demos),
         "fit_losses": losses,
+        "check": asyncio.run(_consulted(root / "model", seed)),
         "solo": measure(root / "model", seed, args.samples, not args.no_progress),
     }
     record["wall_s"] = time.perf_counter() - started
     write_record(record_path, record)
     return record
+
+
+def check_warm(record: dict[str, Any]) -> None:
+    """Stop before any arm when the warm-up did not teach the format (pre-registered)."""
+    check = record["check"]
+    if check["accuracy"] < CHECK_MIN_ACCURACY:
+        raise SystemExit(
+            f"seed {record['seed']}'s warm-up failed its check: with every consult answered it "
+            f"solved {check['accuracy']:.2f} of {check['questions']} calibration questions "
+            f"(needs {CHECK_MIN_ACCURACY}); no arm runs from it (docs/efficacy.md)"
+        )
 
 
 # -- calibration --------------------------------------------------------------------------
@@ -338,6 +395,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
     start = warm(0, args)
+    check_warm(start)
     run_dir = Path(args.run_root) / "calibration"
     config = base_config(
         [
@@ -369,14 +427,7 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _probe_only(model: Path, task: Any) -> dict[str, float]:
-    from policies import make_generator
-
-    config = base_config([])
-    generator = make_generator(str(model), max_context=config.policy.max_context)
-    try:
-        return probe(generator, task, config)
-    finally:
-        asyncio.run(generator.aclose())
+    return asyncio.run(probe(model, task, base_config([])))
 
 
 def choose_steps(probe_by_step: dict[int, float]) -> dict[str, Any]:
@@ -681,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== every arm trains {args.steps} steps", flush=True)
         for seed in args.seeds:  # seed by seed: a stopped run has whole seeds to report
             warm_record = warm(seed, args)
+            check_warm(warm_record)
             for arm in args.arms:
                 run_arm(arm, seed, warm_record, args)
     runs, warms, calibration = _finished(out)
