@@ -63,7 +63,7 @@ from benchmarks.arm_runs import (  # noqa: E402
     read_finished,
     write_record,
 )
-from benchmarks.seed_stats import compare_by_seed, describe, legend  # noqa: E402
+from benchmarks.seed_stats import compare_baselines, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -218,13 +218,7 @@ def paired(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         score = seed_score(r)
         if isinstance(score, dict) or math.isfinite(score):
             by_arm[r["arm"]][r["seed"]] = score
-    out: dict[str, dict[str, Any]] = {}
-    for baseline, arms in BASELINES.items():
-        against = {arm: compare_by_seed(by_arm[baseline], by_arm[arm]) for arm in arms}
-        against = {arm: c for arm, c in against.items() if c is not None}
-        if against:
-            out[baseline] = against
-    return out
+    return compare_baselines(by_arm, BASELINES)
 
 
 def render_markdown(

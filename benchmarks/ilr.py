@@ -52,7 +52,7 @@ from benchmarks.arm_runs import (  # noqa: E402
     read_finished,
     write_record,
 )
-from benchmarks.seed_stats import compare_by_seed, describe, legend  # noqa: E402
+from benchmarks.seed_stats import compare_baselines, describe, legend  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.metrics import read_metrics, save_figure  # noqa: E402
 
@@ -222,13 +222,7 @@ def seed_score(record: dict[str, Any]) -> float | dict[str, float]:
 def paired(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each arm of :data:`BASELINES` against its baseline, seed by seed: held-out accuracy after."""
     by_arm = {arm: {r["seed"]: seed_score(r) for r in records if r["arm"] == arm} for arm in ARMS}
-    out: dict[str, dict[str, Any]] = {}
-    for baseline, arms in BASELINES.items():
-        against = {arm: compare_by_seed(by_arm[baseline], by_arm[arm]) for arm in arms}
-        against = {arm: c for arm, c in against.items() if c is not None}
-        if against:
-            out[baseline] = against
-    return out
+    return compare_baselines(by_arm, BASELINES)
 
 
 def render_markdown(table: dict[str, Any], command: str, vs: dict[str, dict[str, Any]]) -> str:

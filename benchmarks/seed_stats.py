@@ -249,3 +249,23 @@ def describe(comparison: dict[str, Any]) -> str:
             f"over {pairs['problems']} pairs"
         )
     return "; ".join(parts)
+
+
+def compare_baselines(
+    by_arm: Mapping[str, Mapping[int, float | Mapping[str, float]]],
+    baselines: Mapping[str, Sequence[str]],
+) -> dict[str, dict[str, Any]]:
+    """Each arm against its baseline (:func:`compare_by_seed`), ``{baseline: {arm: comparison}}``.
+
+    Arms or baselines with no shared seed are left out, and so is a baseline with none.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for baseline, arms in baselines.items():
+        against = {
+            arm: compare_by_seed(by_arm.get(baseline, {}), by_arm.get(arm, {})) for arm in arms
+        }
+        against = {arm: c for arm, c in against.items() if c is not None}
+        if against:
+            out[baseline] = against
+    return out
+
