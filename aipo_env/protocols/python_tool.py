@@ -19,8 +19,11 @@ PYTHON_CLOSE = "</python>"
 TOOL_NAME = "python"
 _CODE = re.compile(r"<python>(.*?)</python>\s*$", re.DOTALL)
 _COMPLETE = re.compile(r"<python>.*?</python>", re.DOTALL)
-#: Code blocks and result blocks (an unclosed result runs to the end): never the answer.
-_NOT_ANSWER = re.compile(r"<python>.*?</python>|<result>.*?(?:</result>|$)", re.DOTALL)
+#: Code blocks and result blocks (an unclosed result runs to the end): never the answer,
+#: in any case (a forged ``<RESULT>`` must not be scored either).
+_NOT_ANSWER = re.compile(
+    r"<python>.*?</python>|<result>.*?(?:</result>|$)", re.DOTALL | re.IGNORECASE
+)
 
 INSTRUCTIONS = (
     "You may run Python code: write <python>code</python> and stop; its standard output "

@@ -30,8 +30,11 @@ RESULT_CLOSE = "\n</result>"
 #: A closing tool tag that ends the text (trailing whitespace allowed).
 _BLOCK_END = re.compile(r"</(python|search)>\s*$")
 _COMPLETE = re.compile(r"<(python|search)>.*?</\1>", re.DOTALL)
-#: Tool calls and result blocks (an unclosed result runs to the end): never the answer.
-_NOT_ANSWER = re.compile(r"<(python|search)>.*?</\1>|<result>.*?(?:</result>|$)", re.DOTALL)
+#: Tool calls and result blocks (an unclosed result runs to the end): never the answer. In
+#: any case: ``<RESULT>`` is no request, but a forged answer must not be scored through it.
+_NOT_ANSWER = re.compile(
+    r"<(python|search)>.*?</\1>|<result>.*?(?:</result>|$)", re.DOTALL | re.IGNORECASE
+)
 #: A markdown fence around code, which models often write inside <python>.
 _FENCE = re.compile(r"^```[A-Za-z0-9_+-]*[ \t]*\n(.*?)\n?```$", re.DOTALL)
 #: What an empty block should have held, per tool, for the error the policy reads.
