@@ -26,7 +26,7 @@ from aipo_env.actions import normalize_action
 from aipo_env.async_env import AsyncEnv
 from aipo_env.config import EnvConfig
 from aipo_env.episode_state import EpisodeState, ProblemPicker
-from aipo_env.injection import call_service, full_render_drift, reply_pieces
+from aipo_env.injection import call_service, full_render_drift, reply_pieces, short_error
 from aipo_env.masks import MaskRule
 from aipo_env.protocols import InteractionProtocol, make_protocol
 from aipo_env.protocols.base import encode_injected
@@ -329,6 +329,8 @@ class ConsultEnv(AsyncEnv):
             if reply is not None:
                 record.cached_tokens, record.cache_hit = reply.cached_tokens, reply.cache_hit
                 record.leak = reply.leak
+        if error is not None:
+            error = short_error(self.tokenizer, error, self.config.max_reply_tokens)
         record.error = error
         injection = reply_pieces(
             self.protocol,

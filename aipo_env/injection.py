@@ -10,6 +10,7 @@ chat template (delta tokenization, :mod:`aipo_env.protocols.chat`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ from aipo_env.trajectory import ConsultRecord
 
 #: One injected run of tokens: ids, their source label, their behaviour log-probs.
 Piece = tuple[list[int], str, list[float | None]]
+
+#: Characters of an error message kept before it is tokenized (then it is cut again to the
+#: env's reply cap): an agent's exception text may be megabytes.
+MAX_ERROR_CHARS = 500
+#: Characters of reply text kept per token of the reply cap before tokenizing: a tool's
+#: output may be megabytes, and tokenizing it all would block the event loop for seconds.
+#: Tokens rarely span more than a few characters, so the token cap still decides the cut.
+CHARS_PER_REPLY_TOKEN = 32
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +90,64 @@ def template_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
+def short_error(tokenizer: Any, message: str, max_tokens: int) -> str:
+    """``message`` cut to :data:`MAX_ERROR_CHARS` characters, then to ``max_tokens`` tokens.
+
+    Every error the policy reads (a malformed request, a budget, an agent's exception)
+    passes here, so none can fill the context; its start, which says what failed, is kept.
+    """
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + " [...]"
+    ids = encode_injected(tokenizer, message)
+    if len(ids) > max_tokens:
+        message = tokenizer.decode(ids[:max_tokens], skip_special_tokens=False) + " [...]"
+    return message
+
+
+def reply_ids(
+    tokenizer: Any, reply: AgentReply, max_tokens: int
+) -> tuple[list[int], list[float | None], bool]:
+    """``(ids, behaviour log-probs, truncated)`` of ``reply``'s injected body, at most ``max_tokens``.
+
+    The reply's own ids keep their log-probs when they are usable: aligned with the
+    log-probs and inside the vocabulary. Ids outside it (negative, or past ``len(tokenizer)``)
+    would end the run at the update's embedding lookup, so such a reply falls back to its
+    text, as does a reply without ids. The text is cut to ``max_tokens`` times
+    :data:`CHARS_PER_REPLY_TOKEN` characters before it is tokenized.
+    """
+    if (
+        reply.token_ids is not None
+        and reply.logprobs is not None
+        and len(reply.logprobs) == len(reply.token_ids)
+    ):
+        vocab = len(tokenizer)
+        outside = [i for i in reply.token_ids if not 0 <= i < vocab]
+        if not outside:
+            # Never a control token (a turn marker or EOS inside a reply would end the
+            # policy's turn for it).
+            special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+            kept = [
+                (i, lp)
+                for i, lp in zip(reply.token_ids, reply.logprobs, strict=True)
+                if i not in special
+            ]
+            ids, lps = [i for i, _ in kept], [lp for _, lp in kept]
+            return ids[:max_tokens], lps[:max_tokens], len(ids) > max_tokens
+        logger.warning(
+            "agent %r replied with token id %d, outside the vocabulary 0..%d; "
+            "its text is injected instead",
+            reply.agent,
+            outside[0],
+            vocab - 1,
+        )
+    limit = max_tokens * CHARS_PER_REPLY_TOKEN
+    text = reply.text[:limit]
+    ids = encode_injected(tokenizer, text)
+    truncated = len(ids) > max_tokens or len(reply.text) > limit
+    ids = ids[:max_tokens]
+    return ids, [None] * len(ids), truncated
+
+
 def reply_pieces(
     protocol: InteractionProtocol,
     tokenizer: Any,
@@ -90,9 +159,9 @@ def reply_pieces(
 ) -> Injection:
     """The injected segment for ``reply`` (or for ``error`` when there is no usable reply).
 
-    The reply's own ids and log-probs are kept when the service returned them; its text
-    is tokenized otherwise. A reply longer than ``config.max_reply_tokens`` is cut
-    (``record.reply_truncated``).
+    The reply's body comes from :func:`reply_ids`: its own ids and log-probs when they are
+    usable, its text tokenized otherwise, cut to ``config.max_reply_tokens``
+    (``record.reply_truncated``). ``error`` should have passed :func:`short_error`.
     """
 
     def env(text: str) -> Piece:
@@ -103,28 +172,8 @@ def reply_pieces(
     if reply is None:
         open_text, close_text = protocol.error_text(target, error or "no reply"), ""
     else:
-        if (
-            reply.token_ids is not None
-            and reply.logprobs is not None
-            and len(reply.logprobs) == len(reply.token_ids)
-        ):
-            # A reply's own ids keep their log-probs, but never a control token (a turn
-            # marker or EOS inside a reply would end the policy's turn for it).
-            special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-            kept = [
-                (i, lp)
-                for i, lp in zip(reply.token_ids, reply.logprobs, strict=True)
-                if i not in special
-            ]
-            ids, lps = [i for i, _ in kept], [lp for _, lp in kept]
-        else:
-            ids = encode_injected(tokenizer, reply.text)
-            lps = [None] * len(ids)
-        cap = config.max_reply_tokens
-        if len(ids) > cap:
-            ids, lps = ids[:cap], lps[:cap]
-            record.reply_truncated = True
-        record.reply_truncated = record.reply_truncated or reply.truncated
+        ids, lps, truncated = reply_ids(tokenizer, reply, config.max_reply_tokens)
+        record.reply_truncated = truncated or reply.truncated
         # Labelled by the agent the policy asked, whatever name the reply carries.
         body = (ids, sources.agent(target or reply.agent or "unknown"), lps)
         open_text, close_text = protocol.reply_markup(target)

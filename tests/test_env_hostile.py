@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 
-from agents.base import AgentReply
+from agents.base import Agent, AgentReply, ConsultRequest
+from agents.pool import AgentPool
 from aipo_env.batch import collate
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
+from aipo_env.injection import MAX_ERROR_CHARS
+from aipo_env.protocols.base import encode_injected
 from aipo_env.trajectory import Trajectory
 from policies.base import Generation
 
@@ -141,3 +145,57 @@ async def test_a_reply_that_would_overflow_the_context_is_still_counted(tokenize
     t = await play(env, [request, EOS])
     assert t.finish_reason == "context_overflow"
     assert len(agents.requests) == 1 and t.consults == 1
+
+
+class _Agent(Agent):
+    """One agent that returns (or raises) what it was given, for the pool."""
+
+    def __init__(self, name: str, behaviour: AgentReply | BaseException) -> None:
+        self.name, self.behaviour = name, behaviour
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        if isinstance(self.behaviour, BaseException):
+            raise self.behaviour
+        return self.behaviour
+
+
+def _verify_service(kind: str, behaviour: AgentReply | BaseException, tokenizer):
+    """``verify`` answering ``behaviour`` straight to the env, or through an ``AgentPool``."""
+    if kind == "pool":
+        return AgentPool({"verify": _Agent("verify", behaviour)}, tokenizer=tokenizer)
+    return ScriptedAgents({"verify": behaviour})
+
+
+@pytest.mark.parametrize("service", ["direct", "pool"])
+async def test_reply_ids_outside_the_vocabulary_fall_back_to_the_reply_text(
+    tokenizer, task, service: str
+) -> None:
+    vocab = len(tokenizer)
+    bad = AgentReply(
+        agent="verify", text="Fine.", token_ids=[42, vocab + 5, -1], logprobs=[-1.0] * 3
+    )
+    agents = _verify_service(service, bad, tokenizer)
+    request = '<consult agent="verify">a?</consult>'
+    t = await play(ConsultEnv(task, agents, tokenizer), [request, EOS])
+    assert t.consults == 1 and t.finish_reason == "eos"
+    assert ids_of(t, "agent:verify") == encode_injected(tokenizer, "Fine.")
+    batch = collate([t], pad_token_id=0, agent_names=("verify",))
+    torch.nn.Embedding(vocab, 2)(batch.input_ids)  # the update's lookup: no IndexError
+
+
+@pytest.mark.parametrize("service", ["direct", "pool"])
+async def test_an_agent_error_of_any_length_costs_a_short_error(
+    tokenizer, task, service: str
+) -> None:
+    huge = "boom " * 20_000  # 100,000 characters
+    behaviour = (
+        AgentReply(agent="verify", error=huge) if service == "direct" else RuntimeError(huge)
+    )
+    config = EnvConfig(max_reply_tokens=64)
+    agents = _verify_service(service, behaviour, tokenizer)
+    request = '<consult agent="verify">a?</consult>'
+    t = await play(ConsultEnv(task, agents, tokenizer, config), [request, EOS])
+    assert (t.finish_reason, t.consult_errors) == ("eos", 1)
+    error = t.turns[0].consult.error
+    assert error.startswith("agent 'verify'") and len(error) <= MAX_ERROR_CHARS + 40
+    assert t.source.count("env") <= config.max_reply_tokens + 20, t.source.count("env")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from scripted import AdditionTask, ScriptedGenerator
@@ -156,6 +157,44 @@ async def test_a_call_printing_megabytes_gets_a_bounded_masked_reply_and_the_epi
     assert (t.finish_reason, t.reward, t.consults) == ("eos", 1.0, 1)
     direct = await toolbox.consult(ConsultRequest(agent="python", question="print('x' * 10**6)"))
     assert direct.truncated and direct.text == "x" * 2000
+
+
+class _CountingTokenizer:
+    """The real tokenizer, recording the length of every text it is asked to encode."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer, self.longest = tokenizer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def __call__(self, text, *args, **kwargs):
+        self.longest = max(self.longest, len(text) if isinstance(text, str) else 0)
+        return self._tokenizer(text, *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        self.longest = max(self.longest, len(text) if isinstance(text, str) else 0)
+        return self._tokenizer.encode(text, *args, **kwargs)
+
+
+async def test_python_tool_printing_15_mb_is_cut_before_it_is_tokenized(tokenizer, task) -> None:
+    # Under python_tool the runner answers the env directly (no ToolBox cut): the env cuts
+    # characters before tokenizing. Measured on a loaded 2-core machine: 16 s before, 0.2 s after.
+    ref = task.problems[0].reference
+    script = ["<python>print('x' * 15_000_000)</python>", f"\\boxed{{{ref}}}{EOS}"]
+    counting = _CountingTokenizer(tokenizer)
+    config = EnvConfig(protocol="python_tool", max_reply_tokens=64)
+    env = ConsultEnv(task, PythonRunner(timeout_s=10.0), counting, config)
+    began = time.perf_counter()
+    t = await play(env, script)
+    print(f"15 MB print answered in {time.perf_counter() - began:.2f} s")
+    _, labels, _ = feedback(t, 0, tokenizer)
+    assert 0 < labels.count("agent:python") <= 64 and t.turns[0].consult.reply_truncated
+    assert (t.finish_reason, t.reward) == ("eos", 1.0)
+    assert counting.longest <= 64 * 32, counting.longest
 
 
 # -- the search tool ---------------------------------------------------------------
