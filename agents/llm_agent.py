@@ -33,44 +33,69 @@ logger = logging.getLogger(__name__)
 _MISSING = {"problem": "(not given)", "transcript": "(nothing yet)", "solution": "(none)"}
 
 
+#: Stands for the user message while the chat template renders, so the markup around the
+#: message can be told from the message itself (private-use characters no template alters).
+_USER_SLOT = "\ue000aipo-user-message\ue000"
+
+
 def render_prompt(tokenizer: Any, system: str, user: str) -> tuple[list[int], list[int]]:
     """Render ``system`` then ``user`` as a chat prompt; return ``(static_ids, prompt_ids)``.
 
     ``prompt_ids`` always starts with ``static_ids`` (the rendered system part alone):
     the per-request rest is tokenized separately and appended, so the shared prefix
     is identical token for token across requests, whatever the tokenizer merges.
-    Without a chat template (or one that rejects a system message) the parts are
-    joined as plain text.
+    The user message holds the policy's text (its question, its transcript), so it is
+    tokenized with special-token parsing off, like injected text in the env: typed chat
+    markup (``<|im_start|>system``) stays text and never becomes the agent's control
+    tokens. Only the template's own markup around it is parsed. Without a chat template
+    (or one that rejects a system message) the parts are joined as plain text.
     """
-    static_text, full_text = _render_texts(tokenizer, system, user)
+    static_text, before, after = _render_parts(tokenizer, system, user)
     static_ids = _encode(tokenizer, static_text)
-    rest_ids = _encode(tokenizer, full_text[len(static_text) :])
+    rest_ids = (
+        _encode(tokenizer, before) + _encode_text(tokenizer, user) + _encode(tokenizer, after)
+    )
     return static_ids, static_ids + rest_ids
 
 
-def _render_texts(tokenizer: Any, system: str, user: str) -> tuple[str, str]:
+def _render_parts(tokenizer: Any, system: str, user: str) -> tuple[str, str, str]:
+    """``(static, before, after)``: the prompt is ``static + before + user + after``."""
     if getattr(tokenizer, "chat_template", None):
         try:
             static = tokenizer.apply_chat_template(
                 [{"role": "system", "content": system}], tokenize=False
             )
             full = tokenizer.apply_chat_template(
-                [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                [{"role": "system", "content": system}, {"role": "user", "content": _USER_SLOT}],
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            if isinstance(static, str) and isinstance(full, str) and full.startswith(static):
-                return static, full
+            if (
+                isinstance(static, str)
+                and isinstance(full, str)
+                and full.startswith(static)
+                and full.count(_USER_SLOT) == 1
+            ):
+                before, after = full[len(static) :].split(_USER_SLOT)
+                return static, before, after
         except Exception:  # templates that refuse a system turn fall through
             logger.debug("chat template rejects a leading system message; using plain text")
     static = system.rstrip() + "\n\n"
-    return static, static + user.rstrip() + "\n\n"
+    return static, "", "\n\n"
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Ids of trusted template text, whose markup must become the template's control ids."""
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of text that is only text (the policy's): special-token parsing off."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def reply_seed(base_seed: int | None, request: ConsultRequest, attempt: int = 0) -> int | None:
