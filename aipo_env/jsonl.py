@@ -1,4 +1,4 @@
-"""Appending to a JSON-lines file that a killed writer may have left with a torn last line.
+"""Reading, writing and appending to the JSON-lines record files of a run.
 
 Every JSONL record file of a run (rollout and evaluation trajectories, ``metrics.jsonl``)
 is written one line per record, newline included, in a single write. A process killed
@@ -6,6 +6,15 @@ mid-write leaves a last line without its newline. Appending after it would glue 
 record onto the fragment: that record is lost and the glued line, no longer the last,
 makes every later strict read of the file fail. :func:`open_for_append` first brings the
 file back to a line boundary.
+
+A line ends at ``\n`` and nowhere else. The policy's text may hold U+2028, U+2029 or
+U+0085, which JSON leaves unescaped but ``str.splitlines`` breaks lines at:
+:func:`escape_line_breaks` escapes them in what is written, and :func:`read_lines` splits
+on ``\n`` only, so files from writers that did not escape them read back too. A file
+that starts with a UTF-8 byte-order mark (an editor's save) reads as if it had none.
+A line that is not a record anywhere but last is damage (files glued by a writer older
+than :func:`open_for_append`); it is reported as :class:`JsonlError`, naming the file
+and the line, and not repaired.
 """
 
 from __future__ import annotations
@@ -21,6 +30,46 @@ logger = logging.getLogger(__name__)
 
 #: Bytes read at a time when looking back for the last newline.
 _CHUNK = 1 << 16
+#: The UTF-8 byte-order mark an editor may put at the start of a file.
+BOM = b"\xef\xbb\xbf"
+#: Characters ``str.splitlines`` breaks lines at that JSON serializers leave raw in strings.
+_RAW_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+class JsonlError(ValueError):
+    """A JSONL file cannot be read as records; the message names the file and the line."""
+
+
+def escape_line_breaks(line: str) -> str:
+    """``line`` (one JSON value) with U+0085, U+2028 and U+2029 written as ``\\uXXXX`` escapes.
+
+    Outside strings JSON has none of them, so the escapes change no value; they keep a
+    record on one line for readers that split lines the way ``str.splitlines`` does.
+    """
+    for raw, escaped in _RAW_BREAKS.items():
+        if raw in line:
+            line = line.replace(raw, escaped)
+    return line
+
+
+def read_lines(path: str | Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of ``path``, split on ``\n`` only.
+
+    A leading byte-order mark is skipped.
+
+    Raises:
+        JsonlError: the file is not UTF-8 (the message names the line of the bad byte).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise JsonlError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def is_json(line: bytes) -> bool:
@@ -64,7 +113,10 @@ def repair_torn_tail(path: str | Path, complete: Callable[[bytes], bool] = is_js
             return 0
         start = _last_line_start(file, size)
         file.seek(start)
-        if complete(file.read()):
+        last = file.read()
+        if start == 0 and last.startswith(BOM):  # a reader skips it: so does the test
+            last = last[len(BOM) :]
+        if complete(last):
             file.seek(0, os.SEEK_END)
             file.write(b"\n")
             dropped = 0

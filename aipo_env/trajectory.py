@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aipo_env import sources
-from aipo_env.jsonl import open_for_append
+from aipo_env.jsonl import JsonlError, escape_line_breaks, open_for_append, read_lines
 from tasks.base import RewardResult
 
 
@@ -181,7 +181,7 @@ class Trajectory(BaseModel):
 
 
 def _dump(trajectory: Trajectory) -> str:
-    return trajectory.model_dump_json()
+    return escape_line_breaks(trajectory.model_dump_json())
 
 
 def _is_trajectory(line: bytes) -> bool:
@@ -204,18 +204,31 @@ def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory], append: bo
 
 
 def read_jsonl(path: str | Path) -> list[Trajectory]:
-    """Read every trajectory of a JSONL file; a torn last line (killed writer) is skipped."""
+    """Read every trajectory of a JSONL file; a torn last line (killed writer) is skipped.
+
+    Lines end at ``\n`` only and a leading byte-order mark is skipped
+    (:func:`aipo_env.jsonl.read_lines`).
+
+    Raises:
+        JsonlError: a line other than the last is not a trajectory record (a record glued
+            onto a torn line, a hand edit); the message names the file, the line and why.
+    """
     out: list[Trajectory] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    lines = read_lines(path)
+    for position, (number, line) in enumerate(lines, 1):
         try:
             out.append(Trajectory.model_validate_json(line))
-        except ValueError:
-            if number == len(lines):  # written up to a kill: the episode is simply lost
+        except ValidationError as exc:
+            if position == len(lines):  # written up to a kill: the episode is simply lost
                 break
-            raise
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise JsonlError(
+                f"{path}:{number}: not a trajectory record: {first['msg']}"
+                + (f" at '{where}'" if where else "")
+                + "; the file is damaged (e.g. a record glued onto a torn line): move the "
+                "line out, or the file, to go on"
+            ) from None
     return out
 
 

@@ -21,7 +21,7 @@ from tiny_model import random_llama
 from agents.base import ConsultRequest
 from agents.pool import AgentPool, AgentPoolConfig
 from aipo.cli import main
-from aipo_env.jsonl import repair_torn_tail
+from aipo_env.jsonl import JsonlError, repair_torn_tail
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl, write_jsonl
 from tasks.base import Problem
 from trainers.checkpoint import CheckpointError, load_latest, restore_latest, save_checkpoint
@@ -99,6 +99,86 @@ def test_repair_looks_back_past_a_line_longer_than_one_read(tmp_path: Path) -> N
     assert path.read_text() == first
     assert repair_torn_tail(path) == 0  # already on a line boundary
     assert repair_torn_tail(tmp_path / "missing.jsonl") == 0
+
+
+# -- text that breaks lines, a byte-order mark, a glued line ------------------------------
+
+LINE_BREAKS = "a\u2028b\x85c\u2029d"  # str.splitlines splits at each; JSON need not escape them
+
+
+def test_line_separators_in_the_policys_text_are_written_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "rollouts.jsonl"
+    written = [_trajectory(0).model_copy(update={"error": LINE_BREAKS}), _trajectory(1)]
+    write_jsonl(path, written)
+    raw = path.read_text(encoding="utf-8")
+    assert len(raw.splitlines()) == 2 and not {"\u2028", "\x85", "\u2029"} & set(raw)
+    assert read_jsonl(path) == written
+
+
+def test_raw_line_separators_from_an_older_writer_are_read_back(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "rollouts.jsonl"
+    raw = _trajectory(0).model_copy(update={"error": LINE_BREAKS}).model_dump_json()
+    assert "\u2028" in raw  # as the old writer wrote it
+    path.write_text(raw + "\n" + _trajectory(1).model_dump_json() + "\n", encoding="utf-8")
+    assert [t.error for t in read_jsonl(path)] == [LINE_BREAKS, None]
+    assert main(["show", str(path), "--tokenizer", "none", "--no-color"]) == 0
+    assert "2 of 2 trajectories" in capsys.readouterr().out
+
+
+BOM = "\ufeff"
+
+
+def test_a_file_starting_with_a_byte_order_mark_reads_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "rollouts.jsonl"
+    lines = [_trajectory(i).model_dump_json() + "\n" for i in range(3)]
+    path.write_text(BOM + "".join(lines), encoding="utf-8")
+    assert [t.trajectory_id for t in read_jsonl(path)] == ["t0", "t1", "t2"]
+
+
+def test_a_lone_record_after_a_byte_order_mark_survives_an_append(tmp_path: Path) -> None:
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(BOM + _trajectory(0).model_dump_json(), encoding="utf-8")  # no newline
+    assert [t.trajectory_id for t in read_jsonl(path)] == ["t0"]
+    with TrajectoryWriter(path) as writer:
+        writer.write(_trajectory(1))
+    assert [t.trajectory_id for t in read_jsonl(path)] == ["t0", "t1"]
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(BOM + '{"step": 1, "reward_mean": 0.5}', encoding="utf-8")
+    with MetricsLogger(tmp_path, progress=False, tensorboard=False) as log:
+        log.log(2, {"reward_mean": 0.75})
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+
+
+def _glued(path: Path) -> None:
+    """t0, then t1's first half glued onto the whole t2 (an old writer after a kill), then t3."""
+    whole = [_trajectory(i).model_dump_json() for i in range(4)]
+    path.write_text(
+        f"{whole[0]}\n{whole[1][: len(whole[1]) // 2]}{whole[2]}\n{whole[3]}\n", encoding="utf-8"
+    )
+
+
+def test_a_record_glued_onto_a_fragment_is_named_by_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "step_000000.jsonl"
+    _glued(path)
+    with pytest.raises(JsonlError) as caught:
+        read_jsonl(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:2: ") and "\n" not in message, message
+
+
+def test_resume_over_a_glued_rollout_file_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # What --resume does first with the step's rollout file: read it back.
+    path = tmp_path / "rollouts" / "step_000000.jsonl"
+    path.parent.mkdir()
+    _glued(path)
+    from trainers.embedded import EmbeddedTrainer
+
+    monkeypatch.setattr(EmbeddedTrainer, "run", lambda self: read_jsonl(path))
+    code = main(["train", "--resume", f"run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"aipo train: {path}:2: " in err and "Traceback" not in err, err
 
 
 # -- a damaged checkpoint --------------------------------------------------------------

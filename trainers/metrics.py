@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aipo_env.jsonl import open_for_append
+from aipo_env.jsonl import open_for_append, read_lines
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
+    for _, line in read_lines(path):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from agents.config import AgentPoolConfig
     from aipo.config import ConfigError, load_config
     from aipo_env.evaluation.runner import EvalConfig, EvalInputError, evaluate, parse_task_args
+    from aipo_env.jsonl import JsonlError
 
     agents = None
     if args.agents:
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         )
-    except EvalInputError as exc:
+    except (EvalInputError, JsonlError) as exc:  # JsonlError: a damaged file under --resume
         return _fail(str(exc))
     except ValidationError as exc:
         errors = "; ".join(

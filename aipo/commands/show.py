@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the selected trajectories and a summary line; 2 on bad input."""
+    from aipo_env.jsonl import JsonlError
     from aipo_env.show import ShowFilter, load_tokenizer, render_trajectory, select, summary_line
     from aipo_env.trajectory import read_jsonl
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trajectories = read_jsonl(path)
+    except JsonlError as exc:  # names the file and the line itself
+        print(f"aipo show: not a trajectories JSONL file: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"aipo show: {path} is not a trajectories JSONL file: {exc}", file=sys.stderr)
         return 2

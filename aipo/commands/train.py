@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(config.model_dump_json(indent=2))
         return 0
 
+    from aipo_env.jsonl import JsonlError
     from trainers.checkpoint import CheckpointError
     from trainers.embedded import (
         BackendFailure,
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.run()
     except (RunDirError, HeldOutError) as exc:  # refused before anything loaded
         return _fail(str(exc))
-    except (CheckpointError, WarmupError) as exc:
+    except (CheckpointError, WarmupError, JsonlError) as exc:
         print(f"aipo train: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
