@@ -119,6 +119,9 @@ def test_a_full_disk_is_said_in_one_line(tmp_path: Path, monkeypatch, capsys) ->
         raise raised.value
 
     monkeypatch.setattr(EmbeddedTrainer, "run", full)
+    rollout = tmp_path / "run" / "rollouts" / "step_000000.jsonl"  # step 1 ran, then the save
+    rollout.parent.mkdir(parents=True)
+    rollout.write_text('{"trajectory_id": "a"}\n')
     code = main(["train", f"run_dir={tmp_path / 'run'}", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1
@@ -128,3 +131,51 @@ def test_a_full_disk_is_said_in_one_line(tmp_path: Path, monkeypatch, capsys) ->
 def test_an_empty_agent_pool_is_refused_before_anything_loads(capsys) -> None:
     code, err = train(capsys, "agents.agents={}", "env.auto_consult=null")
     assert code == 2 and "agents.agents is empty" in err
+
+
+# -- run dirs that are not a run's, and resume with nothing to resume ----------------------
+
+
+def test_a_non_empty_run_dir_holding_no_run_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    system = tmp_path / "etc"  # stands for /etc: a folder of someone else's files
+    system.mkdir()
+    (system / "passwd").write_text("root:x:0:0\n")
+    link = tmp_path / "run-link"
+    link.symlink_to(system)
+    for run_dir, named in ((system, f"'{system}'"), (link, f"'{link}' (-> {system})")):
+        code = main(["train", f"run_dir={run_dir}", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and named in err and "holds no run" in err, err
+        assert sorted(p.name for p in system.iterdir()) == ["passwd"]  # nothing written
+
+
+def test_resume_of_a_run_dir_holding_no_run_is_refused(tmp_path: Path, capsys) -> None:
+    failed_start = tmp_path / "failed"
+    failed_start.mkdir()
+    (failed_start / "config.yaml").write_text("seed: 0\n")
+    for run_dir in (tmp_path / "new", failed_start):
+        code = main(["train", "--resume", f"run_dir={run_dir}", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "holds no run to resume" in err and str(run_dir) in err, err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_resume_is_advised_only_when_a_checkpoint_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, checkpointed: bool
+) -> None:
+    from trainers.embedded import BackendFailure, EmbeddedTrainer
+
+    saved = tmp_path / "run" / "checkpoints" / "step_000002" if checkpointed else None
+
+    def fail(self):
+        raise BackendFailure(
+            "the policy backend failed its probe", completed_step=2 * checkpointed, checkpoint=saved
+        )
+
+    monkeypatch.setattr(EmbeddedTrainer, "run", fail)
+    code = main(["train", f"run_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and ("aipo train --resume" in err) == checkpointed, err
+    if not checkpointed:
+        assert "nothing to resume" in err and f"aipo train run_dir={tmp_path / 'run'}" in err

@@ -70,7 +70,7 @@ from trainers.embedded import (
 from trainers.held_out import validation_task
 from trainers.peer_config import PeerSection
 from trainers.peer_rewards import perception_calibration
-from trainers.run_state import RunDirError, RunState, open_run
+from trainers.run_state import RunDirError, RunState, check_run_dir, open_run
 from trainers.stopping import StopRequest, TrainingInterrupted
 from trainers.summary import EvalResult
 from trainers.weights import generation_paused
@@ -121,7 +121,8 @@ class PeerTrainer:
         cfg = self.config
         started = time.perf_counter()
         run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # The peers' own folders are checked by open_run; this one holds only shared files.
+        check_run_dir(run_dir, self.resume)
         write_config(cfg, run_dir / "config.yaml")
         committed = self._committed(run_dir)
         stop = StopRequest()

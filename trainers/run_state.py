@@ -83,7 +83,7 @@ class RunState:
     overlap: Overlap | None = None  #: held-out against training (trainers/held_out.py)
 
 
-def _run_contents(run_dir: Path) -> list[str]:
+def run_contents(run_dir: Path) -> list[str]:
     """What of a run ``run_dir`` holds: a logged step, a checkpoint or a trajectory.
 
     Empty files and folders do not count, so a start that failed before its first step
@@ -100,13 +100,45 @@ def _run_contents(run_dir: Path) -> list[str]:
     return found
 
 
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """The entries of a directory that holds no run, unless a run's start left them.
+
+    A start writes ``config.yaml`` before anything else, so a folder with that file is a
+    run's, however early it failed; any other non-empty folder (``/etc``, a home
+    directory, a project) is someone else's.
+    """
+    entries = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".write-check-"))
+    if not entries or (run_dir / "config.yaml").is_file():
+        return []
+    return entries
+
+
+def _shown(run_dir: Path) -> str:
+    """``'run_dir'``, with the directory it resolves to when that differs (a symlink)."""
+    resolved = run_dir.resolve()
+    return f"'{run_dir}'" + ("" if resolved == run_dir.absolute() else f" (-> {resolved})")
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir`` and check it is writable; refuse one that holds a run unless resuming it."""
-    existing = _run_contents(run_dir) if run_dir.is_dir() else []
+    """Create ``run_dir`` and check it is writable, or refuse it with :class:`RunDirError`.
+
+    Refused: a folder that holds a run unless resuming it, and a non-empty folder that
+    holds no run's files (someone else's: ``/etc``, a home directory). Symlinks are
+    followed, and the message names the target too.
+    """
+    resolved, shown = run_dir.resolve(), _shown(run_dir)
+    existing = run_contents(resolved) if resolved.is_dir() else []
     if existing and not resume:
         raise RunDirError(
-            f"run_dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); "
+            f"run_dir {shown} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it, or choose another run_dir"
+        )
+    foreign = _foreign_entries(resolved) if resolved.is_dir() and not existing else []
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunDirError(
+            f"run_dir {shown} is not empty and holds no run ({len(foreign)} entries: {listed}); "
+            "choose a new or empty directory"
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +146,29 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        raise RunDirError(f"run_dir {shown} is not writable: {exc.strerror or exc}") from None
+
+
+def check_resumable(config: TrainConfig) -> None:
+    """Refuse ``--resume`` of a run dir that holds nothing to resume, with :class:`RunDirError`.
+
+    Resuming there would silently train from scratch. Something to resume is a logged
+    step, a checkpoint or a trajectory; under ``peers:``, the shared state of a committed
+    step or any peer's.
+    """
+    run_dir = Path(config.run_dir)
+    places = [run_dir]
+    if config.peers is not None:
+        from trainers.peer_trainer import STATE
+
+        if (run_dir / STATE).is_file():
+            return
+        places += [run_dir / "peers" / name for name in config.peers.names]
+    if not any(run_contents(place.resolve()) for place in places):
         raise RunDirError(
-            f"run_dir {str(run_dir)!r} is not writable: {exc.strerror or exc}"
-        ) from None
+            f"--resume: run_dir {_shown(run_dir)} holds no run to resume (no logged step, "
+            "checkpoint or trajectory); start the run without --resume"
+        )
 
 
 def seed_everything(seed: int) -> None:

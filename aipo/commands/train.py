@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -80,19 +81,24 @@ def run(args: argparse.Namespace) -> int:
         TrainingInterrupted,
     )
     from trainers.held_out import HeldOutError
+    from trainers.run_state import check_resumable
     from trainers.warmup import WarmupError
 
+    if args.resume:
+        try:
+            check_resumable(config)
+        except RunDirError as exc:
+            return _fail(str(exc))
     if config.peers is not None:  # ILR: two or more peers trained together
         from trainers.peer_trainer import PeerTrainer
 
         trainer: Any = PeerTrainer(config, resume=args.resume, progress=not args.no_progress)
     else:
         trainer = EmbeddedTrainer(config, resume=args.resume, progress=not args.no_progress)
-    resume = (
-        "aipo train --resume"
-        + (f" --config {args.config}" if args.config else "")
-        + "".join(f" {o}" for o in args.overrides)
+    again = (f" --config {args.config}" if args.config else "") + "".join(
+        f" {o}" for o in args.overrides
     )
+    resume, fresh = f"aipo train --resume{again}", f"aipo train{again}"
     try:
         summary = trainer.run()
     except (RunDirError, HeldOutError) as exc:  # refused before anything loaded
@@ -101,24 +107,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"aipo train: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
-        print(f"\naipo train: {exc}\nContinue with: {resume}", file=sys.stderr)
+        print(f"\naipo train: {exc}\n{_go_on(config.run_dir, resume, fresh)}", file=sys.stderr)
         return 128 + int(exc.signal)
     except BackendFailure as exc:
-        print(f"aipo train: {exc}\nAfter fixing it, continue with: {resume}", file=sys.stderr)
+        print(
+            f"aipo train: {exc}\n{_after_failure(config.run_dir, exc, resume, fresh)}",
+            file=sys.stderr,
+        )
         return 1
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
+        then = _go_on(config.run_dir, resume, fresh)
         print(
             f"aipo train: {exc.strerror or 'no space left on device'}{where}; free some space, "
-            f"then continue with: {resume}",
+            f"then {then[0].lower()}{then[1:]}",
             file=sys.stderr,
         )
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the trainer handles signals
         print(
-            f"\naipo train: {_left_on_disk(config.run_dir)}\nContinue with: {resume}",
+            f"\naipo train: {_left_on_disk(config.run_dir)}\n"
+            f"{_go_on(config.run_dir, resume, fresh)}",
             file=sys.stderr,
         )
         return 130
@@ -137,3 +148,36 @@ def _left_on_disk(run_dir: str) -> str:
         else "no checkpoint was saved"
     )
     return f"interrupted at once: {saved}; finished trajectories are in {run_dir}/rollouts."
+
+
+def _go_on(run_dir: str, resume: str, fresh: str) -> str:
+    """How to go on after a stop: ``--resume`` where the run dir holds something to resume."""
+    from trainers.run_state import run_contents
+
+    if run_contents(Path(run_dir)):
+        return f"Continue with: {resume}"
+    return f"Nothing was saved to resume; start again with: {fresh}"
+
+
+def _after_failure(run_dir: str, exc: Any, resume: str, fresh: str) -> str:
+    """How to go on after a backend failure: resume only from a checkpoint.
+
+    Without one, ``--resume`` would read the failed step's trajectories back and fail
+    again (or, with none on disk, be refused), so the advice is to start afresh.
+    """
+    from trainers.run_state import run_contents
+
+    if exc.checkpoint is not None:
+        failed = Path(run_dir) / "rollouts" / f"step_{exc.completed_step:06d}.jsonl"
+        aside = (
+            f"move {failed} aside (its failed episodes would be read back), then "
+            if failed.is_file()
+            else ""
+        )
+        return f"After fixing it, {aside}continue with: {resume}"
+    if run_contents(Path(run_dir)):
+        return (
+            f"No checkpoint was saved, so there is nothing to resume: after fixing it, remove "
+            f"{run_dir} (it holds only the failed step's trajectories) and start again with: {fresh}"
+        )
+    return f"No checkpoint was saved, so there is nothing to resume: after fixing it, start again with: {fresh}"
