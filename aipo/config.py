@@ -53,12 +53,74 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message has one line per problem."""
 
 
-class _DuplicateKey(Exception):
-    """A YAML mapping repeats a key (raised while constructing, reworded by the caller)."""
+#: Values that YAML aliases (``*name``) may add to a config by repeating what an anchor
+#: holds. A config that reuses a section a few times stays far below; an alias bomb
+#: (each list repeating the one before) goes far above in a few hundred bytes.
+MAX_ALIAS_VALUES = 10_000
+
+
+class _YAMLRefusal(Exception):
+    """YAML the loader refuses (raised while composing or constructing, reworded by the caller).
+
+    ``line`` is the 1-based line it concerns, when known.
+    """
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _DuplicateKey(_YAMLRefusal):
+    """A YAML mapping repeats a key."""
+
+
+def _count_values(node: yaml.Node, limit: int) -> int:
+    """Values under ``node`` (itself included) as its aliases expand, counted up to ``limit`` + 1."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        current = stack.pop()
+        count += 1
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(part for pair in current.value for part in pair)
+    return count
 
 
 class _ConfigYAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses repeated keys and reads ``1e-6`` as a float."""
+    """PyYAML's safe loader that refuses repeated keys, alias bombs and unreadable integers,
+    and reads ``1e-6`` as a float."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._alias_values = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # Counted where an alias is met, before anything is built from it: the expansion
+        # is what exhausts memory later (validating, dumping), not the shared nodes.
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None:
+                budget = MAX_ALIAS_VALUES - self._alias_values
+                self._alias_values += _count_values(node, budget)
+                if self._alias_values > MAX_ALIAS_VALUES:
+                    raise _YAMLRefusal(
+                        f"YAML aliases (*{event.anchor} and others) would repeat more than "
+                        f"{MAX_ALIAS_VALUES} values; write the values out instead",
+                        event.start_mark.line + 1,
+                    )
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to read integers of more than 4300 digits
+            digits = sum(c.isdigit() for c in str(node.value))
+            raise _YAMLRefusal(
+                f"an integer of {digits} digits is too long to read; no setting needs one",
+                node.start_mark.line + 1,
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -74,6 +136,9 @@ class _ConfigYAMLLoader(yaml.SafeLoader):
             if first != line:
                 raise _DuplicateKey(f"duplicate key {key!r} on line {line} (first on line {first})")
         return super().construct_mapping(node, deep=deep)
+
+
+_ConfigYAMLLoader.add_constructor("tag:yaml.org,2002:int", _ConfigYAMLLoader.construct_yaml_int)
 
 
 # YAML 1.1 needs a dot in a float ("1e-6" is a string to PyYAML); accept exponent floats too.
@@ -112,10 +177,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
+    data = path.read_bytes()
     try:
-        loaded = _read_yaml(path.read_text())
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        loaded = _read_yaml(text)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except _YAMLRefusal as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"{path}{_yaml_position(exc)}: not valid YAML: {_yaml_problem(exc)}"
@@ -127,14 +202,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """An override value parsed as a YAML scalar or flow collection (text if it is not YAML)."""
+    try:
+        return _parse_value(text)
+    except _YAMLRefusal as exc:  # a duplicate key, an alias bomb, an unreadable integer
+        raise ConfigError(f"value {_clip(text)}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """:func:`parse_value`, raising :class:`_YAMLRefusal` for what the loader refuses."""
     if not text.strip():
         return ""
     try:
         return _read_yaml(text)
-    except _DuplicateKey as exc:
-        raise ConfigError(f"override value {text!r}: {exc}") from None
     except yaml.YAMLError:
         return text
+
+
+def _clip(text: str, width: int = 40) -> str:
+    """``text`` for a one-line message: at most ``width`` characters, then its length."""
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +377,10 @@ def apply_override(data: dict[str, Any], override: str, model_cls: type[BaseMode
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r} is not of the form key.sub=value")
     parts = key.split(".")
-    value = parse_value(raw)
+    try:
+        value = _parse_value(raw)
+    except _YAMLRefusal as exc:
+        raise ConfigError(f"override {key}={_clip(raw.strip())}: {exc}") from None
     node: Any = data
     annotation: Any = model_cls
     depth = 0
@@ -374,7 +463,8 @@ def _allowed_range(info) -> str | None:
     return lower or upper
 
 
-def _reword(model_cls: type[BaseModel], exc: ValidationError) -> list[str]:
+def _reword(model_cls: type[BaseModel], exc: ValidationError) -> dict[str, str]:
+    """One message per field (dotted path; ``(config)`` for a whole-model check)."""
     messages: dict[str, str] = {}
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -399,9 +489,17 @@ def _reword(model_cls: type[BaseModel], exc: ValidationError) -> list[str]:
             if not loc:  # a whole-model check: its message names the fields itself
                 messages[field] = msg
                 continue
-            shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            shown = "" if isinstance(value, (dict, list)) else f" (got {_clip(repr(value))})"
             messages[field] = f"{field}: {msg}{shown}"
-    return list(messages.values())
+    return messages
+
+
+def _override_of(field: str, set_by: dict[str, str]) -> str | None:
+    """The override that set ``field`` (or a key inside it, or the section holding it), if any."""
+    for key in sorted(set_by, key=len, reverse=True):
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            return set_by[key]
+    return None
 
 
 def load_config(model_cls: type[M], path: str | Path | None, overrides: Sequence[str] = ()) -> M:
@@ -416,8 +514,10 @@ def load_config(model_cls: type[M], path: str | Path | None, overrides: Sequence
             together.
     """
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    set_by: dict[str, str] = {}  # dotted key -> the override that set it
     for override in overrides:
         apply_override(data, override, model_cls)
+        set_by[override.partition("=")[0].strip()] = override.strip()
     errors: list[str] = []
     _check_keys(model_cls, data, "", errors)
     if errors:
@@ -425,6 +525,15 @@ def load_config(model_cls: type[M], path: str | Path | None, overrides: Sequence
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        source = f" in {path}" if path is not None else ""
-        lines = _reword(model_cls, exc)
-        raise ConfigError(f"invalid config{source}:\n" + "\n".join(lines)) from None
+        messages = _reword(model_cls, exc)
+    # The heading says where the bad values came from: the file, the overrides, or both.
+    blamed = {field: _override_of(field, set_by) for field in messages if field != "(config)"}
+    culprits = list(dict.fromkeys(o for o in blamed.values() if o is not None))
+    sources = []
+    if path is not None and (len(blamed) < len(messages) or None in blamed.values()):
+        sources.append(f"in {path}")
+    if culprits:
+        noun = "override" if len(culprits) == 1 else "overrides"
+        sources.append(f"from {noun} " + ", ".join(_clip(o) for o in culprits))
+    heading = " ".join(["invalid config", " and ".join(sources)]).rstrip()
+    raise ConfigError(f"{heading}:\n" + "\n".join(messages.values()))

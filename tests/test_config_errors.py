@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from aipo.cli import main
 from trainers import run_state
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -179,3 +183,77 @@ def test_resume_is_advised_only_when_a_checkpoint_exists(
     assert code == 1 and ("aipo train --resume" in err) == checkpointed, err
     if not checkpointed:
         assert "nothing to resume" in err and f"aipo train run_dir={tmp_path / 'run'}" in err
+
+
+# -- YAML that expands, numbers that cannot be read, bytes that are not text -----------------
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """``levels`` lists of ``width`` aliases of the list before: width**levels values."""
+    lines = ["task:", "  kwargs:", "    l0: &l0 [" + ", ".join(["lol"] * width) + "]"]
+    for level in range(1, levels):
+        aliases = ", ".join([f"*l{level - 1}"] * width)
+        lines.append(f"    l{level}: &l{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("levels", "width"), [(5, 10), (9, 9)])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path: Path, levels: int, width: int) -> None:
+    # In a child with its address space capped: before the refusal, the 9-level bomb
+    # (578 bytes) ended the process in a native allocation failure, and the 5-level one
+    # grew 346 bytes into 1.8 MB of config.
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb(levels, width))
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from aipo.cli import main\n"
+        "sys.exit(main(['train', '--dry-run', '--config', sys.argv[1]]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bomb)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, (done.returncode, err[-500:])
+    assert f"{bomb}:" in err and "alias" in err and not done.stdout
+
+
+def test_an_alias_within_the_budget_still_loads(tmp_path: Path, capsys) -> None:
+    reused = tmp_path / "reused.yaml"
+    reused.write_text("task:\n  kwargs: &kw {size: 8}\n  eval_kwargs: *kw\n")
+    code, err = train(capsys, "--config", str(reused))
+    assert code == 0, err
+
+
+def test_an_integer_too_long_to_read_is_named(tmp_path: Path, capsys) -> None:
+    digits = "1" * 5000
+    in_file = tmp_path / "seed.yaml"
+    in_file.write_text(f"train:\n  steps: 2\nseed: {digits}\n")
+    code, err = train(capsys, "--config", str(in_file))
+    assert code == 2 and f"{in_file}:3:" in err and "5000 digits" in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 300
+    code, err = train(capsys, f"seed={digits}")
+    assert code == 2 and "override seed=" in err and "5000 digits" in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 300
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None:
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("seed: 1\nrun_dir: runs/caf\xe9\n".encode("latin-1"))
+    code, err = train(capsys, "--config", str(latin))
+    assert code == 2 and f"{latin}:2:" in err and "UTF-8" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_invalid_override_is_named_as_the_override(tmp_path: Path, capsys) -> None:
+    code, err = train(capsys, "train.steps=-1")
+    assert code == 2 and "override train.steps=-1" in err and "default.yaml" not in err, err
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("train:\n  steps: 0\n")
+    code, err = train(capsys, "--config", str(bad_file), "optim.lr=5")
+    assert code == 2 and f"in {bad_file}" in err and "override optim.lr=5" in err, err
+    assert "train.steps" in err and "optim.lr" in err
