@@ -32,8 +32,10 @@ With ``bwrap`` (:func:`bwrap_problem` probes once per process whether it runs):
   dynamic loader reads; Python needs nothing else there), the Python
   installation and virtual environment, all read-only; a fresh ``/proc`` of the
   namespace, a minimal ``/dev`` with a 64 MiB ``/dev/shm``; and one writable
-  directory, ``/sandbox/work`` (cwd, HOME, TMPDIR). No other host file is
-  visible: no ``/etc/passwd``, no home directory, no checkpoint, no dataset.
+  directory, ``/sandbox/work`` (cwd, HOME, TMPDIR), a tmpfs of ``Limits.disk_mb``
+  (64 MiB) holding the program read-only: disk is capped per solution, all files
+  together. No other host file is visible: no ``/etc/passwd``, no home directory,
+  no checkpoint, no dataset.
 * IPC and UTS namespaces (``--unshare-ipc --unshare-uts``), a new session
   (``--new-session``: no terminal injection), an empty environment
   (``--clearenv``) and ``no_new_privs`` (setuid binaries under /usr gain nothing).
@@ -49,6 +51,17 @@ With ``bwrap`` (:func:`bwrap_problem` probes once per process whether it runs):
 * Limits on the solution process and its children: CPU time, address space,
   file size (which also caps stdout and stderr: they are files), no core dumps,
   and a process count (threads included).
+
+In both sandboxes the supervisor, before it forks the solution, installs a seccomp
+filter that refuses new user namespaces (``unshare``/``clone`` with CLONE_NEWUSER,
+``setns``; ``clone3`` and foreign ABIs get ENOSYS) on x86_64 and aarch64: as root,
+bwrap makes no user namespace, so ``--disable-userns`` cannot apply. Where the filter
+cannot be installed, a WARNING is logged once per process. And it sums the resident
+memory of every process below it every 50 ms (the solution, its children, their
+orphans, which come back to it) and kills them all past ``Limits.total_memory_mb``
+(default: ``memory_mb``), since RLIMIT_AS caps each process alone. cgroups would be
+exact, but are not used: they are rarely delegated to a trainer (on the machine this
+was written on, a cgroup v1 hierarchy owned by the machine's launcher).
 
 Result channel: the supervisor gets the write end of a pipe (``report_fd``) that
 the solution process closes right after the fork, before any user code runs.
@@ -77,11 +90,13 @@ user in the trainer's namespaces:
 * leftovers: a solution that kills its supervisor and calls ``setsid()``
   escapes both the subreaper and the harness's process-group kill.
 
-Still weaker than it should be, even with bwrap: no seccomp filter (the whole
-syscall surface is reachable; as root the solution may also create user
-namespaces, since ``--disable-userns`` needs a user namespace of bwrap's own),
-no cgroup (memory is capped per process by RLIMIT_AS, not in total; disk writes
-in the work directory are capped per file only), no disk quota.
+Still weaker than it should be, even with bwrap: the seccomp filter refuses user
+namespaces only (the rest of the syscall surface is reachable); the memory sum is
+sampled, so a peak shorter than 50 ms can pass it (each process stays under
+RLIMIT_AS), and it counts pages shared after a fork once per process (strict, not
+exact); the tmpfs work directory and ``/dev/shm`` (64 + 64 MiB) are memory that no
+process's resident count shows. Without bwrap the work directory is on the trainer's
+disk, capped per file only.
 """
 
 from __future__ import annotations
@@ -91,6 +106,7 @@ import functools
 import json
 import logging
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -139,6 +155,10 @@ class Limits:
     max_processes: int = 32
     #: Largest file the solution may write, stdout and stderr included, in MiB.
     output_mb: int = 16
+    #: Resident memory of all the solution's processes together, in MiB (None: ``memory_mb``).
+    total_memory_mb: int | None = None
+    #: Size of the work directory (cwd, HOME, TMPDIR), all files together, in MiB (bwrap only).
+    disk_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -202,7 +222,8 @@ def resolve_sandbox(requested: str) -> str:
         logger.warning(
             "code sandbox: %s; solutions run without OS isolation: they can reach the network, "
             "read and write the trainer's files and signal its processes, with no process-count "
-            "limit. Install bubblewrap for untrusted code (see tasks/sandbox.py).",
+            "limit and no disk limit beyond the size of each file. Install bubblewrap for "
+            "untrusted code (see tasks/sandbox.py).",
             why,
         )
     return "none"
@@ -244,6 +265,7 @@ async def run_python(
             "memory_mb": limits.memory_mb,
             "output_mb": limits.output_mb,
             "max_processes": limits.max_processes if sandbox == "bwrap" else None,
+            "total_memory_mb": limits.total_memory_mb or limits.memory_mb,
             "reap": sandbox == "none",
         }
         if sandbox == "bwrap":
@@ -251,7 +273,7 @@ async def run_python(
                 config["uid"] = _SANDBOX_UID_BASE + secrets.randbelow(_SANDBOX_UID_SPAN)
                 for path in (work, work / "solution.py"):
                     os.chown(path, config["uid"], config["uid"])
-            argv = _bwrap_argv(root, work, json.dumps(config))
+            argv = _bwrap_argv(root, work, json.dumps(config), limits.disk_mb)
             cwd = root
         else:
             argv = [sys.executable, "-I", str(root / "bootstrap.py"), json.dumps(config)]
@@ -319,9 +341,18 @@ def _outcome(
             stderr,
             failure=f"the sandbox's supervisor died without a report (exit status {returncode})",
         )
+    _warn_userns_filter(report.get("userns_filter_error"))
     if report.get("timed_out"):
         return SandboxRun(
             sandbox, stdout, stderr, failure=f"wall-time limit of {limits.wall_s:g} s exceeded"
+        )
+    if report.get("memory_exceeded"):
+        total = limits.total_memory_mb or limits.memory_mb
+        return SandboxRun(
+            sandbox,
+            stdout,
+            stderr,
+            failure=f"memory limit of {total} MiB for all the solution's processes exceeded",
         )
     return SandboxRun(
         sandbox,
@@ -332,6 +363,26 @@ def _outcome(
         value=report.get("value"),
         value_error=str(report.get("value_error") or ""),
     )
+
+
+_warned_userns_filter = False
+
+
+def _warn_userns_filter(error: object) -> None:
+    """Log once per process that the supervisor could not refuse new user namespaces."""
+    global _warned_userns_filter
+    if error and not _warned_userns_filter:
+        _warned_userns_filter = True
+        logger.warning(
+            "code sandbox: no seccomp filter (%s): solutions can create user namespaces", error
+        )
+
+
+def userns_filter_problem() -> str | None:
+    """Why the supervisor has no filter against user namespaces here, or None when it has one."""
+    if platform.machine() not in ("x86_64", "aarch64") or sys.byteorder != "little":
+        return f"no filter for the {platform.machine()} architecture"
+    return None
 
 
 async def _read_until_eof(pipe: BinaryIO) -> bytes:
@@ -357,7 +408,7 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _bwrap_argv(root: Path, work: Path, config: str) -> list[str]:
+def _bwrap_argv(root: Path, work: Path, config: str, disk_mb: int) -> list[str]:
     """The bwrap command line that runs the bootstrap with ``config`` (see module doc)."""
     argv = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
     # --as-pid-1: the supervisor is the namespace's init, immune to the solution's signals,
@@ -393,7 +444,11 @@ def _bwrap_argv(root: Path, work: Path, config: str) -> list[str]:
     argv += ["--perms", "0755", "--dir", _SANDBOX_DIR]
     inside = f"{_SANDBOX_DIR}/work"
     argv += ["--ro-bind", str(root / "bootstrap.py"), f"{_SANDBOX_DIR}/bootstrap.py"]
-    argv += ["--bind", str(work), inside, "--remount-ro", "/", "--chdir", inside]
+    # The work directory is a tmpfs of its own size: disk is capped per solution, not
+    # only per file; the program is bound into it read-only.
+    argv += ["--perms", "1777", "--size", str(disk_mb * 1024 * 1024), "--tmpfs", inside]
+    argv += ["--ro-bind", str(work / "solution.py"), f"{inside}/solution.py"]
+    argv += ["--remount-ro", "/", "--chdir", inside]
     argv += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "PYTHONHASHSEED", "0"]
     argv += ["--setenv", "HOME", inside, "--setenv", "TMPDIR", inside]
     return [*argv, "--", sys.executable, "-I", f"{_SANDBOX_DIR}/bootstrap.py", config]

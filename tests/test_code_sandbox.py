@@ -16,6 +16,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,67 @@ async def test_forked_child_that_closes_stdout_dies_with_the_test(kind: str) -> 
     finally:
         for pid in _pids_running(argv):
             os.kill(pid, 9)
+
+
+async def test_disk_writes_are_capped_per_solution_not_per_file(kind: str) -> None:
+    _skip_fallback(kind, "the work directory is on the trainer's disk; files are capped one by one")
+    # 20 files of 15 MiB each: every file is under the 16 MiB file-size limit.
+    code = (
+        "written = 0\n"
+        "try:\n"
+        "    for i in range(20):\n"
+        "        with open(f'f{i}', 'wb') as f:\n"
+        "            for _ in range(15):\n"
+        "                f.write(b'x' * (1 << 20))\n"
+        "                written += 1 << 20\n"
+        "except OSError as exc:\n"
+        "    print(f'stopped: {exc.strerror}')\n"
+        "print(f'wrote {written >> 20} MiB')\n"
+    )
+    run = await sandbox.run_python(code, stdin="", limits=sandbox.Limits(wall_s=20.0), sandbox=kind)
+    assert run.exit_code == 0, run.stderr[-300:]
+    assert "stopped: No space left on device" in run.stdout, run.stdout
+    assert int(run.stdout.split("wrote ")[1].split()[0]) <= sandbox.Limits().disk_mb
+
+
+async def test_memory_is_capped_for_all_the_solutions_processes_together(kind: str) -> None:
+    # Three processes of 300 MiB each, every one under the 512 MiB per-process cap.
+    code = (
+        "import os, time\n"
+        "for _ in range(2):\n"
+        "    if os.fork() == 0:\n"
+        "        block = b'x' * (300 << 20)\n"
+        "        time.sleep(8)\n"
+        "        os._exit(0)\n"
+        "block = b'x' * (300 << 20)\n"
+        "time.sleep(8)\n"
+        "print(5)\n"
+    )
+    task = _task(kind, memory_mb=512, wall_s=15.0)
+    began = time.monotonic()
+    result = await task.ascore(_stdin_problem("5"), _answer(code))
+    assert not result.correct and "memory" in result.reason, result.reason
+    assert time.monotonic() - began < 8, "the solution was not stopped while it held the memory"
+
+
+async def test_the_solution_cannot_create_user_namespaces(kind: str) -> None:
+    if sandbox.userns_filter_problem() is not None:
+        pytest.skip(f"no seccomp filter here: {sandbox.userns_filter_problem()}")
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "CLONE_NEWUSER = 0x10000000\n"
+        "print('created' if libc.unshare(CLONE_NEWUSER) == 0 else 'refused')\n"
+        "pid = os.fork()\n"  # fork and threads (clone without the flag) still work
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "import threading\n"
+        "t = threading.Thread(target=print, args=('thread',))\n"
+        "t.start(); t.join()\n"
+    )
+    result = await _task(kind).ascore(_stdin_problem("refused\nthread"), _answer(code))
+    assert result.correct, result.reason
 
 
 @pytest.mark.parametrize("payload", ["[2, 4, 6]", "{not json"])
