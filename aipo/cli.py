@@ -55,9 +55,6 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``aipo``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     if not argv or argv[0].startswith("-"):
         _top_parser().parse_args(argv)  # handles --help and --version
         _top_parser().print_help()
@@ -72,8 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"aipo {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="what the log on stderr shows (default: info)",
+    )
     args = parser.parse_args(rest)
+    configure_logging(args.log_level)
     return int(module.run(args) or 0)
+
+
+#: ``--log-level`` choices, every subcommand's.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str) -> None:
+    """The root logger at ``level`` on stderr, with time, level and logger name."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level.upper())
 
 
 if __name__ == "__main__":
