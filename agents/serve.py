@@ -271,11 +271,6 @@ class AgentServers:
         self._wrote_endpoints = False
 
     @property
-    def pids(self) -> list[int]:
-        """Process ids of the started servers (each leads its own process group)."""
-        return [r.process.pid for r in self._running]
-
-    @property
     def endpoints_path(self) -> Path:
         """Where the endpoints file is written."""
         return Path(self.config.endpoints_file)

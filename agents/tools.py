@@ -74,8 +74,9 @@ class ToolBox:
 
     ``python`` runs code with ``python`` (a :class:`PythonRunner`; a default one when
     None); ``search`` ranks the passages of ``search`` (a :class:`SearchIndex`). Without
-    an index, a search request gets an error reply naming the missing setting; call
-    :meth:`require_search` at start-up to fail early instead. A reply's text is cut to
+    an index, a search request gets an error reply naming the missing setting; a training
+    config that answers searches without one is refused when it is read
+    (``ToolsConfig.check_for`` in ``trainers/tool_config.py``). A reply's text is cut to
     ``max_reply_chars`` (a program may print megabytes; the env then cuts it again to
     ``EnvConfig.max_reply_tokens``), and every reply records its latency.
     """
@@ -97,12 +98,6 @@ class ToolBox:
     def names(self) -> tuple[str, ...]:
         """The tool names."""
         return ("python", "search")
-
-    def require_search(self) -> SearchIndex:
-        """The search index; ``ValueError`` naming the missing setting when there is none."""
-        if self.search is None:
-            raise ValueError(NO_SEARCH_INDEX)
-        return self.search
 
     async def consult(self, request: ConsultRequest) -> AgentReply:
         """Route ``request`` to the tool it names; never raises."""

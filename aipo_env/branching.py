@@ -9,8 +9,9 @@ trajectory's first segment:
 - ``dH = H_now - H_initial``;
 - a path branches (spawning ``beam_size - 1`` copies) unless
   ``clip(u - entropy_weight * dH, 0, 1) > branch_probability`` with ``u ~ U[0, 1)``
-  (:func:`should_branch`), so it branches with probability
-  ``clip(branch_probability + entropy_weight * dH, 0, 1)`` (:func:`branch_chance`);
+  (:func:`should_branch`); for ``branch_probability < 1`` that is
+  ``u <= branch_probability + entropy_weight * dH``, so it branches with probability
+  ``clip(branch_probability + entropy_weight * dH, 0, 1)``, and always with ``1``;
 - while the prompt's tree has room for more of its ``N`` leaves (:class:`BranchBudget`).
 
 The driver that forks episodes (:meth:`aipo_env.env.ConsultEnv.fork`) builds on these.
@@ -50,21 +51,6 @@ def normalized_entropy(
 
 def _clip(x: float) -> float:
     return min(1.0, max(0.0, x))
-
-
-def branch_chance(
-    dh: float, *, entropy_weight: float = 0.2, branch_probability: float = 0.5
-) -> float:
-    """The probability that :func:`should_branch` branches at entropy change ``dh``.
-
-    For ``p < 1``, ``clip(u - w * dH, 0, 1) <= p`` holds exactly when ``u <= p + w * dH``,
-    so for a uniform ``u`` it is ``clip(p + w * dH, 0, 1)``: a rise in entropy after a tool
-    result makes branching likelier. With ``p = 1`` the clipped value never exceeds it.
-    """
-    _check_probability(branch_probability)
-    if branch_probability == 1.0:
-        return 1.0
-    return _clip(branch_probability + entropy_weight * dh)
 
 
 def should_branch(

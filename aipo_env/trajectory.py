@@ -162,11 +162,6 @@ class Trajectory(BaseModel):
             )
         return self
 
-    @property
-    def response_ids(self) -> list[int]:
-        """The ids after the prompt."""
-        return self.token_ids[self.prompt_len :]
-
     def policy_token_count(self) -> int:
         """How many tokens the policy sampled."""
         return sum(s == sources.POLICY for s in self.source)

@@ -7,7 +7,6 @@ pass token ids and get the sampled ids back verbatim, so nothing is re-tokenized
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -162,23 +161,6 @@ class Generator(ABC):
         Raises :class:`ContextOverflowError` before any work when the prompt leaves
         no room in the context, and :class:`GenerationError` when the backend fails.
         """
-
-    async def generate_n(
-        self,
-        input_ids: Sequence[int],
-        params: SamplingParams,
-        n: int,
-        *,
-        session_id: str | None = None,
-    ) -> list[Generation]:
-        """Sample ``n`` independent continuations of the same prompt."""
-        if n < 1:
-            raise ValueError(f"n must be at least 1; got {n}")
-        return list(
-            await asyncio.gather(
-                *(self.generate(input_ids, params, session_id=session_id) for _ in range(n))
-            )
-        )
 
     def fork_session(self, parent_session: str, child_session: str) -> None:
         """Declare that ``child_session`` starts from ``parent_session``'s ids (a rollout-tree branch).

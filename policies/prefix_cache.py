@@ -135,8 +135,3 @@ class PrefixCache:
             self._sessions.clear()
             self._links.clear()
             self._static = {k: CachedPrefix(k, None) for k in self._static}
-
-    def session_count(self) -> int:
-        """How many sessions hold a cached sequence."""
-        with self._lock:
-            return len(self._sessions)

@@ -301,19 +301,6 @@ class SGLangGenerator(Generator):
     def register_prefix(self, ids: Sequence[int]) -> None:
         """Accepted for parity with the embedded backend: RadixAttention caches shared prefixes by itself."""
 
-    async def health(self) -> dict[str, bool]:
-        """``GET /health`` of every server: whether each answered 200."""
-
-        async def one(server: str) -> bool:
-            try:
-                response = await self._client.get(server + "/health")
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 200
-
-        results = await asyncio.gather(*(one(s) for s in self.base_urls))
-        return dict(zip(self.base_urls, results, strict=True))
-
     async def flush_cache(self) -> None:
         """``POST /flush_cache`` on every server (after a weight update)."""
         await asyncio.gather(

@@ -134,8 +134,3 @@ def make_task(name: str, **kwargs: Any) -> Task:
 def list_tasks() -> list[TaskSpec]:
     """Specs of every registered task, sorted by name."""
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
-
-
-def unregister_task(name: str) -> None:
-    """Remove a registered task (no error when absent)."""
-    _REGISTRY.pop(name, None)

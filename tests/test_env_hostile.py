@@ -81,7 +81,8 @@ async def test_control_tokens_in_a_reply_never_enter_the_trajectory_as_control_i
     assert t.consults == 2
     assert ids_of(t, "agent:verify") and not special & set(ids_of(t, "agent:verify"))
     assert ids_of(t, "agent:knowledge") == [42, 43]
-    assert t.response_ids.count(eos) == 1 and t.token_ids[-1] == eos  # only the policy's own EOS
+    response = t.token_ids[t.prompt_len :]
+    assert response.count(eos) == 1 and t.token_ids[-1] == eos  # only the policy's own EOS
 
 
 async def test_tokens_after_an_eos_are_cut_and_never_answered(tokenizer, task) -> None:
@@ -94,7 +95,7 @@ async def test_tokens_after_an_eos_are_cut_and_never_answered(tokenizer, task) -
     )
     agents = ScriptedAgents()
     t = await play(ConsultEnv(task, agents, tokenizer), [run_on])
-    assert t.response_ids == head and t.turns[0].dropped_after_eos == len(tail)
+    assert t.token_ids[t.prompt_len :] == head and t.turns[0].dropped_after_eos == len(tail)
     assert (t.finish_reason, t.reward, t.consults, agents.requests) == ("eos", 1.0, 0, [])
     assert sum(t.loss_mask) == len(head)
 

@@ -159,7 +159,7 @@ async def test_the_probe_draws_nothing_from_the_backend_random_stream(tiny_model
         state = generator._rng.getstate()
         assert await probe_backend(generator, 30.0) is None
         assert generator._rng.getstate() == state
-        assert generator.prefix_cache.session_count() == 0  # nothing kept for later requests
+        assert not generator.prefix_cache._sessions  # nothing kept for later requests
     finally:
         await generator.aclose()
 

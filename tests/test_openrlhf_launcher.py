@@ -29,8 +29,8 @@ from trainers.openrlhf.flags import (  # noqa: E402
     OPENRLHF_RAY_ENV_DEFAULTS,
     OUTPUT_FLAG_DEFAULTS,
     OpenRLHFArgumentError,
+    _parser,
     _train_ppo_ray_source,
-    flag_default,
     flag_names,
     parse_openrlhf_args,
 )
@@ -194,9 +194,10 @@ def test_a_missing_local_dataset_refuses_the_launch_but_not_a_hub_id(tmp_path, m
 
 
 def test_launcher_defaults_are_openrlhfs_own():
+    flags = _parser()._option_string_actions  # OpenRLHF's own PPO parser
     for name, default in OUTPUT_FLAG_DEFAULTS.items():
-        assert flag_default(name) == default
-    assert flag_default("data.max_len") == DATA_MAX_LEN_DEFAULT
+        assert flags[f"--{name}"].default == default, name
+    assert flags["--data.max_len"].default == DATA_MAX_LEN_DEFAULT
 
 
 # -- ray.submit: false: the hook and the configs still reach the workers -------------------

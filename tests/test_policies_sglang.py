@@ -150,11 +150,9 @@ async def test_server_down_gives_error_and_restart_recovers(backend, server):
     try:
         before = await client.generate(ids, GREEDY, session_id="s")
         server.stop()
-        assert (await client.health()) == {server.url: False}
         with pytest.raises(GenerationError, match="connection failed"):
             await client.generate(ids, GREEDY, session_id="s")
         server.start()  # same port
-        assert (await client.health()) == {server.url: True}
         after = await client.generate(ids, GREEDY, session_id="s")
     finally:
         await client.aclose()

@@ -35,6 +35,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def pids_of(servers: AgentServers) -> list[int]:
+    """Process ids of the servers ``servers`` has started and not yet stopped."""
+    return [running.process.pid for running in servers._running]
+
+
 def config(tmp_path: Path, command: list[str], servers: list[dict], **fields) -> ServeConfig:
     return ServeConfig(
         command=command,
@@ -81,7 +86,7 @@ async def test_serve_starts_writes_endpoints_answers_a_consult_and_stops(
             "knowledge": {"backend": f"sglang://127.0.0.1:{ports[0]}", "tokenizer": tiny_model_dir},
             "reasoning": {"backend": f"sglang://127.0.0.1:{ports[1]}", "tokenizer": tiny_model_dir},
         }
-        pids = servers.pids
+        pids = pids_of(servers)
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
 
         agents = {
@@ -101,7 +106,7 @@ async def test_serve_starts_writes_endpoints_answers_a_consult_and_stops(
         servers.stop()
     assert not Path(cfg.endpoints_file).exists()
     assert not any(alive(pid) for pid in pids)
-    assert servers.pids == []
+    assert pids_of(servers) == []
 
 
 def test_server_that_exits_at_once_reports_its_log_and_leaves_nothing(tmp_path) -> None:
@@ -118,7 +123,7 @@ def test_server_that_exits_at_once_reports_its_log_and_leaves_nothing(tmp_path) 
     message = str(info.value)
     assert "'broken'" in message and "exited with code 3" in message
     assert "cannot load model m-x" in message  # the log tail
-    assert servers.pids == []
+    assert pids_of(servers) == []
     assert not Path(cfg.endpoints_file).exists()
 
 
@@ -140,7 +145,7 @@ def test_neighbour_of_a_failed_server_is_stopped(tmp_path) -> None:
     original = servers._wait_healthy
 
     def record() -> None:
-        started.extend(servers.pids)
+        started.extend(pids_of(servers))
         original()
 
     servers._wait_healthy = record  # type: ignore[method-assign]
@@ -168,7 +173,7 @@ def test_health_timeout_errors_and_kills_the_server(tmp_path) -> None:
     original = servers._wait_healthy
 
     def record() -> None:
-        started.extend(servers.pids)
+        started.extend(pids_of(servers))
         original()
 
     servers._wait_healthy = record  # type: ignore[method-assign]

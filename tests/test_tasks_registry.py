@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
 import tasks
+from tasks import registry
 from tasks.base import Problem, RewardResult, Task
-from tasks.registry import unregister_task
 
 
 class _EchoTask(Task):
@@ -31,16 +32,15 @@ class _EchoTask(Task):
 
 
 def test_user_task_registers_and_is_made_with_kwargs() -> None:
-    tasks.register_task("echo_test", _EchoTask, description="echo", source="inline", size=1)
-    try:
+    with mock.patch.dict(registry._REGISTRY):  # the registration ends with the test
+        tasks.register_task("echo_test", _EchoTask, description="echo", source="inline", size=1)
         task = tasks.make_task("echo_test", word="bye")
         assert task.problems[0].reference == "bye"
         spec = {s.name: s for s in tasks.list_tasks()}["echo_test"]
         assert (spec.source, spec.size, spec.description) == ("inline", 1, "echo")
         with pytest.raises(ValueError, match="already registered"):
             tasks.register_task("echo_test", _EchoTask, description="x", source="y")
-    finally:
-        unregister_task("echo_test")
+    assert "echo_test" not in {s.name for s in tasks.list_tasks()}
 
 
 def test_unknown_name_lists_registered_tasks() -> None:

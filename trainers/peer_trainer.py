@@ -53,7 +53,7 @@ from aipo_env.interaction_mode import (
     interaction_mode,
 )
 from aipo_env.peer_episode import Peer, PeerEpisodeConfig, run_idea3
-from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
+from aipo_env.trajectory import Trajectory, read_jsonl, write_jsonl
 from tasks.base import Task
 from tasks.splits import Overlap
 from trainers.config import TrainConfig, write_config
@@ -366,12 +366,8 @@ class PeerTrainer:
         """Each peer's trajectories of the step (rewards as trained) in its rollouts folder."""
         for name, run in runs.items():
             path = run.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.unlink(missing_ok=True)
-            with TrajectoryWriter(tmp) as writer:
-                for t in out[name]:
-                    writer.write(t)
+            write_jsonl(tmp, out[name])  # a new file, whatever a killed step left there
             tmp.replace(path)
 
     def _rewards(self, trajectories: Mapping[str, list[Trajectory]]) -> None:

@@ -12,8 +12,6 @@ ids themselves are never re-tokenized):
 
 - :meth:`~InteractionProtocol.stop_strings`: what the policy is sampled with in train
   mode; generation stops after a request, keeping the stop text.
-- :meth:`~InteractionProtocol.ends_with_request`: whether a finished policy segment
-  ends with a request the env must answer.
 - :meth:`~InteractionProtocol.parse_request`: the :class:`Request` that ends a segment:
   ``target`` (agent or tool name), ``content`` (question or code) and ``error`` (why it
   cannot be honoured, in words the policy can read). It never raises.
@@ -88,10 +86,6 @@ class InteractionProtocol(ABC):
     @abstractmethod
     def stop_strings(self) -> list[str]:
         """Stop strings that end a segment on a request (the stop text is kept)."""
-
-    def ends_with_request(self, text: str) -> bool:
-        """Whether ``text`` ends with a request (trailing whitespace allowed)."""
-        return self.find_request(text) is not None
 
     def find_request(self, text: str, last_token_start: int | None = None) -> int | None:
         """Where the request that ends a segment ends in ``text``, or None when there is none.

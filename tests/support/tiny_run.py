@@ -10,12 +10,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from scripted import AdditionTask
 
+from tasks import registry
 from tasks.base import Problem, RewardResult
-from tasks.registry import register_task, unregister_task
 from trainers.config import TrainConfig
 
 TASK = "test:length-parity"
@@ -35,17 +36,15 @@ class LengthParityTask(AdditionTask):
 @contextlib.contextmanager
 def parity_task_registered() -> Iterator[None]:
     """``TASK`` registered for the duration of the block."""
-    register_task(
-        TASK,
-        lambda **kw: LengthParityTask(**kw),
-        description="test reward: parity of the response length",
-        source="tests",
-        overwrite=True,
-    )
-    try:
+    with mock.patch.dict(registry._REGISTRY):  # restored as it was when the block ends
+        registry.register_task(
+            TASK,
+            lambda **kw: LengthParityTask(**kw),
+            description="test reward: parity of the response length",
+            source="tests",
+            overwrite=True,
+        )
         yield
-    finally:
-        unregister_task(TASK)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -162,11 +162,3 @@ def _parser() -> argparse.ArgumentParser:
 def flag_names() -> frozenset[str]:
     """Every ``--flag`` OpenRLHF's PPO parser defines."""
     return frozenset(n for n in _parser()._option_string_actions if n.startswith("--"))
-
-
-def flag_default(name: str) -> Any:
-    """OpenRLHF's default for the flag ``name`` (without dashes: ``"ckpt.path"``)."""
-    action = _parser()._option_string_actions.get(f"--{name}")
-    if action is None:
-        raise OpenRLHFArgumentError(f"OpenRLHF's PPO parser defines no flag --{name}")
-    return action.default

@@ -243,12 +243,3 @@ def install_metrics(ppo_actor: ModuleType | None) -> bool:
         ", ".join(METRIC_KEYS),
     )
     return True
-
-
-def uninstall_metrics(ppo_actor: ModuleType) -> None:
-    """Restore the stock ``ActorPPOTrainer.ppo_train`` (tests and interactive sessions)."""
-    trainer_cls = getattr(ppo_actor, "ActorPPOTrainer", None)
-    ppo_train = getattr(trainer_cls, "ppo_train", None)
-    original = getattr(ppo_train, "__aipo_wrapped__", None)
-    if original is not None:
-        trainer_cls.ppo_train = original
