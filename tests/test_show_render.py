@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,9 +113,33 @@ def test_render_is_coefficients_per_segment() -> None:
     assert "[env · 1 tok · loss mask 0/1]" in text
 
 
-def test_custom_agent_colour_is_stable() -> None:
-    assert source_color("agent:critic") == source_color("agent:critic")
-    assert source_color("agent:critic").startswith("\x1b[")
+#: Agents outside SOURCE_COLORS: with five palette colours, a salted hash() would move
+#: at least one of them between the two hash seeds below.
+CUSTOM_AGENTS = [f"agent:{name}" for name in ("critic", "planner", "judge", "coder", "tutor")]
+
+
+def _colours_under_hash_seed(seed: str) -> list[str]:
+    """The custom agents' colours computed by a fresh interpreter with ``PYTHONHASHSEED=seed``."""
+    code = (
+        "import json, sys; from aipo_env.show import source_color; "
+        "print(json.dumps([source_color(s) for s in sys.argv[1:]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *CUSTOM_AGENTS],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONHASHSEED": seed},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_custom_agent_colour_is_the_same_in_every_process() -> None:
+    here = [source_color(s) for s in CUSTOM_AGENTS]
+    assert all(c.startswith("\x1b[") and c not in SOURCE_COLORS.values() for c in here)
+    assert _colours_under_hash_seed("1") == here
+    assert _colours_under_hash_seed("2") == here
 
 
 def _set() -> list[Trajectory]:

@@ -11,6 +11,7 @@ from tiny_model import random_llama
 from aipo_env.batch import TrajectoryBatch
 from aipo_env.sources import CODE_POLICY, CODE_PROMPT
 from trainers.logprobs import token_logprobs
+from trainers.losses import AIPOLoss, LossConfig, aipo_policy_loss
 from trainers.update import (
     UpdateBatch,
     compute_old_logprobs,
@@ -127,8 +128,7 @@ def test_micro_batches_give_the_same_weights_as_whole_minibatches_token_mean():
 
 
 def test_one_step_on_policy_update_matches_the_one_with_a_separate_old_logprob_pass():
-    losses = pytest.importorskip("trainers.losses")
-    loss_fn = losses.AIPOLoss(losses.LossConfig())
+    loss_fn = AIPOLoss(LossConfig())
     base = tiny_llama(seed=2)
     batch = trajectory_batch(seed=2)
     advantages = torch.linspace(-1.0, 1.5, len(batch))
@@ -206,8 +206,7 @@ def _row(batch: TrajectoryBatch, r: int) -> TrajectoryBatch:
     [("token_mean", "tokens"), ("seq_mean_token_mean", "rows"), ("seq_sum_norm", "rows")],
 )
 def test_accumulation_is_exact_with_the_aipo_loss(aggregation, accumulation):
-    losses = pytest.importorskip("trainers.losses")
-    loss_fn = losses.AIPOLoss(losses.LossConfig(aggregation=aggregation))
+    loss_fn = AIPOLoss(LossConfig(aggregation=aggregation))
     base = tiny_llama(seed=1)
     batch = update_batch(base, seed=1)
     whole, micro = copy.deepcopy(base), copy.deepcopy(base)
@@ -345,8 +344,7 @@ class ids_only:  # noqa: N801 - a record with only the attributes a reference-mo
 def test_one_update_equals_the_aipo_loss_on_full_log_probs_of_the_whole_minibatch():
     """Old, reference and current log-probs and entropy only on the loss mask, micro-batched,
     give the weights and loss of the textbook computation on every position at once."""
-    losses = pytest.importorskip("trainers.losses")
-    config = losses.LossConfig(
+    config = LossConfig(
         eps_clip_high=0.28, kl_coef=0.05, entropy_coef=0.01, rollout_correction="tis"
     )
     base, ref_model = tiny_llama(seed=2), tiny_llama(seed=3).eval()
@@ -361,7 +359,7 @@ def test_one_update_equals_the_aipo_loss_on_full_log_probs_of_the_whole_minibatc
     stats = run_update(
         ours,
         update,
-        losses.AIPOLoss(config),
+        AIPOLoss(config),
         ppo_epochs=1,
         minibatch_size=len(batch),
         micro_batch_size=2,
@@ -373,7 +371,7 @@ def test_one_update_equals_the_aipo_loss_on_full_log_probs_of_the_whole_minibatc
         full_old = full_logprobs(textbook, batch.input_ids, batch.attention_mask)[0] + noise
         full_ref = full_logprobs(ref_model, batch.input_ids, batch.attention_mask)[0]
     logprobs, entropy = full_logprobs(textbook, batch.input_ids, batch.attention_mask)
-    loss, _ = losses.aipo_policy_loss(
+    loss, _ = aipo_policy_loss(
         config,
         logprobs,
         full_old,
@@ -461,8 +459,7 @@ def test_micro_batches_keep_a_prompts_samples_together_with_the_prefix_they_shar
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_sharing_the_prompt_gives_the_same_update(with_entropy):
-    losses = pytest.importorskip("trainers.losses")
-    loss_fn = losses.AIPOLoss(losses.LossConfig(entropy_coef=0.01 if with_entropy else 0.0))
+    loss_fn = AIPOLoss(LossConfig(entropy_coef=0.01 if with_entropy else 0.0))
     base = tiny_llama(seed=6)
     batch = grouped_batch()
     update = UpdateBatch.from_trajectory_batch(batch, torch.linspace(-1.0, 1.5, 6), None)
