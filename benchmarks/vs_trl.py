@@ -1,6 +1,6 @@
 """Seconds per training step of ``aipo train`` against TRL's ``GRPOTrainer`` at the same budget.
 
-Both trainers get one :class:`PeerBudget`: the project's default model, the default
+Both trainers get one :class:`SharedBudget`: the project's default model, the default
 task's problems (``rg:chain_sum_easy``, drawn in the order ``aipo train`` draws them:
 TRL reads them unshuffled in that order, so step k of both sides sees the same four
 problems), prompts x samples per step, new tokens at most, temperature, learning rate,
@@ -54,9 +54,9 @@ framework takes to the same work):
 * aipo writes every trajectory to ``rollouts/step_*.jsonl`` (and TensorBoard scalars
   when tensorboard is installed); TRL prints its metrics to its log.
 
-    python benchmarks/peers.py                          # 3 steps x 2 rounds, CPU, float32
-    python benchmarks/peers.py --steps 2 --rounds 1 --out /tmp/peers-smoke
-    python benchmarks/peers.py --dtype bfloat16 --device cuda --tag gpu
+    python benchmarks/vs_trl.py                          # 3 steps x 2 rounds, CPU, float32
+    python benchmarks/vs_trl.py --steps 2 --rounds 1 --out /tmp/vs-trl-smoke
+    python benchmarks/vs_trl.py --dtype bfloat16 --device cuda --tag gpu
 
 TRL is a benchmark dependency only (``pip install -e .[bench]``); no project module
 imports it.
@@ -91,7 +91,7 @@ from trainers.config import TrainConfig, default_config_path  # noqa: E402
 
 
 @dataclass(frozen=True)
-class PeerBudget:
+class SharedBudget:
     """The one budget both trainers get; every field reaches both sides."""
 
     model: str = "default"  #: 'default' (SmolLM2-135M-Instruct), a model directory or a hub id
@@ -112,7 +112,7 @@ class PeerBudget:
 # -- one budget, two configurations ---------------------------------------------------
 
 
-def aipo_overrides(budget: PeerBudget, run_dir: str | Path) -> list[str]:
+def aipo_overrides(budget: SharedBudget, run_dir: str | Path) -> list[str]:
     """``aipo train`` overrides of ``configs/default.yaml`` for ``budget``, consulting off."""
     rows = budget.prompts_per_step * budget.samples_per_prompt
     return [
@@ -148,7 +148,7 @@ def aipo_overrides(budget: PeerBudget, run_dir: str | Path) -> list[str]:
     ]
 
 
-def aipo_config(budget: PeerBudget, run_dir: str | Path) -> TrainConfig:
+def aipo_config(budget: SharedBudget, run_dir: str | Path) -> TrainConfig:
     """The validated ``TrainConfig`` that ``aipo train`` runs for ``budget``."""
     return load_config(TrainConfig, default_config_path(), aipo_overrides(budget, run_dir))
 
@@ -358,7 +358,7 @@ def _run_logged(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_aipo(budget: PeerBudget, run_dir: Path) -> dict[str, Any]:
+def run_aipo(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
     """One ``aipo train`` run of ``budget``; its per-step seconds, split and tokens."""
     from trainers.metrics import read_metrics
 
@@ -382,7 +382,7 @@ def run_aipo(budget: PeerBudget, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_trl(budget: PeerBudget, run_dir: Path) -> dict[str, Any]:
+def run_trl(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
     """One TRL ``GRPOTrainer`` run of ``budget`` (this file with ``--trl-child``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / "spec.json"
@@ -408,7 +408,7 @@ def trl_child(spec_path: Path) -> None:
     from trainers.held_out import make_train_task
 
     spec = json.loads(spec_path.read_text())
-    budget = PeerBudget(**spec["budget"])
+    budget = SharedBudget(**spec["budget"])
     run_dir = Path(spec["run_dir"])
     cfg = aipo_config(budget, run_dir / "aipo-config")  # the config aipo runs, never run here
     model_path = resolve_model_path(cfg.policy.model)
@@ -587,7 +587,7 @@ def same_problems(runs: dict[str, list[dict[str, Any]]]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Alternate the two sides, print the ratios, write ``peers.json`` and ``peers.png``."""
+    """Alternate the two sides, print the ratios, write ``vs_trl.json`` and ``vs_trl.png``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="aipo-then-TRL rounds (default 2)")
@@ -597,9 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS, help="folder for peers.json and peers.png"
+        "--out", type=Path, default=RESULTS, help="folder for vs_trl.json and vs_trl.png"
     )
-    parser.add_argument("--tag", default="", help="name the files peers.<tag>.json / .png")
+    parser.add_argument("--tag", default="", help="name the files vs_trl.<tag>.json / .png")
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -620,13 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     if versions()["trl"] is None:
         parser.error("TRL is not installed; pip install -e '.[bench]'")
 
-    budget = PeerBudget(steps=args.steps, dtype=args.dtype, device=args.device)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="aipo-peers-"))
+    budget = SharedBudget(steps=args.steps, dtype=args.dtype, device=args.device)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="aipo-vs-trl-"))
     load_before = os.getloadavg()
     started = time.time()
     runs: dict[str, list[dict[str, Any]]] = {"aipo": [], "trl": []}
     print(
-        f"peers: aipo train vs TRL GRPOTrainer {versions()['trl']}: {budget.prompts_per_step} prompts x "
+        f"vs_trl: aipo train vs TRL GRPOTrainer {versions()['trl']}: {budget.prompts_per_step} prompts x "
         f"{budget.samples_per_prompt} samples, {budget.max_new_tokens} new tokens, {budget.dtype} on "
         f"{budget.device}; {args.steps} steps x {args.rounds} rounds; load {load_before[0]:.2f}",
         flush=True,
@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}\n"
         f"seconds per completion token, TRL/aipo: median {_figure(summary['per_token_ratio_median'])}"
     )
-    stem = f"peers.{args.tag}" if args.tag else "peers"
-    cfg = aipo_config(budget, "runs/peers")
+    stem = f"vs_trl.{args.tag}" if args.tag else "vs_trl"
+    cfg = aipo_config(budget, "runs/vs_trl")
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py: one budget reaches both trainers; per-step seconds and ratios are right."""
+"""benchmarks/vs_trl.py: one budget reaches both trainers; per-step seconds and ratios are right."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from benchmark_script import load_script
 
-peers = load_script("peers")
+vs_trl = load_script("vs_trl")
 
 #: A different valid value for every budget field.
 CHANGED = {
@@ -28,18 +28,18 @@ CHANGED = {
 
 
 def _both_sides(budget, tmp_path):
-    cfg = peers.aipo_config(budget, tmp_path / "run")
-    return cfg, peers.trl_settings(cfg, tmp_path / "trl")
+    cfg = vs_trl.aipo_config(budget, tmp_path / "run")
+    return cfg, vs_trl.trl_settings(cfg, tmp_path / "trl")
 
 
 def test_every_budget_field_is_listed_here():
-    assert set(CHANGED) == {f.name for f in dataclasses.fields(peers.PeerBudget)}
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(vs_trl.SharedBudget)}
 
 
 @pytest.mark.parametrize("field", sorted(CHANGED))
 def test_changing_one_budget_field_changes_both_sides(field, tmp_path):
-    base_cfg, base_trl = _both_sides(peers.PeerBudget(), tmp_path)
-    changed = dataclasses.replace(peers.PeerBudget(), **{field: CHANGED[field]})
+    base_cfg, base_trl = _both_sides(vs_trl.SharedBudget(), tmp_path)
+    changed = dataclasses.replace(vs_trl.SharedBudget(), **{field: CHANGED[field]})
     cfg, trl = _both_sides(changed, tmp_path)
     assert cfg.model_dump() != base_cfg.model_dump(), f"{field} did not reach aipo train"
     if field in ("model", "task"):
@@ -50,7 +50,7 @@ def test_changing_one_budget_field_changes_both_sides(field, tmp_path):
 
 
 def test_default_budget_maps_to_the_same_numbers_on_both_sides(tmp_path):
-    cfg, trl = _both_sides(peers.PeerBudget(), tmp_path)
+    cfg, trl = _both_sides(vs_trl.SharedBudget(), tmp_path)
     assert cfg.train.prompts_per_step * cfg.rollout.n_samples == 16
     assert trl["per_device_train_batch_size"] * trl["gradient_accumulation_steps"] == 16
     assert trl["per_device_train_batch_size"] == cfg.train.micro_batch_size == 8
@@ -73,13 +73,13 @@ def test_default_budget_maps_to_the_same_numbers_on_both_sides(tmp_path):
 
 
 def test_a_config_trl_cannot_mirror_is_refused_naming_the_field(tmp_path):
-    cfg = peers.aipo_config(peers.PeerBudget(), tmp_path / "run")
+    cfg = vs_trl.aipo_config(vs_trl.SharedBudget(), tmp_path / "run")
     consulting = cfg.model_copy(update={"env": cfg.env.model_copy(update={"max_consults": 1})})
     with pytest.raises(ValueError, match="env.max_consults=1"):
-        peers.trl_settings(consulting, tmp_path / "trl")
+        vs_trl.trl_settings(consulting, tmp_path / "trl")
     split = cfg.model_copy(update={"train": cfg.train.model_copy(update={"minibatch_size": 8})})
     with pytest.raises(ValueError, match="train.minibatch_size=8"):
-        peers.trl_settings(split, tmp_path / "trl")
+        vs_trl.trl_settings(split, tmp_path / "trl")
 
 
 def test_aipo_step_seconds_come_from_consecutive_records():
@@ -88,17 +88,18 @@ def test_aipo_step_seconds_come_from_consecutive_records():
         {"step": 1, "time": 100.0, "rollout_s": 25.0, "update_s": 10.0},
         {"step": 3, "time": 158.5, "rollout_s": 19.0, "update_s": 9.0},
     ]
-    assert peers.aipo_step_seconds(records) == [35.0, 30.0, 28.5]
+    assert vs_trl.aipo_step_seconds(records) == [35.0, 30.0, 28.5]
 
 
 def test_callback_step_seconds_run_from_one_end_to_the_next():
-    assert peers.end_to_end_seconds([10.0, 75.0, 141.0], [70.0, 140.0, 200.0]) == [60.0, 70.0, 60.0]
+    seconds = vs_trl.end_to_end_seconds([10.0, 75.0, 141.0], [70.0, 140.0, 200.0])
+    assert seconds == [60.0, 70.0, 60.0]
 
 
 def test_ratio_summary_pairs_steps_by_round_and_drops_warmup():
     aipo = [[50.0, 30.0, 40.0], [45.0, 20.0, 30.0]]
     trl = [[90.0, 60.0, 60.0], [80.0, 70.0, 60.0]]
-    summary = peers.ratio_summary(aipo, trl, warmup=1)
+    summary = vs_trl.ratio_summary(aipo, trl, warmup=1)
     assert summary["ratios"] == [2.0, 1.5, 3.5, 2.0]
     assert (summary["ratio_min"], summary["ratio_median"], summary["ratio_max"]) == (1.5, 2.0, 3.5)
     assert summary["aipo_median_s"] == 30.0  # median of 30, 40, 20, 30
@@ -114,8 +115,8 @@ def test_per_token_ratios_pair_steps_by_round_and_drop_warmup_and_empty_steps():
     aipo = [{"step_s": [9.0, 10.0, 12.0], "completion_tokens": [100, 200, 0]}]
     trl = [{"step_s": [30.0, 20.0, 18.0], "completion_tokens": [300, 100, 90]}]
     # Step 1: 0.1 against 0.09 s/token; step 2: 0.2 against 0.05; step 3: no aipo tokens.
-    assert peers.per_token_ratios(aipo, trl, warmup=1) == [pytest.approx(4.0)]
-    assert peers.per_token_ratios(aipo, trl, warmup=0) == [
+    assert vs_trl.per_token_ratios(aipo, trl, warmup=1) == [pytest.approx(4.0)]
+    assert vs_trl.per_token_ratios(aipo, trl, warmup=0) == [
         pytest.approx(10 / 9),
         pytest.approx(4.0),
     ]
@@ -127,24 +128,24 @@ def test_same_problems_compares_the_two_sides_round_by_round():
         "aipo": [{"problems": one}, {"problems": two}],
         "trl": [{"problems": one}, {"problems": two}],
     }
-    assert peers.same_problems(runs)  # each round its own seed, so its own problems
+    assert vs_trl.same_problems(runs)  # each round its own seed, so its own problems
     runs["trl"][1] = {"problems": [["p5", "p6"], ["p7", "p9"]]}
-    assert not peers.same_problems(runs)
+    assert not vs_trl.same_problems(runs)
 
 
 def test_ratio_summary_refuses_unpaired_runs():
     with pytest.raises(ValueError, match="round 1: aipo ran 3 steps, TRL 2"):
-        peers.ratio_summary([[1.0, 2.0, 3.0]], [[1.0, 2.0]])
+        vs_trl.ratio_summary([[1.0, 2.0, 3.0]], [[1.0, 2.0]])
     with pytest.raises(ValueError, match="no step is left"):
-        peers.ratio_summary([[1.0]], [[2.0]], warmup=1)
+        vs_trl.ratio_summary([[1.0]], [[2.0]], warmup=1)
 
 
 def test_trl_accepts_the_settings():
     pytest.importorskip("trl", reason="TRL is a benchmark extra: pip install -e '.[bench]'")
     from trl import GRPOConfig
 
-    cfg = peers.aipo_config(peers.PeerBudget(), "runs/peers-test")
-    args = GRPOConfig(**peers.trl_settings(cfg, "runs/peers-test-trl"))
+    cfg = vs_trl.aipo_config(vs_trl.SharedBudget(), "runs/vs-trl-test")
+    args = GRPOConfig(**vs_trl.trl_settings(cfg, "runs/vs-trl-test-trl"))
     # One generation of all rows feeds exactly one optimizer step, as in aipo train.
     assert args.generation_batch_size == 16 and args.steps_per_generation == 2
     assert args.gradient_checkpointing is False and args.bf16 is False
