@@ -2,9 +2,11 @@
 
 Episodes run concurrently under a semaphore; ``n`` samples of one problem form a group
 (one group id); a :class:`ConsultSchedule` decides which samples may consult and how
-often, decaying over training steps. ``strategy: grpo`` (default) samples a group's
-episodes independently; ``strategy: arpo`` grows it as ARPO's rollout tree
-(:mod:`aipo_env.tree_rollout`). Each trajectory is appended to a JSONL file as
+often, decaying over training steps. The strategy that ``strategy`` names
+(:data:`aipo_env.strategies.STRATEGIES`) produces the episodes: ``grpo`` (default)
+samples a group's episodes independently (:mod:`aipo_env.independent_rollout`),
+``arpo`` grows it as ARPO's rollout tree (:mod:`aipo_env.tree_rollout`). Each
+trajectory is appended to a JSONL file as
 it finishes (flushed and fsynced), so a killed process loses only the episodes in
 flight, and a resumed run skips ids already written. One failing episode never kills
 the batch: it ends with ``error:<kind>`` and is still returned and written.
@@ -19,15 +21,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.base import ConsultService
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
 from aipo_env.masks import MaskRule
+from aipo_env.rollout_strategy import RolloutStrategy
+from aipo_env.strategies import STRATEGIES
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
-from aipo_env.tree_rollout import TreeRollout, TreeStats
 from policies.base import Generator, SamplingParams
 from tasks.base import Task
 
@@ -89,8 +92,8 @@ class RolloutConfig(BaseModel):
         default_factory=ConsultSchedule, description="Who may consult, over training steps."
     )
 
-    # -- the rollout strategy (ARPO's tree: aipo_env/tree_rollout.py) --------------------
-    strategy: Literal["grpo", "arpo"] = Field(
+    # -- the rollout strategy (aipo_env/strategies.py; ARPO's tree: aipo_env/tree_rollout.py)
+    strategy: str = Field(
         default="grpo",
         description=(
             "grpo: n_samples independent episodes per prompt. arpo: a rollout tree per prompt "
@@ -133,6 +136,15 @@ class RolloutConfig(BaseModel):
         default="soft",
         description="arpo: soft, every leaf's tokens get its group advantage; hard, tokens shared by several leaves get their mean (trainers/tree_advantages.py).",
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(
+                f"unknown rollout strategy {value!r}; expected one of {', '.join(STRATEGIES)}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _tree_fits(self) -> RolloutConfig:
@@ -178,8 +190,8 @@ class RolloutDriver:
         self.task = task
         self.config = config or RolloutConfig()
         self.env_config = env_config or EnvConfig()
-        #: What the trees of the last :meth:`run` cost and decided (``strategy: arpo``).
-        self.last_tree_stats = TreeStats()
+        #: The strategy that ran the last :meth:`run`, with what it cost and decided.
+        self.last_strategy: RolloutStrategy | None = None
         self._factory = env_factory or (
             lambda: ConsultEnv(
                 task, agents, generator.tokenizer, self.env_config, mask_rule=mask_rule
@@ -241,34 +253,33 @@ class RolloutDriver:
     ) -> list[Trajectory]:
         """Roll out every problem ``n_samples`` times; returns trajectories by (group, sample).
 
-        With ``output`` each trajectory is appended as it finishes (under ``strategy:
-        arpo``, a tree's leaves when the tree is done). With ``resume`` the episodes whose
-        ids are already in ``output`` are not rerun (a tree is regrown unless all its
-        leaves are there); they are read back and returned with the new ones. What the
-        trees cost and decided is left in :attr:`last_tree_stats`.
+        The strategy ``config.strategy`` names produces them, unit by unit
+        (:meth:`~aipo_env.rollout_strategy.RolloutStrategy.units`: an episode, or under
+        ``strategy: arpo`` a group's tree). With ``output`` each unit's trajectories are
+        appended as the unit finishes. With ``resume`` the units whose ids are all in
+        ``output`` already are not rerun (a tree is regrown unless all its leaves are
+        there); they are read back and returned with the new ones. The strategy, with what
+        it cost and decided, is left in :attr:`last_strategy`.
         """
         plan = self.plan(problems, step)
         done: dict[str, Trajectory] = {}
         if resume and output is not None and Path(output).exists():
             wanted = {o["trajectory_id"] for o in plan}
             done = {t.trajectory_id: t for t in read_jsonl(output) if t.trajectory_id in wanted}
-        arpo = self.config.strategy == "arpo"
-        if arpo:  # a tree is grown whole or not at all
-            groups: dict[str, list[dict[str, Any]]] = {}
-            for option in plan:
-                groups.setdefault(option["group_id"], []).append(option)
-            todo = [g for g in groups.values() if any(o["trajectory_id"] not in done for o in g)]
-        else:
-            todo = [[o] for o in plan if o["trajectory_id"] not in done]
-        finished = len(plan) - sum(len(g) for g in todo)
-        writer = TrajectoryWriter(output) if output is not None else None
         semaphore = asyncio.Semaphore(self.config.concurrency)
+        strategy = STRATEGIES[self.config.strategy](
+            self.generator, self._factory, self.config, self.sampling, semaphore
+        )
+        self.last_strategy = strategy
+        units = strategy.units(plan)
+        todo = [u for u in units if any(o["trajectory_id"] not in done for o in u)]
+        finished = len(plan) - sum(len(u) for u in todo)
+        writer = TrajectoryWriter(output) if output is not None else None
         bar = None
         if show_progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(plan), initial=finished, desc=f"rollout step {step}")
-        self.last_tree_stats = TreeStats()
 
         def record(trajectory: Trajectory) -> None:
             nonlocal finished
@@ -281,21 +292,12 @@ class RolloutDriver:
             if progress is not None:
                 progress(finished, len(plan), trajectory)
 
-        async def one(option: dict[str, Any]) -> None:
-            async with semaphore:
-                trajectory = await self.run_episode(option)
-            record(trajectory)
-
-        trees = TreeRollout(self.generator, self._factory, self.config, self.sampling, semaphore)
-
-        async def tree(group: list[dict[str, Any]]) -> None:
-            leaves, stats = await trees.run_group(group)
-            self.last_tree_stats.add(stats)
-            for trajectory in leaves:
+        async def one(unit: list[dict[str, Any]]) -> None:
+            for trajectory in await strategy.run_unit(unit):
                 record(trajectory)
 
         try:
-            await asyncio.gather(*(tree(g) if arpo else one(g[0]) for g in todo))
+            await asyncio.gather(*(one(u) for u in todo))
         finally:
             if writer is not None:
                 writer.close()

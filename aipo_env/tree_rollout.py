@@ -60,7 +60,7 @@ import asyncio
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aipo_env import sources
 from aipo_env.branching import BranchBudget, normalized_entropy, should_branch
@@ -72,11 +72,37 @@ from aipo_env.episode import (
     turn_params,
     turn_seed,
 )
+from aipo_env.rollout_strategy import RolloutSettings, RolloutStrategy
 from aipo_env.trajectory import Trajectory
 from policies.base import Generation, Generator, SamplingParams
 
-if TYPE_CHECKING:
-    from aipo_env.rollout import RolloutConfig
+
+class TreeSettings(RolloutSettings, Protocol):
+    """What the tree reads of :class:`~aipo_env.rollout.RolloutConfig`, besides the seed and turn cap."""
+
+    @property
+    def tree_initial_samples(self) -> int:
+        """M: the global samples a tree starts with."""
+
+    @property
+    def beam_size(self) -> int:
+        """A path spawns up to ``beam_size - 1`` branches at a boundary."""
+
+    @property
+    def branch_probability(self) -> float:
+        """The branch chance at ``dH = 0``."""
+
+    @property
+    def entropy_weight(self) -> float:
+        """How much a rise in entropy raises the branch chance."""
+
+    @property
+    def entropy_top_k(self) -> int:
+        """Top log-probs per position the entropy is computed over."""
+
+    @property
+    def entropy_tokens(self) -> int:
+        """The entropy is measured over a segment's first this many tokens."""
 
 
 @dataclass
@@ -112,31 +138,50 @@ class _Path:
     trajectory: Trajectory | None = None
 
 
-class TreeRollout:
-    """Grows one rollout tree per prompt group with a shared generator (module docstring).
+class TreeRollout(RolloutStrategy):
+    """``rollout.strategy: arpo``: one rollout tree per prompt group (module docstring).
 
     ``env_factory`` builds a fresh env per global sample (branches are forks);
-    ``config`` is the driver's :class:`~aipo_env.rollout.RolloutConfig` (``n_samples``,
-    ``initial_samples``, ``beam_size``, ``branch_probability``, ``entropy_weight``,
-    ``entropy_top_k``, ``entropy_tokens``, ``seed``, ``max_new_tokens``); ``sampling``
-    the policy's temperature, top-p and top-k; ``semaphore`` bounds the segments in
-    flight across groups.
+    ``config`` is the driver's :class:`~aipo_env.rollout.RolloutConfig` (the fields of
+    :class:`TreeSettings`); ``sampling`` the policy's temperature, top-p and top-k;
+    ``semaphore`` bounds the segments in flight across groups. A group is grown,
+    written and resumed whole; :attr:`stats` sums what its trees cost and decided.
     """
+
+    name = "arpo"
+    trees = True
+    config: TreeSettings
 
     def __init__(
         self,
         generator: Generator,
         env_factory: Callable[[], ConsultEnv],
-        config: RolloutConfig,
+        config: TreeSettings,
         sampling: SamplingParams,
         semaphore: asyncio.Semaphore,
     ) -> None:
-        self.generator = generator
-        self.env_factory = env_factory
-        self.config = config
-        self.sampling = sampling.model_copy(update={"top_logprobs": config.entropy_top_k})
-        self.semaphore = semaphore
+        sampling = sampling.model_copy(update={"top_logprobs": config.entropy_top_k})
+        super().__init__(generator, env_factory, config, sampling, semaphore)
         self.vocab_size = len(generator.tokenizer)
+        #: What the trees grown so far cost and decided.
+        self.stats = TreeStats()
+
+    def units(self, plan: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """One unit per group, its leaves in order: a tree is grown whole or not at all."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for option in plan:
+            groups.setdefault(option["group_id"], []).append(option)
+        return list(groups.values())
+
+    async def run_unit(self, options: Sequence[dict[str, Any]]) -> list[Trajectory]:
+        """The leaves of the group's tree (:meth:`run_group`); its counts go to :attr:`stats`."""
+        leaves, stats = await self.run_group(options)
+        self.stats.add(stats)
+        return leaves
+
+    def metrics(self) -> dict[str, float]:
+        """The counts of :attr:`stats` as ``arpo/<count>``."""
+        return self.stats.as_metrics()
 
     async def run_group(
         self, options: Sequence[dict[str, Any]]

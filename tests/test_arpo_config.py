@@ -42,7 +42,7 @@ def test_initial_samples_above_the_leaves_are_refused() -> None:
 
 def test_an_unknown_strategy_or_attribution_names_the_choices() -> None:
     message = refused("rollout.strategy=beam", "rollout.attribution=medium")
-    assert "rollout.strategy" in message and "'grpo' or 'arpo'" in message
+    assert "rollout.strategy" in message and "expected one of grpo, arpo" in message
     assert "rollout.attribution" in message and "'soft' or 'hard'" in message
 
 

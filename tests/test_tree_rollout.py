@@ -13,9 +13,11 @@ from scripted import AdditionTask, ScriptedAgents, ScriptedGenerator
 
 from aipo_env.branching import should_branch
 from aipo_env.config import EnvConfig
+from aipo_env.independent_rollout import IndependentRollout
 from aipo_env.rollout import RolloutConfig, RolloutDriver
+from aipo_env.strategies import STRATEGIES
 from aipo_env.trajectory import ConsultRecord, Trajectory, Turn, read_jsonl
-from aipo_env.tree_rollout import generation_metrics
+from aipo_env.tree_rollout import TreeRollout, TreeStats, generation_metrics
 from policies.base import Generation, Generator, SamplingParams
 
 EOS = "<|im_end|>"
@@ -96,6 +98,12 @@ def driver_for(
     return driver, generator
 
 
+def tree_stats(driver: RolloutDriver) -> TreeStats:
+    """What the trees of ``driver``'s last run cost and decided."""
+    assert isinstance(driver.last_strategy, TreeRollout)
+    return driver.last_strategy.stats
+
+
 def parents(trajectories: list[Trajectory]) -> dict[str, Trajectory]:
     return {t.trajectory_id: t for t in trajectories}
 
@@ -114,7 +122,7 @@ async def test_a_tree_has_exactly_n_leaves_never_more(tokenizer, n, m, beam, p) 
         entropy_weight=0.0,
     )
     trajectories = await driver.run([0, 1])
-    stats = driver.last_tree_stats
+    stats = tree_stats(driver)
     assert len(trajectories) == 2 * n
     for group in ("s0-g0-0", "s0-g1-1"):
         leaves = [t for t in trajectories if t.group_id == group]
@@ -161,8 +169,25 @@ async def test_no_branch_without_a_boundary(tokenizer) -> None:
     driver, generator = driver_for(tokenizer, calls=0, branch_probability=1.0)
     trajectories = await driver.run([0])
     assert all(t.parent_id is None for t in trajectories)
-    assert driver.last_tree_stats.branches == 0 and driver.last_tree_stats.fills == 4
+    assert tree_stats(driver).branches == 0 and tree_stats(driver).fills == 4
     assert generator.forks == []
+
+
+async def test_the_strategy_named_runs_the_batch_and_only_the_tree_reports_counts(
+    tokenizer,
+) -> None:
+    assert {name: cls.name for name, cls in STRATEGIES.items()} == {"grpo": "grpo", "arpo": "arpo"}
+    tree, _ = driver_for(tokenizer, calls=0)
+    await tree.run([0])
+    assert isinstance(tree.last_strategy, TreeRollout)
+    counts = {"groups": 1, "branches": 0, "refused_budget": 0, "refused_context": 0, "fills": 4}
+    assert tree.last_strategy.metrics() == {f"arpo/{k}": float(v) for k, v in counts.items()}
+    flat, _ = driver_for(tokenizer, calls=0, strategy="grpo")
+    assert len(await flat.run([0])) == 8
+    assert isinstance(flat.last_strategy, IndependentRollout)
+    assert flat.last_strategy.metrics() == {}  # the step's metrics gain no arpo/ counts
+    with pytest.raises(ValueError, match="unknown rollout strategy 'beam'; expected one of grpo"):
+        RolloutConfig(strategy="beam")
 
 
 def entropy_of(k: int, vocab: int) -> float:
@@ -211,7 +236,7 @@ async def test_branch_decisions_follow_the_rule_for_the_measured_dh(tokenizer, w
     root = trajectories[0]
     points = [t.feedback_end for t in root.turns if t.feedback_end is not None]
     assert [sum(t.branch_point == point for t in forks) for point in points] == expected
-    assert driver.last_tree_stats.fills == n - 1 - sum(expected)
+    assert tree_stats(driver).fills == n - 1 - sum(expected)
 
 
 @pytest.mark.parametrize(("dh_sign", "branches"), [(1, 2 * 3), (-1, 0)])
@@ -263,7 +288,7 @@ async def test_a_branch_without_room_for_its_entropy_window_is_refused_and_count
         tokenizer, calls=2, branch_probability=1.0, env={"max_total_tokens": boundary + 10}
     )
     trajectories = await driver.run([0])
-    stats = driver.last_tree_stats
+    stats = tree_stats(driver)
     assert all(t.parent_id is None for t in trajectories) and generator.forks == []
     assert stats.refused_context > 0 and stats.branches == 0 and stats.fills == 4
     # With room for the window, the same tree branches.
@@ -271,7 +296,7 @@ async def test_a_branch_without_room_for_its_entropy_window_is_refused_and_count
         tokenizer, calls=2, branch_probability=1.0, env={"max_total_tokens": boundary + 20}
     )
     await roomy.run([0])
-    assert roomy.last_tree_stats.branches > 0
+    assert tree_stats(roomy).branches > 0
 
 
 async def test_a_tree_is_written_whole_and_a_resume_skips_complete_trees(

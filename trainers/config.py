@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agents.oracle import check_oracle_task
 from agents.pool import AgentPoolConfig
 from aipo_env.config import EnvConfig
+from aipo_env.independent_rollout import IndependentRollout
 from aipo_env.rollout import RolloutConfig
 from policies import sglang_hosts
 from trainers.advantages import ESTIMATORS
@@ -366,10 +367,10 @@ class TrainConfig(BaseModel):
         if self.peers is not None:
             if self.warmup.enabled:
                 raise ValueError("peers (ILR) with warmup.enabled: the consult warm-up is AIPO's")
-            if self.rollout.strategy != "grpo":
+            if self.rollout.strategy != IndependentRollout.name:
                 raise ValueError(
                     f"peers (ILR) with rollout.strategy {self.rollout.strategy!r}: Idea3 "
-                    "episodes are sampled independently (strategy grpo)"
+                    f"episodes are sampled independently (strategy {IndependentRollout.name})"
                 )
             if "agent_mode" not in self.loss.model_fields_set:
                 # A peer's tokens are context unless asked for: train them only with an

@@ -44,6 +44,7 @@ import torch
 from aipo_env.batch import collate
 from aipo_env.evaluation.alone import evaluate_alone
 from aipo_env.masks import trained_token_masks
+from aipo_env.strategies import STRATEGIES
 from aipo_env.trajectory import Trajectory
 from aipo_env.tree_rollout import generation_metrics
 from trainers.advantages import (
@@ -134,8 +135,8 @@ async def rollout(run: RunState, step: int) -> tuple[list[Trajectory], dict[str,
     rollout_s = time.perf_counter() - t0
     metrics = rollout_metrics(trajectories)
     metrics.update(generation_metrics(trajectories))
-    if cfg.rollout.strategy == "arpo":
-        metrics.update(run.driver.last_tree_stats.as_metrics())
+    if run.driver.last_strategy is not None:  # what the strategy decided (arpo: its trees)
+        metrics.update(run.driver.last_strategy.metrics())
     policy_tokens = sum(t.policy_token_count() for t in trajectories)
     metrics["policy_tokens_per_s"] = policy_tokens / max(rollout_s, 1e-9)
     metrics["rollout_s"] = rollout_s
@@ -186,7 +187,7 @@ def shaped_advantages(
     )
     lone = "raise" if cfg.advantage_groups == "prompt" else "zero"
     advantages = compute_advantages(rewards, group_ids, cfg.advantage, lone_groups=lone)
-    if config.rollout.strategy == "arpo":  # a group is one tree: per-token attribution [B, T]
+    if STRATEGIES[config.rollout.strategy].trees:  # a group is one tree: per token [B, T]
         advantages = tree_token_advantages(trajectories, advantages, config.rollout.attribution)
     keep = torch.ones(len(trajectories), dtype=torch.bool)
     if cfg.dynamic_sampling:
