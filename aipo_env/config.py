@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.base import DEFAULT_AGENT_NAMES
+from aipo_env.protocols import PROTOCOLS
 
 
 class EnvConfig(BaseModel):
@@ -108,8 +109,6 @@ class EnvConfig(BaseModel):
 
     @model_validator(mode="after")
     def _auto_consult_fits(self) -> EnvConfig:
-        from aipo_env.protocols import PROTOCOLS
-
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}"

@@ -61,7 +61,7 @@ def ensure_default_model() -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from policies.loading import load_causal_lm
+    from policies.load_lock import load_causal_lm
 
     source = gguf_path()
     logger.info("converting %s to %s (once)", source, target)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.answers import numeric_direction, reference_spans
+from tasks.question_text import normalize_question
 
 
 class Problem(BaseModel):
@@ -131,12 +132,10 @@ class Task(ABC):
         """What ``problem`` asks, in a form two copies of the same question share.
 
         Held-out sets are partitioned by it and checked against training by it
-        (``tasks/splits.py``). Default: :func:`tasks.splits.normalize_question` of the
-        question. A task whose question text carries more than its identity (options
+        (``tasks/splits.py``). Default: :func:`tasks.question_text.normalize_question` of
+        the question. A task whose question text carries more than its identity (options
         shuffled per seed) or less (data outside the text) overrides it.
         """
-        from tasks.splits import normalize_question
-
         return normalize_question(problem.question)
 
     @abstractmethod

@@ -146,7 +146,7 @@ class MultipleChoiceTask(Task):
         change the key. A problem without ``stem``/``options`` metadata (made elsewhere)
         falls back to its question text.
         """
-        from tasks.splits import normalize_question
+        from tasks.question_text import normalize_question
 
         stem, options = problem.metadata.get("stem"), problem.metadata.get("options")
         if not isinstance(stem, str) or not options:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from aipo.commands import eval as eval_cli
+from tasks.question_text import normalize_question
 from tasks.registry import make_task
-from tasks.splits import SplitTask, held_out_side, measure_overlap, normalize_question
+from tasks.splits import SplitTask, held_out_side, measure_overlap
 from trainers.config import TaskSection, TrainConfig
 from trainers.held_out import HELD_OUT_FILE, HeldOutError, make_tasks
 from trainers.summary import EvalResult, TrainSummary

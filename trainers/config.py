@@ -29,7 +29,7 @@ from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
 from trainers.peer_config import PeerSection
 from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
-from trainers.warmup import WarmupSection, check_reference_steps
+from trainers.warmup_config import WarmupSection, check_reference_steps
 
 
 class PolicySection(BaseModel):

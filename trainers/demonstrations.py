@@ -27,7 +27,7 @@ from aipo_env.trajectory import Trajectory
 
 if TYPE_CHECKING:
     from tasks.base import SolutionStep
-    from trainers.warmup import WarmupSection
+    from trainers.warmup_config import WarmupSection
 
 __all__ = [
     "MALFORMED_KINDS",

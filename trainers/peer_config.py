@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: The shared state of a peer run, in its run_dir: the last step every peer committed.
+STATE = "peer_state.json"
+
 
 class PeerSection(BaseModel):
     """Two or more policies trained together through Idea3 episodes (ILR)."""

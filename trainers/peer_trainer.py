@@ -68,7 +68,7 @@ from trainers.embedded import (
     update_policy,
 )
 from trainers.held_out import validation_task
-from trainers.peer_config import PeerSection
+from trainers.peer_config import STATE, PeerSection
 from trainers.peer_rewards import perception_calibration
 from trainers.run_state import RunDirError, RunState, check_run_dir, open_run
 from trainers.stopping import StopRequest, TrainingInterrupted
@@ -76,8 +76,6 @@ from trainers.summary import EvalResult
 from trainers.weights import generation_paused
 
 __all__ = ["PeerSummary", "PeerTrainer", "peer_config"]
-
-STATE = "peer_state.json"
 
 
 def peer_config(config: TrainConfig, index: int) -> TrainConfig:

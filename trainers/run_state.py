@@ -41,6 +41,7 @@ from trainers.held_out import HELD_OUT_FILE, make_tasks
 from trainers.losses import AIPOLoss
 from trainers.metrics import MetricsLogger
 from trainers.optim import OptimConfig, build_optimizer, build_scheduler
+from trainers.peer_config import STATE
 from trainers.stopping import check_backends
 from trainers.tool_config import make_tool_service
 from trainers.weights import publish_weights
@@ -159,8 +160,6 @@ def check_resumable(config: TrainConfig) -> None:
     run_dir = Path(config.run_dir)
     places = [run_dir]
     if config.peers is not None:
-        from trainers.peer_trainer import STATE
-
         if (run_dir / STATE).is_file():
             return
         places += [run_dir / "peers" / name for name in config.peers.names]

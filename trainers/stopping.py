@@ -20,7 +20,7 @@ import logging
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agents.llm_agent import probe_backend
 from aipo_env.trajectory import Trajectory, read_jsonl
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from agents.pool import AgentPool
     from policies.base import Generator
     from trainers.config import TrainConfig, TrainSection
-    from trainers.run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,29 @@ T = TypeVar("T")
 
 #: Seconds a backend has to answer its one-token probe before the first step.
 PROBE_TIMEOUT_S = 120.0
+
+
+class StoppedRun(Protocol):
+    """What a stop's message reads of a run (:class:`trainers.run_state.RunState` has it).
+
+    A structural type: the run's state imports this module (its probes and errors).
+    """
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's training config."""
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes."""
+
+    @property
+    def completed_step(self) -> int:
+        """Steps whose update is applied and logged."""
+
+    @property
+    def saved_path(self) -> Path | None:
+        """The newest checkpoint's directory, if any."""
 
 
 class TrainingStopped(RuntimeError):
@@ -227,7 +249,7 @@ def failure_reason(
     return None
 
 
-def what_is_saved(run: RunState, in_progress: int | None, saved_now: bool) -> str:
+def what_is_saved(run: StoppedRun, in_progress: int | None, saved_now: bool) -> str:
     """What a stopped run left on disk, one indented line per item.
 
     ``in_progress``: the index of the step whose rollout was running, if any;
@@ -251,7 +273,7 @@ def what_is_saved(run: RunState, in_progress: int | None, saved_now: bool) -> st
 
 
 def interrupted(
-    run: RunState, stop: StopRequest, in_progress: int | None, *, saved_now: bool
+    run: StoppedRun, stop: StopRequest, in_progress: int | None, *, saved_now: bool
 ) -> TrainingInterrupted:
     """The :class:`TrainingInterrupted` of the signal ``stop`` received."""
     assert stop.signal is not None
@@ -269,7 +291,7 @@ def interrupted(
     )
 
 
-def backend_failure(run: RunState, step: int, reason: str, *, saved_now: bool) -> BackendFailure:
+def backend_failure(run: StoppedRun, step: int, reason: str, *, saved_now: bool) -> BackendFailure:
     """The :class:`BackendFailure` of step index ``step``, whose failures passed a threshold."""
     return BackendFailure(
         f"step {step + 1} of {run.config.train.steps} stopped the run, untrained: {reason}."

@@ -6,15 +6,15 @@ subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from aipo_env.protocols.base import InteractionProtocol, Request, encode_injected
+from aipo_env.protocols.base import (
+    InteractionProtocol,
+    ProtocolSettings,
+    Request,
+    encode_injected,
+)
 from aipo_env.protocols.consult import ConsultProtocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
 from aipo_env.protocols.tools import ToolProtocol
-
-if TYPE_CHECKING:
-    from aipo_env.config import EnvConfig
 
 #: Protocol name (``EnvConfig.protocol``) -> class.
 PROTOCOLS: dict[str, type[InteractionProtocol]] = {
@@ -24,7 +24,7 @@ PROTOCOLS: dict[str, type[InteractionProtocol]] = {
 }
 
 
-def make_protocol(config: EnvConfig) -> InteractionProtocol:
+def make_protocol(config: ProtocolSettings) -> InteractionProtocol:
     """The protocol ``config.protocol`` names, built from the config's instructions and roles."""
     if config.protocol not in PROTOCOLS:
         raise ValueError(
@@ -37,6 +37,7 @@ __all__ = [
     "PROTOCOLS",
     "ConsultProtocol",
     "InteractionProtocol",
+    "ProtocolSettings",
     "PythonToolProtocol",
     "Request",
     "ToolProtocol",

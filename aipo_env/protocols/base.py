@@ -42,10 +42,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from aipo_env.config import EnvConfig
+
+class ProtocolSettings(Protocol):
+    """What a protocol is built from (:class:`~aipo_env.config.EnvConfig` has it).
+
+    A structural type: the protocols never import the env config, which checks
+    ``protocol`` against :data:`~aipo_env.protocols.PROTOCOLS`.
+    """
+
+    @property
+    def protocol(self) -> str:
+        """The protocol's registered name."""
+
+    @property
+    def instructions(self) -> str | None:
+        """Instructions that replace the protocol's own (train mode)."""
+
+    @property
+    def agent_roles(self) -> Mapping[str, str]:
+        """Role descriptions of agents beyond or instead of the defaults."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,7 @@ class InteractionProtocol(ABC):
     roles: Mapping[str, str] = {}
 
     @classmethod
-    def from_config(cls, config: EnvConfig) -> InteractionProtocol:
+    def from_config(cls, config: ProtocolSettings) -> InteractionProtocol:
         """The protocol with ``config.instructions`` (and, where it has roles, ``config.agent_roles``)."""
         return cls(instructions=config.instructions)  # type: ignore[call-arg]
 

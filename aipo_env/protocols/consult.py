@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from agents.base import AGENT_ROLES
-from aipo_env.protocols.base import InteractionProtocol, Request
-
-if TYPE_CHECKING:
-    from aipo_env.config import EnvConfig
+from aipo_env.protocols.base import InteractionProtocol, ProtocolSettings, Request
 
 CONSULT_OPEN = "<consult"
 CONSULT_CLOSE = "</consult>"
@@ -136,7 +132,7 @@ class ConsultProtocol(InteractionProtocol):
         self._instructions = instructions
 
     @classmethod
-    def from_config(cls, config: EnvConfig) -> ConsultProtocol:
+    def from_config(cls, config: ProtocolSettings) -> ConsultProtocol:
         """The consult protocol with the config's instructions and extra agent roles."""
         return cls(roles=config.agent_roles, instructions=config.instructions)
 

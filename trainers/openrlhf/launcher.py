@@ -148,12 +148,12 @@ def missing_data(flags: dict[str, FlagValue]) -> list[str]:
 def data_overlap(flags: dict[str, FlagValue]) -> tuple[int, int, list[str]]:
     """Questions of the local ``eval.dataset`` files that also occur in the local training data.
 
-    Compared by :func:`tasks.splits.normalize_question` of each row's ``data.input_key``
+    Compared by :func:`tasks.question_text.normalize_question` of each row's ``data.input_key``
     (OpenRLHF's default ``input``). Hub datasets are not read (nothing is downloaded
     here). Returns ``(overlapping, evaluated, examples)``.
     """
+    from tasks.question_text import normalize_question
     from tasks.sources import read_local
-    from tasks.splits import normalize_question
 
     key = str(flags.get("data.input_key") or "input")
 
