@@ -29,8 +29,10 @@ def task(request: pytest.FixtureRequest) -> CodeTask:
     """The task under each sandbox; ``bwrap`` skips where bubblewrap cannot run here."""
     if request.param == "bwrap" and (problem := bwrap_problem()) is not None:
         pytest.skip(f"bubblewrap cannot run on this machine: {problem}")
+    # wall_s leaves room for a loaded machine: the memory hog must be stopped for memory,
+    # and under load (two other jobs on two cores) starting bwrap alone took seconds.
     return CodeTask(
-        "code", path="unused.jsonl", cpu_s=2, wall_s=5.0, memory_mb=256, sandbox=request.param
+        "code", path="unused.jsonl", cpu_s=2, wall_s=15.0, memory_mb=256, sandbox=request.param
     )
 
 
