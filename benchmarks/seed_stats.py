@@ -268,4 +268,3 @@ def compare_baselines(
         if against:
             out[baseline] = against
     return out
-

@@ -320,7 +320,10 @@ def test_evaluation_data_that_repeats_training_questions_is_refused(tmp_path, mo
     with pytest.raises(ValueError, match="1 of the 2 evaluation questions"):
         run_openrlhf(load_recipe(GRPO, overrides), launch_dir=tmp_path)
     assert not calls
-    assert run_openrlhf(load_recipe(GRPO, [*overrides, "allow_overlap=true"]), launch_dir=tmp_path) == 0
+    assert (
+        run_openrlhf(load_recipe(GRPO, [*overrides, "allow_overlap=true"]), launch_dir=tmp_path)
+        == 0
+    )
     clean = [{"question": "What is 9 + 1?", "answer": "10"}]
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean))
     assert run_openrlhf(load_recipe(GRPO, overrides), launch_dir=tmp_path) == 0

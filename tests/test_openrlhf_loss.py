@@ -229,7 +229,10 @@ AGENT_CONFIGS = [
     LossConfig(agent_mode="shaped"),  # the defaults: floor 0.1, positive only, separate
     LossConfig(agent_mode="shaped", **OLD_AGENT_DEFAULTS),  # default floor clips rare tokens
     LossConfig(
-        agent_mode="shaped", shaped_gamma=0.5, agent_w_min=0.2, agent_w_max=0.6,
+        agent_mode="shaped",
+        shaped_gamma=0.5,
+        agent_w_min=0.2,
+        agent_w_max=0.6,
         **OLD_AGENT_DEFAULTS,
     ),  # fmt: skip
     LossConfig(agent_mode="ratio", ratio_cap=0.3, agent_loss_weight=0.5, **OLD_AGENT_DEFAULTS),
