@@ -2,6 +2,25 @@
 
 ``aipo serve`` runs this for a :class:`ServeConfig` until it is stopped.
 
+The servers run in the engine's own environment, not ours: SGLang pins torch and
+transformers versions that cannot be installed beside AIPO's (docs/openrlhf.md), so
+``{python}`` in the command is :attr:`ServeConfig.python` (a path, or a name looked up
+on ``PATH``; per server :attr:`ServerConfig.python`), never the interpreter running
+``aipo serve``. Before anything starts, each interpreter is asked whether it can import
+the module its command runs (``python -m MODULE``); one that cannot stops the start-up
+with what to install and where to point ``python``.
+
+With :attr:`ServeConfig.seed` set, SGLang servers also get ``--random-seed`` and
+``--enable-deterministic-inference``: without the latter SGLang ignores each request's
+``sampling_seed``, the per-reply seed seeded agents send (:func:`agents.llm_agent.reply_seed`).
+
+What the servers return as log-probs: SGLang's ``output_token_logprobs`` are of
+``softmax(logits / T)`` over the whole vocabulary, without the top-p renormalisation
+the agents sample with (``top_p`` 0.8 by default). A sampled token's returned
+probability is therefore at most its sampling probability (the nucleus mass divides
+the latter); the behaviour probability ``mu`` recorded for agent tokens is that
+returned one.
+
 One process per configured server, each in its own process group (so a server's
 workers, e.g. its tensor-parallel ranks, go down with it) and with its output in a
 log file. :class:`AgentServers` waits for every server's ``GET /health``; a server
@@ -23,10 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import string
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,14 +57,26 @@ from agents.config import AgentConfig
 
 logger = logging.getLogger(__name__)
 
-#: SGLang's own launcher; ``{python}`` is the interpreter running ``aipo serve``.
+#: SGLang's own launcher; ``{python}`` is the engine environment's interpreter
+#: (:attr:`ServeConfig.python`), not the one running ``aipo serve``.
 DEFAULT_COMMAND = [
     "{python}", "-m", "sglang.launch_server",
-    "--model-path", "{model}", "--port", "{port}", "--tp", "{tp}",
+    "--model-path", "{model}", "--port", "{port}", "--tp-size", "{tp}",
     "--mem-fraction-static", "{mem_fraction}", "--host", "{host}",
 ]  # fmt: skip
 #: Placeholders a command template may use.
 PLACEHOLDERS = ("python", "model", "port", "tp", "mem_fraction", "host", "name")
+#: The module a command runs when it starts SGLang's server (``{python} -m ...``).
+SGLANG_LAUNCHER = "sglang.launch_server"
+#: Seconds the engine check may take per interpreter (a cold start on a network disk).
+ENGINE_CHECK_TIMEOUT_S = 120.0
+#: How to give SGLang an environment of its own, for the error that finds none.
+SGLANG_ENV_HINT = (
+    "SGLang needs its own environment (its torch and transformers pins conflict with "
+    "AIPO's): python3 -m venv /opt/sglang && /opt/sglang/bin/pip install 'sglang[all]==0.5.23', "
+    "then set python: /opt/sglang/bin/python in the serve config (or python=... on the "
+    "command line; servers.N.python for one server)"
+)
 
 
 class ServerConfig(BaseModel):
@@ -82,6 +113,14 @@ class ServerConfig(BaseModel):
         default_factory=dict,
         description="Extra environment variables of the server process, e.g. CUDA_VISIBLE_DEVICES.",
     )
+    python: str | None = Field(
+        default=None,
+        description="Interpreter of this server's engine environment ({python}); None uses the config's python.",
+    )
+    command: list[str] | None = Field(
+        default=None,
+        description="Command template of this server (placeholders as the config's command); None uses the config's command.",
+    )
 
     @property
     def served_tokenizer(self) -> str:
@@ -97,9 +136,30 @@ class ServeConfig(BaseModel):
     servers: list[ServerConfig] = Field(
         min_length=1, description="The servers to start, one process (group) each."
     )
+    python: str = Field(
+        default="python",
+        description=(
+            "Interpreter of the engine's environment, put where a command has {python}: a path "
+            "(/opt/sglang/bin/python) or a name looked up on PATH. Not the interpreter running "
+            "aipo serve: SGLang cannot be installed beside AIPO. Before starting, aipo serve "
+            "checks that it imports the module the command runs (-m MODULE). Default 'python' "
+            "on PATH."
+        ),
+    )
     command: list[str] = Field(
         default_factory=lambda: list(DEFAULT_COMMAND),
-        description="Command template of one server; placeholders {python}, {model}, {port}, {tp}, {mem_fraction}, {host}, {name}. Default: python -m sglang.launch_server with those flags.",
+        description="Command template of one server; placeholders {python}, {model}, {port}, {tp}, {mem_fraction}, {host}, {name}. Default: {python} -m sglang.launch_server with --model-path, --port, --tp-size, --mem-fraction-static, --host.",
+    )
+    seed: int | None = Field(
+        default=None,
+        description=(
+            "Seed of the SGLang servers: adds --random-seed SEED and "
+            "--enable-deterministic-inference, without which SGLang ignores the per-reply "
+            "sampling_seed that seeded agents send (replies then differ between a run and its "
+            "resumed copy). Deterministic inference needs the FlashInfer, FA3 or Triton "
+            "attention backend and costs some throughput. None (default): neither flag. Only "
+            "for servers whose command runs sglang.launch_server."
+        ),
     )
     host: str = Field(
         default="127.0.0.1",
@@ -156,15 +216,34 @@ class ServeConfig(BaseModel):
                         f"agent {agent!r} is served by {first[0]!r} ({first[1]}) and "
                         f"{server.name!r} ({server.served_tokenizer}); one agent needs one model"
                     )
-        fields = {
-            name for _, name, _, _ in string.Formatter().parse(" ".join(self.command)) if name
-        }
-        unknown = sorted(fields - set(PLACEHOLDERS))
-        if unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {', '.join(unknown)} in command; expected some of {', '.join(PLACEHOLDERS)}"
-            )
+        for where, template in [("command", self.command)] + [
+            (f"servers {s.name!r} command", s.command) for s in self.servers if s.command
+        ]:
+            fields = {
+                name for _, name, _, _ in string.Formatter().parse(" ".join(template)) if name
+            }
+            unknown = sorted(fields - set(PLACEHOLDERS))
+            if unknown:
+                raise ValueError(
+                    f"unknown placeholder(s) {', '.join(unknown)} in {where}; expected some of {', '.join(PLACEHOLDERS)}"
+                )
+        if self.seed is not None:
+            for server in self.servers:
+                if engine_module(self.template_of(server)) != SGLANG_LAUNCHER:
+                    raise ValueError(
+                        f"seed adds SGLang's --random-seed and --enable-deterministic-inference, "
+                        f"but server {server.name!r} does not run {SGLANG_LAUNCHER}; put its "
+                        "engine's own seed flags in its extra_args and leave seed unset"
+                    )
         return self
+
+    def template_of(self, server: ServerConfig) -> list[str]:
+        """The command template ``server`` starts from: its own, else the config's."""
+        return list(server.command) if server.command is not None else list(self.command)
+
+    def python_of(self, server: ServerConfig) -> str:
+        """The interpreter ``server`` runs under ({python}): its own, else the config's."""
+        return server.python or self.python
 
     def public_host(self) -> str:
         """The host name trainers use to reach the servers."""
@@ -191,10 +270,27 @@ class ServeError(RuntimeError):
     """A server could not be started or died; the message names it and quotes its log."""
 
 
+def engine_module(template: list[str]) -> str | None:
+    """The module a command template runs as ``{python} -m MODULE``; None for any other command."""
+    if len(template) >= 3 and template[0] == "{python}" and template[1] == "-m":
+        return template[2]
+    return None
+
+
+def resolve_python(python: str) -> str:
+    """``python`` as a path: itself when it names a file, else its location on ``PATH``.
+
+    A name not found is returned as it is (the engine check then says so).
+    """
+    if os.sep in python:
+        return python
+    return shutil.which(python) or python
+
+
 def server_command(config: ServeConfig, server: ServerConfig) -> list[str]:
-    """The argv of one server: the template filled in, then its extra arguments."""
+    """The argv of one server: the template filled in, SGLang's seed flags, then its extra arguments."""
     values = {
-        "python": sys.executable,
+        "python": resolve_python(config.python_of(server)),
         "model": server.model,
         "port": server.port,
         "tp": server.tp,
@@ -202,7 +298,52 @@ def server_command(config: ServeConfig, server: ServerConfig) -> list[str]:
         "host": config.host,
         "name": server.name,
     }
-    return [part.format(**values) for part in config.command] + list(server.extra_args)
+    template = config.template_of(server)
+    argv = [part.format(**values) for part in template]
+    if config.seed is not None and engine_module(template) == SGLANG_LAUNCHER:
+        argv += ["--random-seed", str(config.seed), "--enable-deterministic-inference"]
+    return argv + list(server.extra_args)
+
+
+#: Run by a server's interpreter: exit 0 when it can import ``sys.argv[1]``'s package.
+_FIND_MODULE = (
+    "import importlib.util, sys; "
+    "sys.exit(0 if importlib.util.find_spec(sys.argv[1].split('.')[0]) else 3)"
+)
+
+
+def engine_problem(config: ServeConfig, server: ServerConfig) -> str | None:
+    """Why ``server``'s interpreter cannot run its engine; None when it can (or nothing to check).
+
+    Checked for commands of the form ``{python} -m MODULE``: the interpreter must exist
+    and find MODULE's top-level package (nothing is imported, so this takes a moment).
+    """
+    module = engine_module(config.template_of(server))
+    if module is None:
+        return None
+    named = config.python_of(server)
+    python = resolve_python(named)
+    hint = (
+        SGLANG_ENV_HINT
+        if module == SGLANG_LAUNCHER
+        else f"point python at an environment with {module}"
+    )
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        where = "on PATH" if os.sep not in named else "(no such executable)"
+        return f"interpreter {named!r} not found {where}; {hint}"
+    try:
+        found = subprocess.run(
+            [python, "-c", _FIND_MODULE, module],
+            env={**os.environ, **server.env},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=ENGINE_CHECK_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"interpreter {python} could not be asked for {module}: {exc}; {hint}"
+    if found.returncode != 0:
+        return f"interpreter {python} cannot import {module.split('.')[0]}; {hint}"
+    return None
 
 
 def endpoints(config: ServeConfig) -> dict[str, Any]:
@@ -279,12 +420,33 @@ class AgentServers:
         """Every server's argv, in config order."""
         return [server_command(self.config, s) for s in self.config.servers]
 
-    def start(self) -> dict[str, Any]:
-        """Launch all servers, wait until healthy, write the endpoints file; returns its content.
+    def engine_problems(self) -> list[str]:
+        """``server 'x': why`` for each server whose interpreter cannot run its engine (one check per interpreter and module)."""
+        problems, seen = [], set()
+        for server in self.config.servers:
+            key = (
+                resolve_python(self.config.python_of(server)),
+                engine_module(self.config.template_of(server)),
+                tuple(sorted(server.env.items())),
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            problem = engine_problem(self.config, server)
+            if problem:
+                problems.append(f"server {server.name!r}: {problem}")
+        return problems
 
-        Raises :class:`ServeError` (after stopping whatever started) when a server
+    def start(self) -> dict[str, Any]:
+        """Check the engines, launch all servers, wait until healthy, write the endpoints file; returns its content.
+
+        Raises :class:`ServeError` (after stopping whatever started) when a server's
+        interpreter cannot import its engine (nothing is started then), a server
         exits, is not healthy within ``health_timeout_s``, or ``stop_event`` is set.
         """
+        problems = self.engine_problems()
+        if problems:
+            raise ServeError("; ".join(problems))
         try:
             log_dir = Path(self.config.log_dir)
             log_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ def write_config(tmp_path: Path, port: int) -> Path:
     script = tmp_path / "health_server.py"
     script.write_text(HEALTH_SERVER)
     data = {
+        "python": sys.executable,  # the stand-in server needs only the standard library
         "command": ["{python}", str(script), "{port}"],
         "endpoints_file": str(tmp_path / "endpoints.json"),
         "log_dir": str(tmp_path / "logs"),
@@ -104,3 +105,25 @@ def test_sigterm_stops_the_servers_and_removes_the_endpoints_file(tmp_path) -> N
     except ProcessLookupError:
         gone = True
     assert gone, f"server {server_pid} still running"
+
+
+def test_dry_run_notes_an_interpreter_without_the_engine(tmp_path, capsys) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "python": str(tmp_path / "no-env" / "bin" / "python"),
+                "servers": [{"name": "a", "model": "Org/M", "port": 30000, "agents": ["verify"]}],
+            }
+        )
+    )
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    assert serve_cli.run(parser.parse_args(["--config", str(path), "--dry-run"])) == 0
+    captured = capsys.readouterr()
+    assert f"{tmp_path}/no-env/bin/python -m sglang.launch_server" in captured.out
+    assert "--tp-size 1" in captured.out
+    assert (
+        "not found (no such executable)" in captured.err
+        and "a real start refuses it" in captured.err
+    )

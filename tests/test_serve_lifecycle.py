@@ -42,6 +42,7 @@ def pids_of(servers: AgentServers) -> list[int]:
 
 def config(tmp_path: Path, command: list[str], servers: list[dict], **fields) -> ServeConfig:
     return ServeConfig(
+        python=sys.executable,  # the loopback server runs in this environment
         command=command,
         servers=servers,
         endpoints_file=str(tmp_path / "runs" / "endpoints.json"),
@@ -185,6 +186,7 @@ def test_health_timeout_errors_and_kills_the_server(tmp_path) -> None:
 
 def test_command_template_and_endpoints_of_a_shared_agent(tmp_path) -> None:
     cfg = ServeConfig(
+        python="/opt/sglang/bin/python",
         host="0.0.0.0",
         advertise_host="node3",
         servers=[
@@ -195,8 +197,8 @@ def test_command_template_and_endpoints_of_a_shared_agent(tmp_path) -> None:
         ],
     )  # fmt: skip
     assert server_command(cfg, cfg.servers[1]) == [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-32B",
-        "--port", "30001", "--tp", "4", "--mem-fraction-static", "0.8", "--host", "0.0.0.0",
+        "/opt/sglang/bin/python", "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-32B",
+        "--port", "30001", "--tp-size", "4", "--mem-fraction-static", "0.8", "--host", "0.0.0.0",
     ]  # fmt: skip
     assert server_command(cfg, cfg.servers[0])[-2:] == ["--base-gpu-id", "0"]
     from agents.serve import endpoints

@@ -1,4 +1,8 @@
-"""``aipo serve --config configs/serve/X.yaml``: run the agents' SGLang servers until stopped."""
+"""``aipo serve --config configs/serve/X.yaml``: run the agents' SGLang servers until stopped.
+
+Each server runs under the engine environment's interpreter (the config's ``python``),
+not the one running ``aipo serve``; see :mod:`agents.serve`.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{env} {shlex.join(argv)}".strip())
         print(f"# endpoints file {config.endpoints_file}:")
         print(json.dumps(endpoints(config), indent=2, sort_keys=True))
+        for problem in servers.engine_problems():
+            print(f"note: {problem}; a real start refuses it", file=sys.stderr)
         return 0
 
     previous = {
