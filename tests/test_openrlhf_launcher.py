@@ -43,6 +43,10 @@ DAPO, GRPO = (
 )
 
 
+#: The executor file the installed package holds.
+EXECUTOR = (Path(__file__).parents[1] / "trainers" / "openrlhf" / "executor.py").resolve()
+
+
 def _endpoints(tmp_path: Path) -> str:
     path = tmp_path / "endpoints.json"
     path.write_text(json.dumps({"agents": {"verify": {"backend": "sglang://10.0.0.3:30000"}}}))
@@ -64,7 +68,8 @@ def test_every_recipe_dry_run_parses_with_openrlhf(recipe_path, tmp_path, capsys
     assert argv[split + 1 : split + 4] == ["python", "-m", "trainers.openrlhf.entry"]
     args = parse_openrlhf_args(argv[split + 4 :])
     recipe = load_recipe(recipe_path, overrides)
-    assert args.train.agent_func_path == "trainers/openrlhf/executor.py"
+    # Nothing uploaded by default: the installed executor, by its absolute path.
+    assert args.train.agent_func_path == str(EXECUTOR)
     assert args.reward.remote_url == ["agent"]  # OpenRLHF routes rewards to the executor
     assert args.actor.model_name_or_path == recipe.openrlhf["actor.model_name_or_path"]
     assert args.algo.advantage.estimator == recipe.openrlhf["algo.advantage.estimator"]
@@ -327,3 +332,75 @@ def test_evaluation_data_that_repeats_training_questions_is_refused(tmp_path, mo
     clean = [{"question": "What is 9 + 1?", "answer": "10"}]
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in clean))
     assert run_openrlhf(load_recipe(GRPO, overrides), launch_dir=tmp_path) == 0
+
+
+# -- launching from any directory -----------------------------------------------------------
+
+
+def test_a_packaged_recipe_loads_by_name_or_checkout_path_from_any_directory(tmp_path, monkeypatch):
+    from trainers.openrlhf.recipes import load_recipe as load_by_name
+    from trainers.openrlhf.recipes import packaged_recipes
+
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    assert {p.stem for p in RECIPES} == set(packaged_recipes())
+    by_name = load_by_name("grpo_1node", ["executor.endpoints_file=null"])
+    by_path = load_by_name("configs/openrlhf/grpo_1node.yaml", ["executor.endpoints_file=null"])
+    assert by_name == by_path == load_recipe(GRPO, ["executor.endpoints_file=null"])
+    (tmp_path / "mine.yaml").write_text("executor: {endpoints_file: null}\n")
+    assert load_by_name("mine.yaml").executor.endpoints_file is None  # a file here wins
+    with pytest.raises(FileNotFoundError, match=r"'grpo_1nod' not found.*grpo_1node"):
+        load_by_name("grpo_1nod")
+
+
+def test_executor_path_follows_what_is_uploaded(tmp_path):
+    from trainers.openrlhf.launcher import executor_path
+
+    checkout = EXECUTOR.parents[2]
+    installed = load_recipe(DAPO, ["executor.endpoints_file=null"])
+    assert executor_path(installed, tmp_path) == str(EXECUTOR)
+    uploaded = load_recipe(DAPO, ["executor.endpoints_file=null", f"ray.working_dir={checkout}"])
+    assert executor_path(uploaded, tmp_path) == "trainers/openrlhf/executor.py"
+    # An uploaded directory without the executor (the launch directory, say): the installed file.
+    elsewhere = load_recipe(DAPO, ["executor.endpoints_file=null", "ray.working_dir=."])
+    assert executor_path(elsewhere, tmp_path) == str(EXECUTOR)
+
+
+def test_an_installed_wheel_launches_a_packaged_recipe_from_an_empty_directory(tmp_path):
+    """Built from this working tree, installed without the checkout on the path."""
+    import subprocess
+    import sys
+
+    checkout = EXECUTOR.parents[2]
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=checkout, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    source = tmp_path / "src"
+    for name in filter(None, listed):
+        if (checkout / name).is_file() and not name.startswith(("benchmarks/", "tests/", "runs/")):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((checkout / name).read_bytes())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), "."],
+        cwd=source, check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("aipo-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from aipo.cli import main; sys.exit(main(sys.argv[1:]))",
+         "train", "--engine", "openrlhf", "--config", "grpo_1node", "--dry-run"],
+        cwd=empty, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    argv = shlex.split(run.stdout)
+    executor = Path(argv[argv.index("--train.agent_func_path") + 1])
+    assert executor == site / "trainers" / "openrlhf" / "executor.py" and executor.is_file()
+    assert argv[argv.index("--data.prompt_dataset") + 1] == str(
+        empty / "data" / "deepmath_train.jsonl"
+    )
+    runtime = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert "working_dir" not in runtime  # nothing uploaded

@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine", choices=("openrlhf",), default="openrlhf", help="the launch to check"
     )
-    parser.add_argument("--config", required=True, help="a recipe (configs/openrlhf/*.yaml)")
+    parser.add_argument(
+        "--config", required=True, help="a recipe: a packaged name (grpo_1node, ...) or a path"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -320,14 +322,14 @@ def ray_check(recipe: OpenRLHFRecipe) -> list[Check]:
 
 def run(args: argparse.Namespace) -> int:
     """Print one line per check; 1 if any FAILs."""
-    from aipo.config import ConfigError, load_config
-    from trainers.openrlhf.config import OpenRLHFRecipe
+    from aipo.config import ConfigError
+    from trainers.openrlhf.recipes import load_recipe
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the report says what each request found
     launch_dir = Path.cwd()
     checks = package_checks(gpu_present())
     try:
-        recipe = load_config(OpenRLHFRecipe, args.config, args.overrides)
+        recipe = load_recipe(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         checks.append(Check("FAIL", "recipe", str(exc).replace("\n", "; ")))
         recipe = None

@@ -16,7 +16,9 @@ import threading
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``aipo serve``."""
     parser.add_argument(
-        "--config", required=True, help="a serve config YAML (configs/serve/*.yaml)"
+        "--config",
+        required=True,
+        help="a serve config: a packaged name (single_node, per_agent) or a YAML path",
     )
     parser.add_argument(
         "--dry-run",
@@ -35,11 +37,12 @@ def run(args: argparse.Namespace) -> int:
     """Start the servers, write the endpoints file, serve until SIGINT/SIGTERM; 1 on failure."""
     import json
 
+    import configs
     from agents.serve import AgentServers, ServeConfig, ServeError, endpoints
     from aipo.config import ConfigError, load_config
 
     try:
-        config = load_config(ServeConfig, args.config, args.overrides)
+        config = load_config(ServeConfig, configs.resolve(args.config, "serve"), args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"aipo serve: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="YAML config (default: the packaged configs/default.yaml; configs/openrlhf/*.yaml with --engine openrlhf)",
+        help="YAML config (default: the packaged configs/default.yaml); with --engine openrlhf a recipe: a packaged name (grpo_1node, ...) or a path",
     )
     parser.add_argument(
         "--engine",
@@ -50,13 +50,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.engine == "openrlhf":
         if args.config is None:
-            return _fail("--engine openrlhf needs --config configs/openrlhf/<recipe>.yaml")
-        from trainers.openrlhf.config import OpenRLHFRecipe
+            return _fail(
+                "--engine openrlhf needs --config RECIPE: a packaged recipe's name "
+                "(e.g. grpo_1node) or a path"
+            )
         from trainers.openrlhf.launcher import run_openrlhf
         from trainers.openrlhf.patch import OpenRLHFVersionError
+        from trainers.openrlhf.recipes import load_recipe
 
         try:
-            recipe = load_config(OpenRLHFRecipe, args.config, args.overrides)
+            recipe = load_recipe(args.config, args.overrides)
             return run_openrlhf(recipe, dry_run=args.dry_run)
         except (ConfigError, ValueError, FileNotFoundError, OpenRLHFVersionError) as exc:
             return _fail(str(exc))

@@ -5,7 +5,8 @@
 The runtime env carries, to every Ray worker: ``worker_process_setup_hook`` (installs
 :class:`AIPOPolicyLoss`), the agent-token loss config and the executor config as JSON,
 and the working directory. ``FLAGS`` are the recipe's OpenRLHF flags plus
-``--train.agent_func_path`` pointing at ``trainers/openrlhf/executor.py``. The recipe
+``--train.agent_func_path`` pointing at ``trainers/openrlhf/executor.py`` (:func:`executor_path`:
+the installed file, or its place inside an uploaded ``ray.working_dir``). The recipe
 arrives typed (:class:`OpenRLHFRecipe`); reading it from YAML is the application's job.
 
 With ``ray.submit: false`` the launcher runs ``python -m trainers.openrlhf.entry FLAGS``
@@ -54,7 +55,8 @@ from trainers.openrlhf.flags import OUTPUT_FLAG_DEFAULTS
 from trainers.openrlhf.loss import LOSS_CONFIG_ENV, loss_config_to_env
 from trainers.openrlhf.patch import SETUP_HOOK, check_openrlhf_version
 
-EXECUTOR_RELPATH = "trainers/openrlhf/executor.py"
+#: The agent executor OpenRLHF loads (``--train.agent_func_path``), beside this module.
+EXECUTOR_FILE = "executor.py"
 #: Flags naming what OpenRLHF writes: checkpoints, the final model, TensorBoard logs.
 OUTPUT_PATH_FLAGS = ("ckpt.path", "ckpt.output_dir", "logger.tensorboard_dir")
 #: Flags naming datasets (comma-separated, each ``NAME[@DATA_DIR]``).
@@ -234,12 +236,27 @@ def runtime_env(
     return env
 
 
+def executor_path(recipe: OpenRLHFRecipe, launch_dir: Path | None = None) -> str:
+    """``--train.agent_func_path``: the executor file as OpenRLHF's vLLM actors will open it.
+
+    OpenRLHF loads it by file path on every rollout node. When the uploaded
+    ``ray.working_dir`` holds this very file (a checkout), the path is relative to it:
+    workers run inside its unpacked copy. Otherwise it is the installed file's absolute
+    path, which every node has when AIPO is installed at the same place on each (the
+    same image or virtual environment); nothing assumes the launch directory is a checkout.
+    """
+    executor = Path(__file__).with_name(EXECUTOR_FILE).resolve()
+    if recipe.ray.working_dir is not None:
+        here = Path.cwd() if launch_dir is None else Path(launch_dir)
+        uploaded = Path(_absolute(recipe.ray.working_dir, here)).resolve()
+        if executor.is_relative_to(uploaded):
+            return executor.relative_to(uploaded).as_posix()
+    return str(executor)
+
+
 def training_argv(recipe: OpenRLHFRecipe, launch_dir: Path | None = None) -> list[str]:
     """The OpenRLHF flags of the run (paths resolved), ``--train.agent_func_path`` included."""
-    if recipe.ray.working_dir is not None:
-        executor = EXECUTOR_RELPATH  # workers run inside the unpacked working_dir
-    else:
-        executor = str(Path(__file__).with_name("executor.py").resolve())
+    executor = executor_path(recipe, launch_dir)
     return ["--train.agent_func_path", executor, *flag_argv(resolved_flags(recipe, launch_dir))]
 
 
