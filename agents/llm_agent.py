@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agents.base import Agent, AgentReply, ConsultRequest
@@ -38,8 +38,17 @@ _MISSING = {"problem": "(not given)", "transcript": "(nothing yet)", "solution":
 _USER_SLOT = "\ue000aipo-user-message\ue000"
 
 
-def render_prompt(tokenizer: Any, system: str, user: str) -> tuple[list[int], list[int]]:
+def render_prompt(
+    tokenizer: Any,
+    system: str,
+    user: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[list[int], list[int]]:
     """Render ``system`` then ``user`` as a chat prompt; return ``(static_ids, prompt_ids)``.
+
+    ``chat_template_kwargs`` are extra variables of the chat template (a template's
+    :attr:`~agents.templates.PromptTemplate.chat_template_kwargs`: ``enable_thinking:
+    false`` turns Qwen3's thinking off); templates ignore the ones they do not use.
 
     ``prompt_ids`` always starts with ``static_ids`` (the rendered system part alone):
     the per-request rest is tokenized separately and appended, so the shared prefix
@@ -50,7 +59,7 @@ def render_prompt(tokenizer: Any, system: str, user: str) -> tuple[list[int], li
     tokens. Only the template's own markup around it is parsed. Without a chat template
     (or one that rejects a system message) the parts are joined as plain text.
     """
-    static_text, before, after = _render_parts(tokenizer, system, user)
+    static_text, before, after = _render_parts(tokenizer, system, user, chat_template_kwargs or {})
     static_ids = _encode(tokenizer, static_text)
     rest_ids = (
         _encode(tokenizer, before) + _encode_text(tokenizer, user) + _encode(tokenizer, after)
@@ -58,17 +67,20 @@ def render_prompt(tokenizer: Any, system: str, user: str) -> tuple[list[int], li
     return static_ids, static_ids + rest_ids
 
 
-def _render_parts(tokenizer: Any, system: str, user: str) -> tuple[str, str, str]:
+def _render_parts(
+    tokenizer: Any, system: str, user: str, kwargs: Mapping[str, Any]
+) -> tuple[str, str, str]:
     """``(static, before, after)``: the prompt is ``static + before + user + after``."""
     if getattr(tokenizer, "chat_template", None):
         try:
             static = tokenizer.apply_chat_template(
-                [{"role": "system", "content": system}], tokenize=False
+                [{"role": "system", "content": system}], tokenize=False, **kwargs
             )
             full = tokenizer.apply_chat_template(
                 [{"role": "system", "content": system}, {"role": "user", "content": _USER_SLOT}],
                 tokenize=False,
                 add_generation_prompt=True,
+                **kwargs,
             )
             if (
                 isinstance(static, str)
@@ -259,7 +271,12 @@ class LLMAgent(Agent):
         user = self.template.render_user(
             self.variables(request), with_solution=self.with_solution(request)
         )
-        return render_prompt(self.generator.tokenizer, self.template.system, user)
+        return render_prompt(
+            self.generator.tokenizer,
+            self.template.system,
+            user,
+            self.template.chat_template_kwargs,
+        )
 
     async def _register_prefix(self, static_ids: list[int]) -> None:
         # Pinning the static prefix is an optimisation: a backend that cannot must

@@ -13,6 +13,7 @@ import importlib.resources
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,15 @@ class PromptTemplate(BaseModel):
     user_with_solution: str | None = Field(
         default=None,
         description="Replaces `user` when the agent may see the reference solution and the problem has one.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"enable_thinking": False},
+        description=(
+            "Extra variables of the agent tokenizer's chat template when the prompt is rendered. "
+            "Default {enable_thinking: false}: a Qwen3 agent answers at once instead of opening a "
+            "<think> block that max_reply_tokens would cut off (templates without the variable "
+            "ignore it). Set {enable_thinking: true} in a template file to let the agent think."
+        ),
     )
 
     def render_user(self, variables: Mapping[str, str], *, with_solution: bool = False) -> str:
