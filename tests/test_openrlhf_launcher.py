@@ -404,3 +404,41 @@ def test_an_installed_wheel_launches_a_packaged_recipe_from_an_empty_directory(t
     )
     runtime = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert "working_dir" not in runtime  # nothing uploaded
+
+
+# -- W&B and TensorBoard through the recipe -------------------------------------------------
+
+
+def test_wandb_key_is_an_environment_reference_never_the_key(tmp_path, capsys):
+    base = [f"executor.endpoints_file={_endpoints(tmp_path)}"]
+    with pytest.raises(ConfigError, match="must name an environment variable"):
+        load_recipe(GRPO, [*base, "openrlhf.logger.wandb.key=0123abcd"])
+    recipe = load_recipe(GRPO, [*base, "openrlhf.logger.wandb.key=env:WANDB_API_KEY"])
+    args = _dry_run_args(recipe, tmp_path, capsys)  # OpenRLHF's own parser
+    # OpenRLHF's PPOTrainer turns W&B on when the key flag is set; the driver fills it in.
+    assert args.logger.wandb.key == "env:WANDB_API_KEY"
+    assert (args.logger.wandb.project, args.logger.wandb.group) == ("aipo", "grpo_1node")
+    assert args.logger.tensorboard_dir == str(tmp_path / "runs" / "tensorboard" / "grpo_1node")
+
+
+def test_the_driver_fills_the_key_from_its_environment_or_refuses_before_ray(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.setattr("trainers.openrlhf.patch.install", lambda: True)
+    started: list[bool] = []
+    monkeypatch.setattr(entry, "start_ray", lambda: started.append(True))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(runpy, "run_module", lambda *a, **k: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    flags = ["--logger.wandb.key", "env:AIPO_TEST_WANDB_KEY", "--actor.model_name_or_path", "m"]
+    monkeypatch.delenv("AIPO_TEST_WANDB_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(flags)
+    assert exit_.value.code == 2 and not started and not ran
+    assert "$AIPO_TEST_WANDB_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("AIPO_TEST_WANDB_KEY", "s3cret")
+    entry.main(flags)
+    assert started and ran == [
+        ["train_ppo_ray", "--logger.wandb.key", "s3cret", "--actor.model_name_or_path", "m"]
+    ]

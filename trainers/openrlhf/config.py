@@ -23,6 +23,7 @@ from trainers.openrlhf.flags import (
     OPENRLHF_VERSION,
 )
 from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, LOSS_CONFIG_ENV, check_agent_token_fields
+from trainers.openrlhf.recipe_secrets import check_secret_flags
 from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
@@ -261,6 +262,7 @@ class OpenRLHFRecipe(BaseModel):
                 raise ValueError(
                     "train.agent_func_path is set by the launcher; remove it from the recipe"
                 )
+        check_secret_flags(flags)  # logger.wandb.key: env:WANDB_API_KEY, never the key
         return flags
 
     @model_validator(mode="after")

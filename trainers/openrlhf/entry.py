@@ -104,14 +104,18 @@ def start_ray(environ: Mapping[str, str] | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run OpenRLHF's PPO entry point with AIPO's policy loss installed everywhere."""
     from trainers.openrlhf.patch import OpenRLHFVersionError, install
+    from trainers.openrlhf.recipe_secrets import MissingSecretError, fill_secrets
 
+    flags = list(sys.argv[1:] if argv is None else argv)
     try:
         install()  # here too: checks the version before any worker starts
+        # env:NAME values (the W&B key) come from this driver's environment, here only.
+        flags = fill_secrets(flags, os.environ)
         start_ray()
-    except (DriverSetupError, OpenRLHFVersionError) as exc:
+    except (DriverSetupError, OpenRLHFVersionError, MissingSecretError) as exc:
         print(f"trainers.openrlhf.entry: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.argv = ["train_ppo_ray", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["train_ppo_ray", *flags]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
 
 
