@@ -3,19 +3,25 @@
 One line per check: ``ok``, ``warn`` or ``FAIL``, with what it found. Exit code 1 when
 any check FAILs, 0 otherwise. Checks, in order:
 
-* installed packages (read from their metadata, nothing imported): openrlhf at the
-  pinned release, ray, deepspeed and torch (missing: FAIL); vllm (missing: FAIL on a
-  machine with a GPU, warn without one); ray and vllm other than the tested releases: warn;
-* the recipe loads through ``aipo.config.load_config``, with the same overrides as
-  ``aipo train``, and OpenRLHF's own parser accepts its flags;
+* installed packages: openrlhf at the pinned release; transformers, deepspeed, ray and
+  flash-attn within OpenRLHF's own pins; vllm at the version OpenRLHF's ``[vllm]`` extra
+  declares and importable (missing: FAIL on a machine with a GPU, warn without one);
+  torch (:mod:`aipo.commands.doctor_stack`);
+* the recipe (a packaged name or a path) loads through ``aipo.config.load_config``, with
+  the same overrides as ``aipo train``, and OpenRLHF's own parser accepts its flags;
+* the attention implementation can run here (flash-attn's CUDA kernels, or ``sdpa``);
 * every local dataset exists (paths resolved against this directory, as the launcher
-  resolves them; a Hugging Face dataset id is not checked);
+  resolves them; a Hugging Face dataset id is not checked) and holds the recipe's
+  ``data.input_key`` and ``data.label_key``;
+* TensorBoard and W&B, when the recipe turns them on, are installed (and W&B's key set);
 * every served agent's server answers ``GET /health``;
 * the policy's and the agents' tokenizers load from the local cache alone: a worker
   that must download them at start-up fails on an offline cluster;
 * output paths, absolute after resolution, are writable, and are not uploaded with the
   job's ``working_dir``;
-* the Ray dashboard answers (``ray.submit: true``; warn only, Ray may start later).
+* the Ray dashboard answers (``ray.submit: true``), else the ``ray start`` to run.
+
+Every FAIL says what to run or set.
 """
 
 from __future__ import annotations
@@ -39,8 +45,6 @@ if TYPE_CHECKING:
 
 #: Seconds each HTTP check waits.
 HTTP_TIMEOUT_S = 3.0
-#: Releases the OpenRLHF integration is tested with (docs/openrlhf.md), besides OpenRLHF's own pin.
-TESTED_WITH = {"ray": "2.55.0", "vllm": "0.29.0"}
 
 
 @dataclass(frozen=True)
@@ -110,22 +114,19 @@ def package_checks(has_gpu: bool) -> list[Check]:
             ]
         else:
             checks = [Check("ok", "openrlhf", installed)]
-    for package in ("vllm", "ray", "deepspeed", "torch"):
-        found = _version(package)
-        if found is None:
-            if package == "vllm" and not has_gpu:
-                checks.append(Check("warn", package, "not installed (no GPU on this machine)"))
-            else:
-                checks.append(Check("FAIL", package, "not installed"))
-        elif package in TESTED_WITH and found != TESTED_WITH[package]:
-            checks.append(Check("warn", package, f"{found}; tested with {TESTED_WITH[package]}"))
-        else:
-            checks.append(Check("ok", package, found))
+    from aipo.commands.doctor_stack import pin_checks, vllm_check
+
+    checks.append(vllm_check(has_gpu))
+    checks += pin_checks()
+    torch = _version("torch")
+    checks.append(Check("ok", "torch", torch) if torch else Check("FAIL", "torch", "not installed"))
     return checks
 
 
-def flag_and_data_checks(recipe: OpenRLHFRecipe, launch_dir: Path) -> list[Check]:
-    """OpenRLHF's parser over the flags, and every dataset entry."""
+def flag_and_data_checks(
+    recipe: OpenRLHFRecipe, launch_dir: Path, config: str = "RECIPE"
+) -> list[Check]:
+    """OpenRLHF's parser over the flags, and every dataset entry (``config``: the recipe as named)."""
     from trainers.openrlhf.flags import OpenRLHFArgumentError
     from trainers.openrlhf.launcher import check_flags, dataset_entries, resolved_flags
 
@@ -146,7 +147,15 @@ def flag_and_data_checks(recipe: OpenRLHFRecipe, launch_dir: Path) -> list[Check
         elif Path(entry).exists():
             checks.append(Check("ok", flag, entry))
         else:
-            checks.append(Check("FAIL", flag, f"{entry} does not exist"))
+            target = "" if flag == "data.prompt_dataset" else f" --target {flag}"
+            checks.append(
+                Check(
+                    "FAIL",
+                    flag,
+                    f"{entry} does not exist; write it: python -m "
+                    f"trainers.openrlhf.prepare_data --config {config}{target}",
+                )
+            )
     return checks
 
 
@@ -312,9 +321,11 @@ def ray_check(recipe: OpenRLHFRecipe) -> list[Check]:
     except (httpx.HTTPError, ValueError) as exc:
         return [
             Check(
-                "warn",
+                "FAIL",
                 "ray dashboard",
-                f"{address} does not answer ({type(exc).__name__}); start Ray first",
+                f"{address} does not answer ({type(exc).__name__}); start Ray first: on the "
+                "head node 'ray start --head --port 6379 --dashboard-host 0.0.0.0 --num-gpus N' "
+                "(N: the GPUs Ray may use), on every other node 'ray start --address HEAD_IP:6379'",
             )
         ]
     return [Check("ok", "ray dashboard", f"{address} answers (ray {version})")]
@@ -334,8 +345,15 @@ def run(args: argparse.Namespace) -> int:
         checks.append(Check("FAIL", "recipe", str(exc).replace("\n", "; ")))
         recipe = None
     if recipe is not None:
+        from aipo.commands.doctor_stack import attention_check, data_field_checks, logger_checks
+        from trainers.openrlhf.launcher import resolved_flags
+
+        flags = resolved_flags(recipe, launch_dir)
         checks.append(Check("ok", "recipe", f"{args.config} loads"))
-        checks += flag_and_data_checks(recipe, launch_dir)
+        checks += flag_and_data_checks(recipe, launch_dir, args.config)
+        checks += data_field_checks(flags, args.config)
+        checks.append(attention_check(flags))
+        checks += logger_checks(recipe, flags)
         agent_lines, agents = agent_checks(recipe)
         checks += agent_lines
         checks += tokenizer_checks(recipe, agents, launch_dir)
