@@ -184,7 +184,8 @@ def agent_checks(recipe: OpenRLHFRecipe) -> tuple[list[Check], dict[str, AgentCo
             Check(
                 "FAIL",
                 "endpoints file",
-                f"{path} does not exist: start the agents with 'aipo serve' first",
+                f"{path} does not exist: start the agents with 'aipo serve' first (e.g. "
+                "aipo serve --config single_node python=/opt/sglang/bin/python)",
             )
         ], {}
     try:
