@@ -56,6 +56,10 @@ class ModelForward(Protocol):
         """Take the model's current weights (after a trainer changed them in place)."""
         ...
 
+    def release(self) -> None:
+        """Drop weight copies the forward can remake (on its next forward); a no-op without."""
+        ...
+
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:

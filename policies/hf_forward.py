@@ -71,6 +71,9 @@ class HFForward:
         for mine, theirs in zip(self.module.parameters(), self.model.parameters(), strict=True):
             mine.copy_(theirs)
 
+    def release(self) -> None:
+        """Nothing to drop: a cast copy is kept (remaking it would need a full copy at once)."""
+
     def prefill(
         self, ids: torch.Tensor, positions: torch.Tensor, past: KV, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, KV]:

@@ -198,6 +198,7 @@ class LeanLlama:
     def sync_weights(self) -> None:
         """Take the model's current weights (copying them where this forward holds copies)."""
         inner = self.model.model
+        self.release()  # the old copies go before the new ones are made, not after
         self.layers = [_Layer(block, self.dtype) for block in inner.layers]
         head = self.model.get_output_embeddings().weight
         final_norm = inner.norm.weight.detach().float()
@@ -205,6 +206,20 @@ class LeanLlama:
         self.final_norm = final_norm if shared else None
         self.lm_head = _Projection((head,), self.dtype, None if shared else final_norm)
         self.embed = inner.embed_tokens.weight.detach()
+
+    def release(self) -> None:
+        """Drop this forward's weight copies (a trainer's update needs the memory).
+
+        The next forward takes the model's weights again, as :meth:`sync_weights` does.
+        """
+        self.layers: list[_Layer] | None = None
+        self.lm_head: _Projection | None = None
+
+    def _ready(self) -> list[_Layer]:
+        if self.layers is None:
+            self.sync_weights()
+        assert self.layers is not None
+        return self.layers
 
     # -- forwards -------------------------------------------------------------
 
@@ -224,7 +239,7 @@ class LeanLlama:
         cos, sin = self._rotary(positions)
         hidden = F.embedding(ids, self.embed).float()
         kv: KV = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._ready()):
             q, k, v = self._qkv(hidden, layer, cos, sin)
             if past:
                 k = torch.cat([past[i][0].to(k.dtype), k], dim=2)
@@ -257,7 +272,7 @@ class LeanLlama:
         attn_mask = None if mask is None else _additive(mask.bool()[:, None, None, :], self.dtype)
         cos, sin = self._rotary(positions)
         hidden = F.embedding(ids, self.embed).float()
-        for layer, (kbuf, vbuf) in zip(self.layers, slab.layers, strict=True):
+        for layer, (kbuf, vbuf) in zip(self._ready(), slab.layers, strict=True):
             q, k, v = self._qkv(hidden, layer, cos, sin)
             kbuf[:, :, start:end].copy_(k)
             vbuf[:, :, start:end].copy_(v)
@@ -309,6 +324,7 @@ class LeanLlama:
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         x = _rms_norm(last, self.final_norm, self.eps).to(self.dtype)
+        assert self.lm_head is not None  # set with the layers (_ready)
         return self.lm_head(x)[0].float()
 
 

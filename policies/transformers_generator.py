@@ -263,6 +263,17 @@ class TransformersGenerator(Generator):
             version = self.weights_version + 1 if isinstance(self.weights_version, int) else 0
         self.weights_version = version
 
+    def release_memory(self) -> None:
+        """Drop what generation keeps between requests: cached prefixes, the forward's weight copies.
+
+        For a trainer about to update the weights (it calls :meth:`weights_updated`
+        afterwards, which would drop the prefixes anyway): their memory is free for the
+        update. Both come back on the next request. Call it while :meth:`paused`.
+        """
+        self.prefix_cache.invalidate()
+        with self.weights_lock:
+            self.forward.release()
+
     @property
     def pending_requests(self) -> int:
         """Requests queued and not yet admitted to the decode batch."""

@@ -79,20 +79,22 @@ def test_logprobs_from_logits_rejects_misaligned_shapes():
         logprobs_from_logits(torch.zeros(1, 4, 5), torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_chunked_gradients_equal_unchunked_gradients():
+@pytest.mark.parametrize("chunk_size", [None, 2, 5])
+def test_chunked_gradients_equal_the_full_computation(chunk_size):
     model = tiny_llama()
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
     weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(5))
-    grads = []
-    for chunk_size in (None, 2):
-        model.zero_grad()
-        logprobs, entropy = token_logprobs(
-            model, ids, torch.ones_like(ids), with_entropy=True, chunk_size=chunk_size
-        )
-        ((logprobs + 0.1 * entropy) * weights).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for whole, chunked in zip(*grads, strict=True):
-        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    logprobs, entropy = token_logprobs(
+        model, ids, torch.ones_like(ids), with_entropy=True, chunk_size=chunk_size
+    )
+    ((logprobs + 0.1 * entropy) * weights).sum().backward()
+    chunked = [p.grad.clone() for p in model.parameters()]
+    # The textbook computation: the model's own full logits and log_softmax.
+    model.zero_grad()
+    want_lp, want_h = direct(model, ids, torch.ones_like(ids))
+    ((want_lp + 0.1 * want_h) * weights[:, 1:]).sum().backward()
+    for got, want in zip(chunked, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def prompt_and_response_rows(seed: int = 6):
@@ -122,17 +124,20 @@ def test_log_probs_only_at_response_positions_equal_the_full_computation_there()
     assert (logprobs[response] < 0).all()
 
 
-def test_only_the_asked_for_positions_reach_the_output_head():
+def test_only_the_asked_for_positions_reach_the_output_head(monkeypatch):
     model = tiny_llama()
     ids, mask, response = prompt_and_response_rows()
     rows_seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, inp, out: rows_seen.append(inp[0].shape))
-    try:
-        with torch.no_grad():
-            token_logprobs(model, ids, mask, positions=response)
-    finally:
-        hook.remove()
-    assert rows_seen == [torch.Size([int(response.sum()), model.config.hidden_size])]
+    real = logprobs_module._chunk_logits
+
+    def spy(rows, weight):
+        rows_seen.append((tuple(rows.shape), weight is model.lm_head.weight))
+        return real(rows, weight)
+
+    monkeypatch.setattr(logprobs_module, "_chunk_logits", spy)
+    with torch.no_grad():
+        token_logprobs(model, ids, mask, positions=response)
+    assert rows_seen == [((int(response.sum()), model.config.hidden_size), True)]
 
 
 def test_gradients_of_the_sliced_log_probs_equal_the_full_computation():

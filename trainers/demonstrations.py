@@ -321,8 +321,15 @@ def fit_demonstrations(
     lr: float,
     seed: int,
     max_grad_norm: float = 1.0,
+    checkpoint_layers: bool = False,
 ) -> list[float]:
-    """Fit ``demos`` by cross-entropy on their trained tokens; the mean loss of each epoch."""
+    """Fit ``demos`` by cross-entropy on their trained tokens; the mean loss of each epoch.
+
+    ``checkpoint_layers``: recompute each decoder layer in backward instead of keeping its
+    activations (:func:`trainers.logprobs.checkpointed_layers`); the same gradient. The
+    rows stay padded: they share no prompt, and one packed sequence of a whole batch of
+    long rows costs more attention on a CPU than its padding (trainers/packing.py).
+    """
     from trainers.logprobs import token_logprobs
 
     device = next(model.parameters()).device
@@ -341,7 +348,13 @@ def fit_demonstrations(
                 batch = [demos[i] for i in order[start : start + batch_size]]
                 ids, attention, mask = (x.to(device) for x in _pad(batch, pad_id))
                 # Only the fitted tokens' log-probs: the lm_head runs on those rows alone.
-                logprobs, _ = token_logprobs(model, ids, attention, positions=mask > 0)
+                logprobs, _ = token_logprobs(
+                    model,
+                    ids,
+                    attention,
+                    positions=mask > 0,
+                    checkpoint_layers=checkpoint_layers,
+                )
                 n = mask.sum()
                 if n == 0:
                     continue

@@ -31,22 +31,32 @@ only for architectures whose forward is exactly ``lm_head(decoder(...))``
 (:data:`PLAIN_HEAD_MODELS`); any other model takes its full logits from ``model(...)``
 and the same positions are gathered from them, which is correct for every causal LM.
 
-Memory: no ``[*, V]`` log-softmax tensor is built; each log-prob is
-``logit[target] - logsumexp(logits)`` in float32. The largest tensor is the ``[N, V]``
-float32 logits of the N selected positions, which autograd keeps for the backward (the
-fastest choice). ``chunk_size`` bounds it to ``[chunk_size, V]``: under autograd each
-chunk's head and log-sum-exp are then recomputed in backward (activation
-checkpointing), so only the ``[N, hidden]`` states are kept, at the cost of a second
-head matmul per chunk.
+Memory: each log-prob is ``logit[target] - logsumexp(logits)`` in float32, computed
+``chunk_size`` positions at a time (:data:`HEAD_CHUNK` by default) by one autograd
+function (:class:`_ChunkedLogprobs`) that keeps only the ``[N, hidden]`` states and each
+position's log-normaliser, and recomputes a chunk's logits in backward: no ``[N, V]``
+tensor exists in either pass, only ``[chunk_size, V]`` ones, for one more head matmul per
+chunk. (A model outside :data:`PLAIN_HEAD_MODELS` still computes its own full logits.)
+Two more savings are the caller's choice: ``pack`` (rows as one sequence without padding,
+:mod:`trainers.packing`) and ``checkpoint_layers`` (each decoder layer recomputed in
+backward, :func:`checkpointed_layers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from trainers.packing import packed_hidden, packing_unsupported
+
+logger = logging.getLogger(__name__)
 
 #: ``config.model_type`` of architectures whose ``ForCausalLM.forward`` is exactly
 #: ``lm_head(model(...).last_hidden_state)``: no logit scaling, soft-capping or bias.
@@ -160,41 +170,114 @@ def _grouped_prefix_forward(
     return hidden, suffix_predictors
 
 
-def _rows_logprobs(
-    rows: torch.Tensor,
-    project: Callable[[torch.Tensor], torch.Tensor] | None,
-    targets: torch.Tensor,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob (and entropy) of ``targets [n]`` under the logits ``project(rows)`` ``[n, V]``."""
-    logits = (rows if project is None else project(rows)).float()
-    log_normalizer = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return picked - log_normalizer, log_normalizer.new_zeros(())
-    # H = logsumexp(z) - sum softmax(z) * z
-    probs = torch.softmax(logits, dim=-1)
-    return picked - log_normalizer, log_normalizer - (probs * logits).sum(dim=-1)
+#: Selected positions per chunk of the output head (:func:`selected_logprobs`): the most
+#: ``[chunk, V]`` float32 logits that exist at once, forward or backward (64 MiB at a
+#: vocabulary of 64k). Large enough that the head's matmuls stay efficient.
+HEAD_CHUNK = 256
+
+
+def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits of ``rows`` (``rows @ weight.T``, or ``rows`` themselves without a head)."""
+    return (rows if weight is None else rows @ weight.t()).float()
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Log-prob (and entropy) of targets under the logits of rows, one chunk of rows at a time.
+
+    Forward keeps only each row's log-normaliser ``lse`` (and entropy ``H``); backward
+    recomputes each chunk's logits ``z`` and applies, with ``p = softmax(z)``,
+    ``log p = z - lse``::
+
+        d logp[target] / dz = onehot(target) - p
+        d H / dz            = -p * (log p + H)
+
+    so no ``[N, V]`` tensor exists in either pass, only ``[chunk, V]`` ones (two at a time).
+    The head's weight gradient is accumulated over chunks (in float32 for a lower-precision
+    head).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        rows: torch.Tensor,
+        weight: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        count = rows.shape[0]
+        logprobs = torch.empty(count, dtype=torch.float32, device=rows.device)
+        normalizer = torch.empty_like(logprobs)
+        entropy = torch.empty(count if with_entropy else 0, dtype=torch.float32, device=rows.device)
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk)
+            z = _chunk_logits(rows[part], weight)
+            lse = torch.logsumexp(z, dim=-1)
+            normalizer[part] = lse
+            logprobs[part] = z.gather(-1, targets[part, None]).squeeze(-1) - lse
+            if with_entropy:
+                # H = lse - sum_j p_j z_j
+                entropy[part] = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+            del z
+        ctx.save_for_backward(rows, weight, targets, normalizer, entropy)
+        ctx.chunk, ctx.with_entropy = chunk, with_entropy
+        return logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        rows, weight, targets, normalizer, entropy = ctx.saved_tensors
+        want_rows, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_rows = torch.empty_like(rows) if want_rows else None
+        grad_weight = None
+        if weight is not None and want_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, rows.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            g = grad_logprobs[part, None]
+            logp = _chunk_logits(rows[part], weight).sub_(normalizer[part, None])
+            p = logp.exp()
+            if ctx.with_entropy:
+                # -p * (g_lp + g_H (log p + H)), then + g_lp at the target
+                coef = logp.add_(entropy[part, None]).mul_(grad_entropy[part, None]).add_(g)
+            else:
+                coef = g
+            grad_z = p.mul_(coef).neg_()
+            del logp, coef
+            grad_z.scatter_add_(-1, targets[part, None], g)
+            if grad_rows is not None:
+                low = grad_z.to(rows.dtype)  # the head's matmul runs in its own dtype
+                grad_rows[part] = low if weight is None else low @ weight
+                del low
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.t(), rows[part].float())
+            del grad_z
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_rows, grad_weight, None, None, None
 
 
 def selected_logprobs(
     rows: torch.Tensor,
     targets: torch.Tensor,
     *,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    head: torch.Tensor | None = None,
     with_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = HEAD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of ``targets [N]`` under the logits of ``rows`` (``project(rows)``, or ``rows`` itself).
+    """Log-prob of ``targets [N]`` under the logits of ``rows`` (``rows @ head.T``, or ``rows`` itself).
 
     Args:
-        rows: ``[N, V]`` logits, or ``[N, H]`` hidden states when ``project`` is the head.
+        rows: ``[N, V]`` logits, or ``[N, H]`` hidden states when ``head`` is given.
         targets: ``[N]`` token ids; ``rows[i]`` predicts ``targets[i]``.
-        project: maps ``[n, *]`` rows to ``[n, V]`` logits (``None``: rows are logits).
+        head: the output layer's weight ``[V, H]`` (``None``: rows are logits).
         with_entropy: also return the entropy of each predictive distribution.
-        chunk_size: rows processed at a time (``None``: all ``N`` at once). Under autograd
-            each chunk is recomputed in backward, so only ``rows`` is kept, never a chunk's
-            ``[chunk_size, V]`` float32 logits.
+        chunk_size: rows processed at a time (``None``: all ``N`` at once). Whatever its
+            value, neither pass keeps the logits: forward keeps each row's log-normaliser,
+            backward recomputes the chunk's logits (:class:`_ChunkedLogprobs`), so the
+            largest tensor is ``[chunk_size, V]`` float32.
 
     Returns:
         ``(logprobs [N] float32, entropy [N] float32 or None)``.
@@ -204,25 +287,11 @@ def selected_logprobs(
             f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)} disagree; "
             "expected rows [N, *] and targets [N]"
         )
-    count = rows.shape[0]
-    step = count if chunk_size is None else int(chunk_size)
-    if chunk_size is not None and step <= 0:
+    if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    recompute = chunk_size is not None and torch.is_grad_enabled() and rows.requires_grad
-    logprob_chunks: list[torch.Tensor] = []
-    entropy_chunks: list[torch.Tensor] = []
-    # One pass even when N == 0, so the result stays connected to the graph.
-    for start in range(0, max(count, 1), max(step, 1)):
-        args = (rows[start : start + step], project, targets[start : start + step], with_entropy)
-        if recompute:
-            lp, h = torch.utils.checkpoint.checkpoint(_rows_logprobs, *args, use_reentrant=False)
-        else:
-            lp, h = _rows_logprobs(*args)
-        logprob_chunks.append(lp)
-        entropy_chunks.append(h)
-    logprobs = torch.cat(logprob_chunks)
-    entropy = torch.cat(entropy_chunks) if with_entropy else None
-    return logprobs, entropy
+    step = max(1, rows.shape[0] if chunk_size is None else int(chunk_size))
+    logprobs, entropy = _ChunkedLogprobs.apply(rows, head, targets, step, with_entropy)
+    return logprobs, entropy if with_entropy else None
 
 
 def logprobs_from_logits(
@@ -230,7 +299,7 @@ def logprobs_from_logits(
     targets: torch.Tensor,
     *,
     with_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = HEAD_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets`` under ``logits`` (already shifted: ``logits[:, i]`` predicts ``targets[:, i]``).
 
@@ -253,6 +322,48 @@ def logprobs_from_logits(
     return flat_lp.view(targets.shape), entropy
 
 
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, each decoder layer keeps only its input for backward and recomputes the rest.
+
+    Activation checkpointing per layer (transformers' ``GradientCheckpointingLayer``,
+    non-reentrant ``torch.utils.checkpoint``): the activations kept for backward shrink
+    from every layer's intermediates to one ``[tokens, hidden]`` tensor per layer, for
+    a second forward through each layer during backward. The gradient is the same.
+    Yields whether any layer is checkpointed (False for a model without such layers or
+    with ``enabled`` False); the model's own settings are restored on exit.
+    """
+    layers = []
+    if enabled:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [
+        (
+            m,
+            m.__dict__.get("gradient_checkpointing"),
+            m.__dict__.get("_gradient_checkpointing_func"),
+        )
+        for m in layers
+    ]
+    recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for m in layers:
+        m.gradient_checkpointing = True
+        m._gradient_checkpointing_func = recompute
+    try:
+        yield bool(layers)
+    finally:
+        for m, flag, func in saved:
+            for name, value in (
+                ("gradient_checkpointing", flag),
+                ("_gradient_checkpointing_func", func),
+            ):
+                if value is None:
+                    m.__dict__.pop(name, None)
+                else:
+                    setattr(m, name, value)
+
+
 def token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -260,8 +371,10 @@ def token_logprobs(
     *,
     positions: torch.Tensor | None = None,
     with_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = HEAD_CHUNK,
     prefix_groups: Sequence[tuple[int, int]] | None = None,
+    pack: bool = False,
+    checkpoint_layers: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each asked-for token given its prefix, aligned with ``input_ids``.
 
@@ -278,13 +391,21 @@ def token_logprobs(
         positions: ``[B, T]`` bool (or 0/1), the tokens whose log-prob is needed, e.g.
             the loss mask; ``None``: every real token. Fewer positions, less work.
         with_entropy: also return per-token entropy (for an entropy bonus or metrics).
-        chunk_size: selected positions per float32 chunk (see :func:`selected_logprobs`).
+        chunk_size: selected positions per float32 chunk of the output head
+            (:func:`selected_logprobs`; ``None``: all at once).
         prefix_groups: ``[(K, n), ...]``: the rows come in consecutive groups of ``n``
             rows that start with the same ``K >= 1`` real tokens, and no position before
             ``K + 1`` is asked for (the samples of a prompt): each group's prefix goes
             through the decoder once instead of once per row (module docstring). The
             result is the same function of the weights; the floats differ by the
             rounding of a different batching.
+        pack: run the real tokens of all rows as one sequence (:mod:`trainers.packing`;
+            the prefix of each group once), so padding costs nothing. Models outside
+            :data:`PLAIN_HEAD_MODELS` or whose attention cannot take the packed mask
+            keep the padded forward.
+        checkpoint_layers: recompute each decoder layer in backward instead of keeping
+            its activations (:func:`checkpointed_layers`). Needs a forward without the
+            cached prefix: with ``prefix_groups``, ``pack`` must be True.
 
     Returns:
         ``(logprobs [B, T] float32, entropy [B, T] float32 or None)``, differentiable
@@ -305,34 +426,56 @@ def token_logprobs(
     )
     # Nothing predicts the first token (a new tensor: the caller's mask is left alone).
     wanted = torch.cat([torch.zeros_like(wanted[:, :1]), wanted[:, 1:]], dim=1)
+    parts = decoder_and_head(model)
+    packed = pack and parts is not None and packing_unsupported(model) is None
+    if packed:
+        # A token is scored from the state of the real token before it in its row.
+        wanted[:, 1:] &= attention_mask[:, :-1].bool()
     # The one shift: the state (or logits) at t-1 scores token t.
     predictors = wanted[:, 1:]
     targets = input_ids[:, 1:][predictors]
-    parts = decoder_and_head(model)
     if prefix_groups:
         _check_prefix_groups(input_ids, attention_mask, wanted, prefix_groups)
-        hidden, suffix_predictors = _grouped_prefix_forward(
-            model if parts is None else parts[0],
-            input_ids,
-            attention_mask,
-            predictors,
-            prefix_groups,
-        )
-        rows = hidden[suffix_predictors]
-    else:
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        if parts is not None:
-            rows = parts[0](**inputs).last_hidden_state[:, :-1][predictors]
+    if checkpoint_layers and prefix_groups and not packed:
+        if not pack:
+            raise ValueError(
+                "checkpoint_layers needs a forward without a cached prefix: with "
+                "prefix_groups, pass pack=True"
+            )
+        # Memory, not correctness: the shared prompt stays a cached prefix, unrecomputed.
+        reason = "no plain output head" if parts is None else packing_unsupported(model)
+        logger.warning("packed forward unavailable (%s): layers are not checkpointed", reason)
+        checkpoint_layers = False
+    with checkpointed_layers(model, checkpoint_layers and torch.is_grad_enabled()):
+        if packed:
+            assert parts is not None
+            hidden, index = packed_hidden(
+                parts[0], model, input_ids, attention_mask, prefix_groups or None
+            )
+            rows = hidden[index[:, :-1][predictors]]
+        elif prefix_groups:
+            hidden, suffix_predictors = _grouped_prefix_forward(
+                model if parts is None else parts[0],
+                input_ids,
+                attention_mask,
+                predictors,
+                prefix_groups,
+            )
+            rows = hidden[suffix_predictors]
         else:
-            rows = model(**inputs).logits[:, :-1][predictors]
-    project = None if parts is None else parts[1]
+            inputs = dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+            if parts is not None:
+                rows = parts[0](**inputs).last_hidden_state[:, :-1][predictors]
+            else:
+                rows = model(**inputs).logits[:, :-1][predictors]
+    head = None if parts is None else parts[1].weight
     picked, picked_entropy = selected_logprobs(
-        rows, targets, project=project, with_entropy=with_entropy, chunk_size=chunk_size
+        rows, targets, head=head, with_entropy=with_entropy, chunk_size=chunk_size
     )
     zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     logprobs = zeros.masked_scatter(wanted, picked)

@@ -263,17 +263,20 @@ async def run_warmup(run: RunState, *, resume: bool = False) -> WarmupResult:
     )
     if not section.consults:
         demos = _without_consults(run, demos)
-    losses = fit_demonstrations(
-        run.model,
-        demos,
-        pad_id=run.tokenizer.pad_token_id,
-        epochs=section.epochs,
-        batch_size=section.batch_size,
-        lr=section.lr,
-        seed=cfg.seed,
-        max_grad_norm=cfg.optim.max_grad_norm,
-    )
-    from trainers.weights import publish_weights
+    from trainers.weights import generation_paused, publish_weights
+
+    async with generation_paused(run.generator):  # and its caches dropped for the fit
+        losses = fit_demonstrations(
+            run.model,
+            demos,
+            pad_id=run.tokenizer.pad_token_id,
+            epochs=section.epochs,
+            batch_size=section.batch_size,
+            lr=section.lr,
+            seed=cfg.seed,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            checkpoint_layers=cfg.train.checkpoint_layers,
+        )
 
     await publish_weights(
         run.generator, run.model, 0, backend=cfg.policy.backend, run_dir=run.run_dir

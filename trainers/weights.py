@@ -21,19 +21,33 @@ from pathlib import Path
 import torch
 
 from policies.base import Generator
+from trainers import heap
 
 WEIGHTS_DIR = "weights"
 
 
 @contextlib.asynccontextmanager
 async def generation_paused(generator: Generator) -> AsyncIterator[None]:
-    """Hold the embedded generator's decode loop while its module's weights change."""
+    """Hold the embedded generator's decode loop while its module's weights change.
+
+    While held, the generator's cached prefixes and weight copies are dropped
+    (``release_memory``): the new weights make them stale, and the update needs the memory.
+    Free heap pages are given back on the way in and out (:func:`trainers.heap.trim`), so
+    neither the rollout's nor the update's leftovers add to the other's peak.
+    """
     paused = getattr(generator, "paused", None)
     if paused is None:  # remote servers keep their own copy; nothing to hold
         yield
         return
     async with paused():
-        yield
+        release = getattr(generator, "release_memory", None)
+        if release is not None:
+            release()
+        heap.trim()
+        try:
+            yield
+        finally:
+            heap.trim()
 
 
 async def publish_weights(
