@@ -58,6 +58,7 @@ import torch
 from aipo.config import load_config
 from policies.default_model import DEFAULT_ARCHITECTURE
 from trainers.config import TrainConfig, default_config_path
+from trainers.embedded import update_options
 from trainers.losses import AIPOLoss
 from trainers.optim import build_optimizer
 from trainers.update import UpdateBatch, compute_old_logprobs, on_policy_update, ppo_update
@@ -134,20 +135,8 @@ class Sides:
         else:
             micro = cfg.train.micro_batch_size
             self.batch.old_logprobs = compute_old_logprobs(self.model, self.batch, micro)
-        ppo_update(
-            self.model,
-            self.optimizer,
-            None,
-            self.batch,
-            self.loss_fn,
-            ppo_epochs=1,
-            minibatch_size=cfg.train.minibatch_size,
-            micro_batch_size=cfg.train.micro_batch_size,
-            max_grad_norm=cfg.optim.max_grad_norm,
-            accumulation="tokens" if cfg.loss.aggregation == "token_mean" else "rows",
-            with_entropy=cfg.loss.entropy_coef > 0,
-            share_prefix=cfg.train.share_prefix,
-        )
+        options = {**update_options(cfg), "ppo_epochs": 1}
+        ppo_update(self.model, self.optimizer, None, self.batch, self.loss_fn, **options)
 
     def bare(self) -> None:
         """A no-grad forward and a ``loss.backward()`` per micro-batch; no optimizer step."""

@@ -17,6 +17,7 @@ import pytest
 import torch
 from scripted import ScriptedGenerator
 from tiny_run import (
+    LengthParityTask,
     load_weights,
     make_config,
     max_weight_diff,
@@ -24,8 +25,10 @@ from tiny_run import (
 )
 
 import trainers.embedded as embedded
+import trainers.update as update_module
 from aipo_env.trajectory import read_jsonl
 from policies.transformers_generator import TransformersGenerator
+from tasks.base import RewardResult
 from trainers.checkpoint import load_latest
 from trainers.config import TrainConfig
 from trainers.embedded import EmbeddedTrainer, problem_order
@@ -55,9 +58,14 @@ def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_d
     for r in records:
         for key in ("reward_mean", "consult_rate", "policy_tokens_per_s", "update/grad_norm"):
             assert key in r, key
-        assert math.isfinite(r["update/loss"])
-        assert r["update/optimizer_steps"] == 1
-        assert r["update/tokens/policy"] > 0
+        # A step whose groups all got equal rewards (zero advantage) is not run at all.
+        assert r["update/skipped"] == (r["update/skipped_rows"] == 4)
+        if not r["update/skipped"]:
+            assert math.isfinite(r["update/loss"])
+            assert r["update/optimizer_steps"] == 1
+            assert r["update/tokens/policy"] > 0
+        else:
+            assert r["update/optimizer_steps"] == 0
 
     # Every planned trajectory is written exactly once, in its own step's file.
     for step in range(2):
@@ -73,8 +81,13 @@ def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_d
     after_1 = load_weights(run / "checkpoints" / "step_000001")
     after_2 = load_weights(summary.checkpoint)
     assert Path(summary.checkpoint).name == "step_000002"
+    assert not records[0]["update/skipped"]
     assert max_weight_diff(before, after_1) > 1e-3
-    assert max_weight_diff(after_1, after_2) > 1e-3
+    # A skipped step moves nothing (the update is not run: no AdamW momentum step either).
+    if records[1]["update/skipped"]:
+        assert max_weight_diff(after_1, after_2) == 0.0
+    else:
+        assert max_weight_diff(after_1, after_2) > 1e-3
 
     saved = json.loads((run / "summary.json").read_text())
     assert saved["steps"] == 2 and saved["skipped_updates"] == 0
@@ -87,6 +100,38 @@ def test_short_run_trains_and_writes_every_artifact(tmp_path: Path, tiny_model_d
     assert records[0]["eval/accuracy"] == mid["accuracy"] and "eval/accuracy" not in records[1]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["train_reward_first"] == pytest.approx(records[0]["reward_mean"])
+
+
+def test_a_step_whose_rewards_are_all_equal_runs_no_update(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every sample gets the same reward: every advantage is exactly 0 (GRPO).
+    monkeypatch.setattr(
+        LengthParityTask,
+        "score",
+        lambda self, problem, response: RewardResult(score=1.0, correct=True, reason="flat"),
+    )
+    forwards = []
+    real = update_module.token_logprobs
+
+    def counted(*args: Any, **kwargs: Any):
+        forwards.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(update_module, "token_logprobs", counted)
+    cfg = make_config(tmp_path / "run", tiny_model_dir, train={"save_every": 1})
+    EmbeddedTrainer(cfg, progress=False).run()
+    run = tmp_path / "run"
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update/skipped"] for r in records] == [1, 1]
+    assert [r["update/skipped_rows"] for r in records] == [4, 4]
+    assert [r["update/optimizer_steps"] for r in records] == [0, 0]
+    # The tokens a full update would have counted are still reported.
+    assert all(r["update/tokens/policy"] > 0 for r in records)
+    assert forwards == []  # no update forward at all
+    initial = load_weights(tiny_model_dir)
+    assert max_weight_diff(initial, load_weights(run / "checkpoints" / "step_000002")) == 0.0
 
 
 class _Killed(Exception):

@@ -31,6 +31,10 @@ against rewards raised by an agent's help, nor a consulting one against solo fai
 subgroup of one (the only sample of its prompt that consulted, or the only one that did not)
 gets advantage 0.
 
+A group whose rewards are all equal gets advantage exactly 0 from ``grpo``, ``dr_grpo`` and
+``rloo`` (not a rounding of it), so the update can leave its rows out of the forward
+(:func:`trainers.update.zero_gradient_rows`); ``reinforce_baseline``'s whitening moves it.
+
 Also here: dynamic sampling (DAPO), which drops groups whose rewards are all equal (their
 group advantages are all zero, so they carry no gradient), and DAPO's overlong reward shaping.
 """
@@ -128,6 +132,27 @@ def _group_stats(
     return index, counts[index], sums[index]
 
 
+def _uniform(rewards: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: rows whose group's rewards are all equal."""
+    groups = int(index.max()) + 1
+    hi = torch.full((groups,), -torch.inf, dtype=rewards.dtype, device=rewards.device)
+    lo = torch.full((groups,), torch.inf, dtype=rewards.dtype, device=rewards.device)
+    hi = hi.scatter_reduce(0, index, rewards, reduce="amax")
+    lo = lo.scatter_reduce(0, index, rewards, reduce="amin")
+    return (hi == lo)[index]
+
+
+def _exact_zero(
+    advantages: torch.Tensor, rewards: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """``advantages`` with exactly 0 where the group's rewards are all equal.
+
+    The estimator is 0 there; its floats need not be (``mean_g`` of equal rewards can
+    round off them), and an exact 0 lets the update skip the row (its gradient is zero).
+    """
+    return torch.where(_uniform(rewards, index), torch.zeros_like(advantages), advantages)
+
+
 def grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: ``(R - mean_g) / (std_g + eps)`` with the unbiased (``n - 1``) group std."""
     rewards = _check_rewards(rewards)
@@ -136,21 +161,21 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds, eps: float = 1e-
     sq = torch.zeros(int(index.max()) + 1, dtype=rewards.dtype, device=rewards.device)
     sq.index_add_(0, index, centred**2)
     std = (sq[index] / (n - 1)).sqrt()
-    return centred / (std + eps)
+    return _exact_zero(centred / (std + eps), rewards, index)
 
 
 def dr_grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     """Dr. GRPO: ``R - mean_g``."""
     rewards = _check_rewards(rewards)
-    _, n, total = _group_stats(rewards, group_ids)
-    return rewards - total / n
+    index, n, total = _group_stats(rewards, group_ids)
+    return _exact_zero(rewards - total / n, rewards, index)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
     """RLOO: ``R - (sum_g - R) / (n - 1)``, the mean of the *other* rollouts as baseline."""
     rewards = _check_rewards(rewards)
-    _, n, total = _group_stats(rewards, group_ids)
-    return rewards - (total - rewards) / (n - 1)
+    index, n, total = _group_stats(rewards, group_ids)
+    return _exact_zero(rewards - (total - rewards) / (n - 1), rewards, index)
 
 
 def reinforce_baseline_advantages(

@@ -47,6 +47,7 @@ from aipo_env.masks import trained_token_masks
 from aipo_env.strategies import STRATEGIES
 from aipo_env.trajectory import Trajectory
 from aipo_env.tree_rollout import generation_metrics
+from trainers import heap
 from trainers.advantages import (
     baseline_group_ids,
     compute_advantages,
@@ -79,6 +80,7 @@ from trainers.update import (
     compute_old_logprobs,
     on_policy_update,
     ppo_update,
+    zero_gradient_rows,
 )
 from trainers.warmup import run_warmup
 from trainers.weights import generation_paused, publish_weights
@@ -231,6 +233,23 @@ def loss_masked_batch(
     return batch, advantages
 
 
+def update_options(config: TrainConfig) -> dict[str, object]:
+    """The keyword arguments of :func:`trainers.update.ppo_update` that ``config`` sets."""
+    cfg = config.train
+    return dict(
+        ppo_epochs=cfg.ppo_epochs,
+        minibatch_size=cfg.minibatch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        max_grad_norm=config.optim.max_grad_norm,
+        accumulation="tokens" if config.loss.aggregation == "token_mean" else "rows",
+        with_entropy=config.loss.entropy_coef > 0,
+        chunk_size=cfg.logprob_chunk,
+        share_prefix=cfg.share_prefix,
+        pack=cfg.pack_rows,
+        checkpoint_layers=cfg.checkpoint_layers,
+    )
+
+
 def update_policy(
     run: RunState,
     trajectories: list[Trajectory],
@@ -238,39 +257,43 @@ def update_policy(
     keep: torch.Tensor,
     step: int,
 ) -> UpdateStats | None:
-    """PPO epochs of the AIPO loss over the kept rows; None when no token is trained."""
+    """PPO epochs of the AIPO loss over the kept rows; None when no token is trained.
+
+    Old (and reference) log-probs are computed for the kept rows only, and not for rows
+    whose gradient is zero (:func:`trainers.update.zero_gradient_rows`), which the update
+    leaves out of its forward; a batch of such rows only is not run at all.
+    """
     cfg = run.config
     batch, advantages = loss_masked_batch(run, trajectories, advantages)
     rows = keep.nonzero(as_tuple=True)[0].to(advantages.device)
-    # One optimizer step on the batch: the update's own forward gives the old log-probs.
-    on_policy = on_policy_update(
-        run.model, len(rows), cfg.train.ppo_epochs, cfg.train.minibatch_size
-    )
-    old = None if on_policy else compute_old_logprobs(run.model, batch, cfg.train.micro_batch_size)
-    ref = (
-        compute_old_logprobs(run.ref_model, batch, cfg.train.micro_batch_size)
-        if run.ref_model is not None
-        else None
-    )
-    update = UpdateBatch.from_trajectory_batch(batch, advantages, old, ref).select(rows)
+    update = UpdateBatch.from_trajectory_batch(batch, advantages, None).select(rows)
     if update.trained_tokens() == 0:
         return None
+    micro, chunk = cfg.train.micro_batch_size, cfg.train.logprob_chunk
+    # One optimizer step on the batch: the update's own forward gives the old log-probs.
+    if not on_policy_update(run.model, len(rows), cfg.train.ppo_epochs, cfg.train.minibatch_size):
+        zero = zero_gradient_rows(run.loss_fn, update)
+        live = torch.arange(len(update), device=advantages.device)
+        if zero is not None:
+            live = (~zero).nonzero(as_tuple=True)[0]
+        old = torch.zeros(update.input_ids.shape, device=advantages.device)
+        if live.numel():  # zero-gradient rows are never read
+            old[live] = compute_old_logprobs(
+                run.model, update.select(live), micro, chunk_size=chunk
+            )
+        update.old_logprobs = old
+    if run.ref_model is not None:
+        update.ref_logprobs = compute_old_logprobs(run.ref_model, update, micro, chunk_size=chunk)
     return ppo_update(
         run.model,
         run.optimizer,
         run.scheduler,
         update,
         run.loss_fn,
-        ppo_epochs=cfg.train.ppo_epochs,
-        minibatch_size=cfg.train.minibatch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        max_grad_norm=cfg.optim.max_grad_norm,
         seed=cfg.seed * 1_000_003 + step,
-        accumulation="tokens" if cfg.loss.aggregation == "token_mean" else "rows",
-        with_entropy=cfg.loss.entropy_coef > 0,
         dump_dir=run.run_dir / "nonfinite",
         update_index=step,
-        share_prefix=cfg.train.share_prefix,
+        **update_options(cfg),  # type: ignore[arg-type]
     )
 
 
@@ -398,6 +421,8 @@ class EmbeddedTrainer:
         """
         cfg = self.config
         started = time.perf_counter()
+        if cfg.train.map_large_tensors:  # before the model loads (trainers/heap.py)
+            heap.map_large_allocations()
         stop = StopRequest()
         stop.install()
         try:

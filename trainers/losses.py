@@ -302,6 +302,24 @@ def loss_normalizers(
     )
 
 
+def loss_token_counts(
+    config: LossConfig,
+    loss_mask: torch.Tensor,
+    agent_mask: torch.Tensor,
+    advantages: torch.Tensor,
+) -> dict[str, float]:
+    """The loss's ``tokens/policy``, ``tokens/agent`` and ``tokens/agent_trained`` metrics.
+
+    They depend on the masks and advantages only (the rule of :func:`loss_normalizers`).
+    """
+    policy, agent = masks.trained_token_masks(config.mask_rule(), loss_mask, agent_mask, advantages)
+    return {
+        "tokens/policy": float(policy.sum()),
+        "tokens/agent": float((loss_mask.bool() & agent_mask.bool()).sum()),
+        "tokens/agent_trained": float(agent.sum()),
+    }
+
+
 class _Aggregator:
     """Reduces per-token values on ``mask`` to a scalar (the ``aggregation`` formulas).
 
@@ -529,7 +547,6 @@ def aipo_policy_loss(
 
     policy, agent = masks.trained_token_masks(config.mask_rule(), loss_mask, agent_mask, advantages)
     in_loss = loss_mask.bool()
-    agent_all = in_loss & agent_mask.bool()
     adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))
     trained = policy | agent
     logp = _zeros_where(trained, logprobs)
@@ -617,9 +634,7 @@ def aipo_policy_loss(
         metrics["policy/approx_kl"] = (
             (-raw_log_ratio.detach() * policy).sum().item() / n_policy if n_policy else 0.0
         )
-        metrics["tokens/policy"] = float(n_policy)
-        metrics["tokens/agent"] = float(agent_all.sum())
-        metrics["tokens/agent_trained"] = float(agent.sum())
+        metrics.update(loss_token_counts(config, loss_mask, agent_mask, advantages))
         if entropy is not None:
             n_trained = int(trained.sum())
             ent = _zeros_where(trained, entropy.detach()).sum().item()
@@ -656,6 +671,30 @@ class AIPOLoss(nn.Module):
         :func:`trainers.update.ppo_update` passes them to every micro-batch's call.
         """
         return loss_normalizers(self.config, loss_mask, agent_mask, advantages)
+
+    def token_counts(
+        self, loss_mask: torch.Tensor, agent_mask: torch.Tensor, advantages: torch.Tensor
+    ) -> dict[str, float]:
+        """The ``tokens/`` metrics of rows (:func:`loss_token_counts`), without a forward."""
+        return loss_token_counts(self.config, loss_mask, agent_mask, advantages)
+
+    def zero_gradient_rows(self, loss_mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: rows whose loss terms all have zero gradient, whatever their log-probs.
+
+        A row qualifies when the advantage is exactly 0 on every token of ``loss_mask``
+        and the loss has no term without the advantage (``kl_coef`` and ``entropy_coef``
+        0). Then every policy token's surrogate is ``r * 0`` in each clip branch (dual clip
+        and rollout correction multiply it), every agent token's term is ``c * 0`` or
+        ``logp * 0`` (and with ``agent_positive_only`` the token is not trained at all),
+        so the row adds 0 to the loss and to its gradient. It still counts in the
+        normalisers (:meth:`normalizers`), which the trainer takes over the whole minibatch.
+        """
+        rows = loss_mask.shape[0]
+        c = self.config
+        if c.kl_coef > 0 or c.entropy_coef > 0:
+            return torch.zeros(rows, dtype=torch.bool, device=loss_mask.device)
+        adv = advantages if advantages.dim() == 2 else advantages[:, None].expand(loss_mask.shape)
+        return ((adv == 0) | (loss_mask == 0)).all(dim=1)
 
     def forward(
         self,

@@ -2,10 +2,12 @@
 
 The algorithm box (:func:`ppo_update`)::
 
+    if every row's gradient is zero: return (skipped)
     for epoch in 1..ppo_epochs:
         shuffle the B rows (seeded)
         for each minibatch of `minibatch_size` rows:
             counts = loss_fn.normalizers(minibatch)        # if the loss has them
+            leave out the rows whose gradient is zero      # still in counts and shares
             for each micro-batch of `micro_batch_size` rows (a prompt's samples together):
                 logp, H = token_logprobs(model, micro, where=loss_mask)  # aligned with input_ids
                 loss_micro = loss_fn(logp, old_logp, A, masks, ..., counts)
@@ -37,6 +39,19 @@ The samples of one prompt share a micro-batch, and the prompt goes through the d
 once for all of them (:func:`micro_batches`, ``token_logprobs(prefix_groups=)``): with
 a GRPO group of n samples the prompt costs one forward and backward instead of n.
 
+Memory: each micro-batch's rows can run as one packed sequence without padding
+(``pack``, :mod:`trainers.packing`), with each decoder layer recomputed in backward
+instead of keeping its activations (``checkpoint_layers``), and the output head runs in
+chunks of ``chunk_size`` positions whose logits are never kept
+(:func:`trainers.logprobs.selected_logprobs`). Each is the same gradient up to rounding.
+
+Zero gradients: a row whose every trained token has advantage exactly 0 (a group whose
+rewards are all equal, under GRPO, Dr. GRPO or RLOO) adds nothing to the loss or its
+gradient when the loss has no term without the advantage (no KL, no entropy bonus; the
+loss says so: :func:`zero_gradient_rows`). Such rows never reach the model, but they
+stay in the minibatch's counts (the normalisers and the micro-batch shares), which is
+what keeps the other rows' gradient exactly as before.
+
 Log-probs (old, reference and current) and entropy are computed only where ``loss_mask``
 is nonzero and hold 0 elsewhere: the loss, each of its metrics and the KL term read them
 only on trained tokens (policy tokens and the agent tokens the mode trains, both inside
@@ -57,7 +72,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainers.logprobs import token_logprobs
+from trainers.logprobs import HEAD_CHUNK, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +240,13 @@ class UpdateStats:
     lr: float = float("nan")  #: learning rate of the last applied step
     optimizer_steps: int = 0  #: optimizer steps applied
     skipped_steps: int = 0  #: steps dropped because the loss or gradient norm was not finite
-    empty_minibatches: int = 0  #: minibatches without a trained token (nothing to step)
+    #: minibatches with nothing to train: no trained token, or a zero gradient on every
+    #: row (:func:`zero_gradient_rows`); no forward, no optimizer step
+    empty_minibatches: int = 0
+    #: rows of the batch left out of every forward and backward: their gradient is zero
+    skipped_rows: int = 0
+    #: 1 when every row's gradient is zero: no forward, backward or optimizer step at all
+    skipped: int = 0
     dumps: list[str] = field(default_factory=list)  #: files written for non-finite steps
     loss_metrics: dict[str, float] = field(default_factory=dict)  #: loss_fn metrics, averaged
 
@@ -255,7 +276,12 @@ def on_policy_update(model: nn.Module, rows: int, ppo_epochs: int, minibatch_siz
 
 @torch.no_grad()
 def compute_old_logprobs(
-    model: nn.Module, batch, micro_batch_size: int, *, chunk_size: int | None = None
+    model: nn.Module,
+    batch,
+    micro_batch_size: int,
+    *,
+    chunk_size: int | None = HEAD_CHUNK,
+    pack: bool = False,
 ) -> torch.Tensor:
     """Log-probs of ``batch.input_ids`` under ``model`` without gradient, ``[B, T]`` float32.
 
@@ -263,7 +289,8 @@ def compute_old_logprobs(
     ``batch`` needs ``input_ids`` and ``attention_mask`` (a ``TrajectoryBatch`` or an
     :class:`UpdateBatch`). Only the tokens ``batch.loss_mask`` marks get a log-prob (0
     elsewhere), since the loss reads old and reference log-probs nowhere else; a batch
-    without ``loss_mask`` gets every real token. The model's train/eval mode is
+    without ``loss_mask`` gets every real token. ``pack``: each micro-batch's rows as one
+    sequence without padding (:mod:`trainers.packing`). The model's train/eval mode is
     restored afterwards.
     """
     if micro_batch_size <= 0:
@@ -283,11 +310,25 @@ def compute_old_logprobs(
                 attention[:, :width],
                 positions=None if loss_mask is None else loss_mask[rows, :width] != 0,
                 chunk_size=chunk_size,
+                pack=pack,
             )
             out[rows, :width] = logprobs.float()
         return out
     finally:
         model.train(was_training)
+
+
+def zero_gradient_rows(loss_fn: LossFn, batch: UpdateBatch) -> torch.Tensor | None:
+    """``[B]`` bool, True on rows whose every term of ``loss_fn`` has zero gradient; None: unknown.
+
+    Asked of the loss (``loss_fn.zero_gradient_rows(loss_mask, advantages)``, as
+    :meth:`trainers.losses.AIPOLoss.zero_gradient_rows`); a loss without that method
+    never has rows skipped.
+    """
+    rule = getattr(loss_fn, "zero_gradient_rows", None)
+    if rule is None:
+        return None
+    return rule(batch.loss_mask, batch.advantages).to(torch.bool)
 
 
 def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
@@ -320,6 +361,19 @@ def _dump_nonfinite(
     return path
 
 
+def _token_counts(loss_fn: LossFn, rows: UpdateBatch) -> dict[str, float]:
+    """The loss's token counts (its ``tokens/`` metrics) of rows that skip the forward.
+
+    Asked of the loss (``loss_fn.token_counts(loss_mask, agent_mask, advantages)``, as
+    :meth:`trainers.losses.AIPOLoss.token_counts`), so the update's ``tokens/`` metrics
+    count every row of the minibatch, as they do without skipping; none for another loss.
+    """
+    count = getattr(loss_fn, "token_counts", None)
+    if count is None:
+        return {}
+    return dict(count(rows.loss_mask, rows.agent_mask, rows.advantages))
+
+
 def _accumulate_gradients(
     model: nn.Module,
     minibatch: UpdateBatch,
@@ -329,12 +383,21 @@ def _accumulate_gradients(
     with_entropy: bool,
     chunk_size: int | None,
     share_prefix: bool = True,
-) -> tuple[float, dict[str, float], bool]:
+    pack: bool = False,
+    checkpoint_layers: bool = False,
+) -> tuple[float, dict[str, float], bool] | None:
     """Backward every micro-batch's share of the minibatch loss (module docstring).
 
     Returns the minibatch loss, its loss metrics (token counts and, with normalizers, the
     loss parts summed; the other metrics weighted by the micro-batch's share) and whether
-    every micro loss was finite; stops at the first non-finite one.
+    every micro loss was finite; stops at the first non-finite one. None when no row of
+    the minibatch has a gradient (:func:`zero_gradient_rows`): nothing ran.
+
+    Rows with a zero gradient stay out of the forward and backward, but not out of the
+    counts: the loss's normalizers and the micro-batches' shares are taken over the whole
+    minibatch, so the other rows' gradient is exactly what it is with them. The token
+    counts among the metrics include them (:func:`_token_counts`); the averaged metrics
+    (clip fractions, ratios) cover the rows that ran.
     """
     count = getattr(loss_fn, "normalizers", None)
     normalizers = (
@@ -345,21 +408,30 @@ def _accumulate_gradients(
     extra = {} if normalizers is None else {"normalizers": normalizers}
     additive = ("tokens/",) if normalizers is None else ("tokens/", "loss/")
     mb_tokens = minibatch.trained_tokens()
-    mb_loss = 0.0
+    mb_rows = len(minibatch)
+    zero = zero_gradient_rows(loss_fn, minibatch)
+    live = minibatch
     mb_metrics: dict[str, float] = defaultdict(float)
+    if zero is not None and bool(zero.any()):
+        if bool(zero.all()):
+            return None
+        live = minibatch.select((~zero).nonzero(as_tuple=True)[0])
+        skipped = minibatch.select(zero.nonzero(as_tuple=True)[0])
+        mb_metrics.update(_token_counts(loss_fn, skipped))
+    mb_loss, shares = 0.0, 0.0
     # Rows of similar length share a micro-batch, cut to its own longest row: the sum of
     # the micro-batches' gradients does not depend on how the rows are grouped. A loss
     # normalised by the padded width keeps it.
     trim = not getattr(loss_fn, "width_dependent", False)
-    for rows, prefix_groups in micro_batches(minibatch, micro_batch_size, share_prefix):
-        micro = minibatch.select(rows).trimmed() if trim else minibatch.select(rows)
+    for rows, prefix_groups in micro_batches(live, micro_batch_size, share_prefix):
+        micro = live.select(rows).trimmed() if trim else live.select(rows)
         if accumulation == "tokens":
             micro_tokens = micro.trained_tokens()
             if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
                 continue
             share = micro_tokens / mb_tokens
         else:
-            share = len(micro) / len(minibatch)
+            share = len(micro) / mb_rows
         # With the minibatch's counts, the micro loss already is its part of the minibatch's.
         weight = share if normalizers is None else 1.0
         logprobs, entropy = token_logprobs(
@@ -370,6 +442,8 @@ def _accumulate_gradients(
             with_entropy=with_entropy,
             chunk_size=chunk_size,
             prefix_groups=prefix_groups,
+            pack=pack,
+            checkpoint_layers=checkpoint_layers,
         )
         # On-policy (no old log-probs): the weights have not moved since the rollout's
         # last publish, so this forward's log-probs, detached, are the old ones.
@@ -392,11 +466,16 @@ def _accumulate_gradients(
             return float(loss.detach()), dict(mb_metrics), False
         (loss * weight).backward()
         mb_loss += float(loss.detach()) * weight
+        shares += share
         for key, value in metrics.items():
             # Token counts add up over the micro-batches, and so do the loss parts when the
             # minibatch's counts normalised them; every other metric is a mean, weighted by
             # the micro-batch's share.
             mb_metrics[key] += float(value) * (1.0 if key.startswith(additive) else share)
+    if live is not minibatch and shares > 0:  # means over the rows that ran
+        for key in mb_metrics:
+            if not key.startswith(additive):
+                mb_metrics[key] /= shares
     return mb_loss, dict(mb_metrics), True
 
 
@@ -414,10 +493,12 @@ def ppo_update(
     seed: int = 0,
     accumulation: Literal["tokens", "rows"] = "tokens",
     with_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = HEAD_CHUNK,
     dump_dir: str | Path | None = None,
     update_index: int = 0,
     share_prefix: bool = True,
+    pack: bool = False,
+    checkpoint_layers: bool = False,
 ) -> UpdateStats:
     """Run ``ppo_epochs`` passes of minibatch SGD on ``batch``; return averaged stats.
 
@@ -441,12 +522,26 @@ def ppo_update(
         accumulation: how micro losses are weighted (module docstring): ``"tokens"``
             for token-mean losses, ``"rows"`` for per-sequence-mean losses.
         with_entropy: compute per-token entropy and pass it to ``loss_fn``.
-        chunk_size: see :func:`trainers.logprobs.token_logprobs`.
+        chunk_size: positions per chunk of the output head
+            (:func:`trainers.logprobs.selected_logprobs`).
         dump_dir: where a minibatch with a non-finite loss or gradient norm is saved
             (``None``: not saved, only logged and counted).
         update_index: names dump files (``nonfinite_u{update}_e{epoch}_m{minibatch}``).
         share_prefix: compute a prompt once for the rows that share it
             (:func:`micro_batches`); the same gradient up to float rounding.
+        pack: each micro-batch's rows as one sequence without padding
+            (:mod:`trainers.packing`); the same gradient up to float rounding.
+        checkpoint_layers: recompute each decoder layer in backward instead of keeping
+            its activations (:func:`trainers.logprobs.checkpointed_layers`); the same
+            gradient, a second forward through the layers.
+
+    Rows whose gradient is zero (:func:`zero_gradient_rows`: every trained token has
+    advantage 0 and the loss has no term without it) never reach the model; the counts
+    that normalise the loss still include them, so the gradient is unchanged
+    (``UpdateStats.skipped_rows``). A minibatch with no other row takes no optimizer step
+    (``empty_minibatches``), and a batch with no other row is not run at all
+    (``UpdateStats.skipped``): a zero gradient would only have let AdamW's momentum
+    move the weights.
 
     A non-finite loss or gradient norm never reaches the weights: the gradient is
     dropped, neither the optimizer nor the scheduler steps, and the event is counted in
@@ -459,6 +554,17 @@ def ppo_update(
         )
     if accumulation not in ("tokens", "rows"):
         raise ValueError(f"unknown accumulation {accumulation!r}; expected 'tokens' or 'rows'")
+    stats = UpdateStats()
+    zero = zero_gradient_rows(loss_fn, batch)
+    if zero is not None:
+        stats.skipped_rows = int(zero.sum())
+        if len(batch) and bool(zero.all()):
+            stats.skipped = 1
+            # The token counts of a minibatch, on average, as an update that ran reports them.
+            minibatches = math.ceil(len(batch) / minibatch_size) if minibatch_size > 0 else 1
+            counts = _token_counts(loss_fn, batch)
+            stats.loss_metrics = {k: v / minibatches for k, v in counts.items()}
+            return stats
     if batch.old_logprobs is None and not on_policy_update(
         model, len(batch), ppo_epochs, minibatch_size
     ):
@@ -470,7 +576,6 @@ def ppo_update(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(int(seed))
     clip_to = float("inf") if max_grad_norm is None else float(max_grad_norm)
-    stats = UpdateStats()
     losses: list[float] = []
     grad_norms: list[float] = []
     metric_sums: dict[str, float] = defaultdict(float)
@@ -485,7 +590,7 @@ def ppo_update(
             if minibatch.trained_tokens() == 0:
                 stats.empty_minibatches += 1
                 continue
-            mb_loss, mb_metrics, finite = _accumulate_gradients(
+            accumulated = _accumulate_gradients(
                 model,
                 minibatch,
                 loss_fn,
@@ -494,7 +599,13 @@ def ppo_update(
                 with_entropy,
                 chunk_size,
                 share_prefix,
+                pack,
+                checkpoint_layers,
             )
+            if accumulated is None:  # every row's gradient is zero
+                stats.empty_minibatches += 1
+                continue
+            mb_loss, mb_metrics, finite = accumulated
             reason = None if finite else "loss"  # why this step is skipped, if it is
             grad_norm = float("nan")
             if reason is None:
