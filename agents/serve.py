@@ -271,10 +271,16 @@ class ServeError(RuntimeError):
 
 
 def engine_module(template: list[str]) -> str | None:
-    """The module a command template runs as ``{python} -m MODULE``; None for any other command."""
-    if len(template) >= 3 and template[0] == "{python}" and template[1] == "-m":
+    """The module a command template runs as ``INTERPRETER -m MODULE``; None for any other command."""
+    if len(template) >= 3 and template[1] == "-m":
         return template[2]
     return None
+
+
+def interpreter_of(config: ServeConfig, server: ServerConfig) -> tuple[str, str]:
+    """``(as written, as found)``: the first word of ``server``'s command, ``{python}`` filled in."""
+    written = config.template_of(server)[0].replace("{python}", config.python_of(server))
+    return written, resolve_python(written)
 
 
 def resolve_python(python: str) -> str:
@@ -315,14 +321,14 @@ _FIND_MODULE = (
 def engine_problem(config: ServeConfig, server: ServerConfig) -> str | None:
     """Why ``server``'s interpreter cannot run its engine; None when it can (or nothing to check).
 
-    Checked for commands of the form ``{python} -m MODULE``: the interpreter must exist
-    and find MODULE's top-level package (nothing is imported, so this takes a moment).
+    Checked for commands of the form ``INTERPRETER -m MODULE`` (``{python}`` or a path):
+    the interpreter must exist and find MODULE's top-level package (nothing is imported,
+    so this takes a moment).
     """
     module = engine_module(config.template_of(server))
     if module is None:
         return None
-    named = config.python_of(server)
-    python = resolve_python(named)
+    named, python = interpreter_of(config, server)
     hint = (
         SGLANG_ENV_HINT
         if module == SGLANG_LAUNCHER
@@ -425,7 +431,7 @@ class AgentServers:
         problems, seen = [], set()
         for server in self.config.servers:
             key = (
-                resolve_python(self.config.python_of(server)),
+                interpreter_of(self.config, server)[1],
                 engine_module(self.config.template_of(server)),
                 tuple(sorted(server.env.items())),
             )

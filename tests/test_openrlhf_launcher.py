@@ -396,7 +396,8 @@ def test_an_installed_wheel_launches_a_packaged_recipe_from_an_empty_directory(t
         cwd=empty, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    argv = shlex.split(run.stdout)
+    (command,) = [line for line in run.stdout.splitlines() if line.startswith("ray job submit")]
+    argv = shlex.split(command)
     executor = Path(argv[argv.index("--train.agent_func_path") + 1])
     assert executor == site / "trainers" / "openrlhf" / "executor.py" and executor.is_file()
     assert argv[argv.index("--data.prompt_dataset") + 1] == str(
