@@ -182,3 +182,18 @@ def test_a_seed_for_a_server_that_is_not_sglang_is_refused() -> None:
                  "command": ["vllm", "serve", "{model}"]},
             ],
         )  # fmt: skip
+
+
+def test_an_interpreter_written_into_the_command_is_checked_and_seeded(tmp_path) -> None:
+    missing = str(tmp_path / "py" / "bin" / "python")
+    config = serve_config(
+        tmp_path,
+        seed=3,
+        command=[missing, "-m", "sglang.launch_server", "--model-path", "{model}"],
+    )
+    assert server_command(config, config.servers[0]) == [
+        missing, "-m", "sglang.launch_server", "--model-path", "Org/M",
+        "--random-seed", "3", "--enable-deterministic-inference",
+    ]  # fmt: skip
+    with pytest.raises(ServeError, match=rf"interpreter '{missing}' not found"):
+        AgentServers(config).start()
