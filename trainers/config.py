@@ -16,19 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from agents.oracle import check_oracle_task
 from agents.pool import AgentPoolConfig
 from aipo_env.config import EnvConfig
 from aipo_env.independent_rollout import IndependentRollout
+from aipo_env.protocols import PROTOCOLS
 from aipo_env.rollout import RolloutConfig
 from policies import sglang_hosts
 from trainers.advantages import ESTIMATORS
 from trainers.losses import LossConfig
 from trainers.optim import OptimConfig
 from trainers.peer_config import PeerSection
-from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
+from trainers.resolve import Change, resolve_protocol
+from trainers.tool_config import ToolsConfig, check_tools
 from trainers.warmup_config import WarmupSection, check_reference_steps
 
 
@@ -221,23 +223,6 @@ class TrainSection(BaseModel):
         default=True,
         description="In the update, put a prompt's samples in micro-batches of their own and run the prompt through the decoder once for them (the same gradient up to float rounding; trainers/update.py). false: micro-batches by length only.",
     )
-    pack_rows: bool = Field(
-        default=True,
-        description="In the update, run each micro-batch's rows as one sequence of their real tokens (a prompt shared by its samples once, with share_prefix), attention kept inside each row, so padding costs nothing (trainers/packing.py; the same gradient up to float rounding). Models whose attention cannot take the packed mask (other than sdpa or eager) keep padded rows. false: padded rows, a shared prompt as a cached prefix.",
-    )
-    checkpoint_layers: bool = Field(
-        default=True,
-        description="In the update, keep only each decoder layer's input for backward and recompute the layer there (activation checkpointing): the same gradient, a fraction of the activation memory, about one more forward through the layers. With share_prefix it needs pack_rows (a cached prefix cannot be recomputed).",
-    )
-    map_large_tensors: bool = Field(
-        default=True,
-        description="Give every allocation of 1 MiB or more a memory mapping of its own, returned to the system when freed, with transparent huge pages asked for on PyTorch's tensors (trainers/heap.py; glibc only, process-wide, set when the trainer starts): the resident set then follows the tensors alive instead of keeping a fragmented heap (about 0.8 GB less at the warm-up fit's peak on the default run). false: the C library's own policy.",
-    )
-    logprob_chunk: int = Field(
-        default=256,
-        ge=1,
-        description="Positions per chunk of the output head when the update and the old log-probs score tokens: at most [logprob_chunk, vocabulary] float32 logits exist at once, forward or backward (trainers/logprobs.py).",
-    )
     advantage: str = Field(
         default="grpo", description=f"Advantage estimator: one of {', '.join(ESTIMATORS)}."
     )
@@ -349,8 +334,65 @@ class TrainConfig(BaseModel):
         description="ILR: train two or more peer policies through Idea3 episodes (trainers/peer_trainer.py).",
     )
 
+    _changes: list[Change] = PrivateAttr(default_factory=list)
+
+    @property
+    def resolved(self) -> list[Change]:
+        """Every value :meth:`resolve` set when the config was read (``aipo train --dry-run`` prints them)."""
+        return list(self._changes)
+
+    def resolve(self) -> list[Change]:
+        """Derive the cross-section values the config leaves unset; return each :class:`Change`.
+
+        Run once, when the config is read (before its checks, which see the derived
+        values): what ``env.protocol`` declares (:func:`trainers.resolve.resolve_protocol`:
+        a tool protocol's agent names and empty pool, ``loss.agent_mode`` mask where
+        replies may not be trained), ``loss.agent_mode`` mask for ILR's peers unless set
+        (a peer's tokens are context unless asked for, docs/ilr.md), and
+        ``env.max_total_tokens`` within ``policy.max_context`` unless set. A value the
+        user set is never replaced. Running it again changes nothing.
+        """
+        sections = resolve_protocol(
+            self.env,
+            self.loss,
+            self.agents,
+            agents_declared="agents" in self.model_fields_set,
+        )
+        self.env, self.loss, self.agents = sections.env, sections.loss, sections.agents
+        changes = sections.changes
+        if (
+            self.peers is not None
+            and "agent_mode" not in self.loss.model_fields_set
+            and self.loss.agent_mode != "mask"
+        ):
+            changes.append(
+                Change(
+                    "loss.agent_mode",
+                    self.loss.agent_mode,
+                    "mask",
+                    "peers (ILR): a peer's tokens are context unless loss.agent_mode is set",
+                )
+            )
+            self.loss = self.loss.model_copy(update={"agent_mode": "mask"})
+        if "max_total_tokens" not in self.env.model_fields_set:
+            # Left at its default, the episode's context is the policy's: defaults agree.
+            context = min(self.env.max_total_tokens, self.policy.max_context)
+            if context != self.env.max_total_tokens:
+                changes.append(
+                    Change(
+                        "env.max_total_tokens",
+                        self.env.max_total_tokens,
+                        context,
+                        f"the episode fits the policy's context (policy.max_context={self.policy.max_context})",
+                    )
+                )
+            self.env = self.env.model_copy(update={"max_total_tokens": context})
+        self._changes = [*self._changes, *changes]
+        return changes
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        self.resolve()
         if self.train.advantage not in ESTIMATORS:
             raise ValueError(
                 f"train.advantage {self.train.advantage!r} is not an estimator; expected one of {', '.join(ESTIMATORS)}"
@@ -380,13 +422,7 @@ class TrainConfig(BaseModel):
                 raise ValueError(
                     "warmup.enabled with env.max_consults=0: the demonstrations need one consult"
                 )
-        if self.train.checkpoint_layers and self.train.share_prefix and not self.train.pack_rows:
-            raise ValueError(
-                "train.checkpoint_layers with train.share_prefix needs train.pack_rows: the "
-                "prompt computed once as a cached prefix cannot be recomputed in backward; set "
-                "train.pack_rows=true, or train.checkpoint_layers=false"
-            )
-        self._tool_protocol_settings()
+        check_tools(self.tools, self.env.protocol)
         if self.peers is not None:
             if self.warmup.enabled:
                 raise ValueError("peers (ILR) with warmup.enabled: the consult warm-up is AIPO's")
@@ -395,20 +431,12 @@ class TrainConfig(BaseModel):
                     f"peers (ILR) with rollout.strategy {self.rollout.strategy!r}: Idea3 "
                     f"episodes are sampled independently (strategy {IndependentRollout.name})"
                 )
-            if "agent_mode" not in self.loss.model_fields_set:
-                # A peer's tokens are context unless asked for: train them only with an
-                # explicit loss.agent_mode shaped or ratio (docs/ilr.md).
-                self.loss = self.loss.model_copy(update={"agent_mode": "mask"})
         unknown = sorted(set(self.agents.agents) - set(self.env.agent_names))
         if unknown:
             raise ValueError(
                 f"agents {unknown} are configured but not in env.agent_names {self.env.agent_names}; "
                 "the policy could never consult them"
             )
-        if "max_total_tokens" not in self.env.model_fields_set:
-            # Left at its default, the episode's context is the policy's: defaults agree.
-            context = min(self.env.max_total_tokens, self.policy.max_context)
-            self.env = self.env.model_copy(update={"max_total_tokens": context})
         for name, agent in self.agents.agents.items():
             if agent.kind == "llm" and sglang_hosts(agent.backend) and agent.tokenizer is None:
                 raise ValueError(
@@ -427,44 +455,12 @@ class TrainConfig(BaseModel):
             from tasks.registry import make_task
 
             check_reference_steps(make_task(self.task.name, **self.task.kwargs), self.task.name)
-        if self.env.protocol not in TOOL_PROTOCOLS and not self.agents.agents:
+        if not PROTOCOLS[self.env.protocol].tools and not self.agents.agents:
             raise ValueError(
                 "agents.agents is empty: a consult run needs at least one agent, even with "
                 "env.max_consults=0 (verify: {kind: oracle} loads no model)"
             )
         return self
-
-    def _tool_protocol_settings(self) -> None:
-        """Under a tool protocol: the tools are the agents, there is no agent pool, results are never trained.
-
-        Left unset, ``env.agent_names`` becomes the tool names (results are injected as
-        ``agent:<tool>``), ``agents`` an empty pool and ``loss.agent_mode`` ``mask``. A
-        search needs an index (``tools.search_index``).
-        """
-        protocol = self.env.protocol
-        if protocol not in TOOL_PROTOCOLS:
-            return
-        names = TOOL_NAMES[protocol]
-        if "agent_names" not in self.env.model_fields_set:
-            self.env = self.env.model_copy(update={"agent_names": list(names)})
-        missing = [name for name in names if name not in self.env.agent_names]
-        if missing:
-            raise ValueError(
-                f"env.agent_names {self.env.agent_names} lacks {missing}: env.protocol "
-                f"{protocol!r} injects tool results as agent:<tool>; add them, or leave "
-                "env.agent_names unset"
-            )
-        if "agents" not in self.model_fields_set:
-            self.agents = AgentPoolConfig(agents={})
-        if "agent_mode" not in self.loss.model_fields_set:
-            self.loss = self.loss.model_copy(update={"agent_mode": "mask"})
-        if self.loss.agent_mode != "mask":
-            raise ValueError(
-                f"loss.agent_mode {self.loss.agent_mode!r} would train the tools' output under "
-                f"env.protocol {protocol!r}; a tool result is no model's sample (ARPO masks it): "
-                "set loss.agent_mode=mask"
-            )
-        self.tools.check_for(protocol)
 
 
 def check_agent_limits(env: EnvConfig, agents: AgentPoolConfig) -> None:
