@@ -6,9 +6,10 @@ bubblewrap where it runs, with no network, a private filesystem view and process
 CPU, wall-time and memory limits; else the documented weaker fallback), and its
 standard output, or the last line of its error, is the reply.
 
-:class:`ToolBox` answers :mod:`aipo_env.protocols.tools`' requests (ARPO's tool set):
-``python`` through a :class:`PythonRunner`, ``search`` through an
-:class:`agents.search.SearchIndex`.
+:class:`SearchTool` answers ``<search>`` through an :class:`agents.search.SearchIndex`.
+:class:`ToolSet` routes a protocol's requests to the tools it names; :class:`ToolBox` is
+ARPO's set (:mod:`aipo_env.protocols.tools`): ``python`` and ``search``. Which service
+answers which tool name is ``trainers.tool_config.TOOL_SERVICES``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import asyncio
 import math
 import signal
 import time
+from collections.abc import Mapping
 
-from agents.base import AgentReply, ConsultRequest
+from agents.base import AgentReply, ConsultRequest, ConsultService
 from agents.search import SearchIndex
 from tasks.sandbox import Limits, resolve_sandbox, run_python
 
@@ -69,16 +71,78 @@ class PythonRunner:
         return AgentReply(agent="python", text=text, latency_s=time.monotonic() - began)
 
 
-class ToolBox:
-    """A consult service with two tools, ``python`` and ``search``: ARPO's tool set.
+class SearchTool:
+    """A consult service with one tool, ``search``: the best passages of an index for a query.
 
-    ``python`` runs code with ``python`` (a :class:`PythonRunner`; a default one when
-    None); ``search`` ranks the passages of ``search`` (a :class:`SearchIndex`). Without
-    an index, a search request gets an error reply naming the missing setting; a training
-    config that answers searches without one is refused when it is read
-    (``ToolsConfig.check_for`` in ``trainers/tool_config.py``). A reply's text is cut to
-    ``max_reply_chars`` (a program may print megabytes; the env then cuts it again to
-    ``EnvConfig.max_reply_tokens``), and every reply records its latency.
+    Without an index (``index`` None) every search gets an error reply naming the missing
+    setting; a training config that answers searches without one is refused when it is
+    read (the search tool's check in ``trainers/tool_config.py``).
+    """
+
+    def __init__(self, index: SearchIndex | None) -> None:
+        self.index = index
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The single tool name."""
+        return ("search",)
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        """The passages best matching ``request.question``; never raises."""
+        if self.index is None:
+            return AgentReply(agent="search", error=NO_SEARCH_INDEX)
+        # BM25 scoring is CPU work: off the event loop, so other episodes go on.
+        text = await asyncio.to_thread(self.index.reply_text, request.question)
+        return AgentReply(agent="search", text=text)
+
+
+class ToolSet:
+    """A consult service over named tools: routes each request to the tool it names.
+
+    ``tools`` maps a tool name to the service answering it (each answers that one name).
+    A reply's text is cut to ``max_reply_chars`` (a program may print megabytes; the env
+    then cuts it again to ``EnvConfig.max_reply_tokens``), and every reply records its
+    latency. A request naming no tool of the set gets an error reply.
+    """
+
+    def __init__(self, tools: Mapping[str, ConsultService], *, max_reply_chars: int = 8000) -> None:
+        if max_reply_chars < 1:
+            raise ValueError(f"max_reply_chars={max_reply_chars}; expected at least 1")
+        self.tools = dict(tools)
+        self.max_reply_chars = max_reply_chars
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tool names, in the order given."""
+        return tuple(self.tools)
+
+    async def consult(self, request: ConsultRequest) -> AgentReply:
+        """Route ``request`` to the tool it names; never raises."""
+        began = time.monotonic()
+        tool = request.agent
+        service = self.tools.get(tool) if tool is not None else None
+        if service is None:
+            reply = AgentReply(
+                agent=tool,
+                error=f"unknown tool {(tool or '')[:32]!r}; expected one of {', '.join(self.tools)}",
+            )
+        else:
+            reply = await service.consult(request)
+        cut = len(reply.text) > self.max_reply_chars
+        return reply.model_copy(
+            update={
+                "text": reply.text[: self.max_reply_chars],
+                "truncated": reply.truncated or cut,
+                "latency_s": time.monotonic() - began,
+            }
+        )
+
+
+class ToolBox(ToolSet):
+    """ARPO's tool set: ``python`` (a :class:`PythonRunner`, a default one when None) and ``search``.
+
+    ``search`` ranks the passages of ``search`` (a :class:`SearchIndex`); without one, a
+    search request gets an error reply naming the missing setting (:class:`SearchTool`).
     """
 
     def __init__(
@@ -88,38 +152,8 @@ class ToolBox:
         *,
         max_reply_chars: int = 8000,
     ) -> None:
-        if max_reply_chars < 1:
-            raise ValueError(f"max_reply_chars={max_reply_chars}; expected at least 1")
         self.python = python if python is not None else PythonRunner()
         self.search = search
-        self.max_reply_chars = max_reply_chars
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The tool names."""
-        return ("python", "search")
-
-    async def consult(self, request: ConsultRequest) -> AgentReply:
-        """Route ``request`` to the tool it names; never raises."""
-        began = time.monotonic()
-        tool = request.agent
-        if tool == "python":
-            reply = await self.python.consult(request)
-        elif tool == "search" and self.search is None:
-            reply = AgentReply(agent=tool, error=NO_SEARCH_INDEX)
-        elif tool == "search":
-            # BM25 scoring is CPU work: off the event loop, so other episodes go on.
-            text = await asyncio.to_thread(self.search.reply_text, request.question)
-            reply = AgentReply(agent=tool, text=text)
-        else:
-            reply = AgentReply(
-                agent=tool, error=f"unknown tool {tool[:32]!r}; expected one of python, search"
-            )
-        cut = len(reply.text) > self.max_reply_chars
-        return reply.model_copy(
-            update={
-                "text": reply.text[: self.max_reply_chars],
-                "truncated": reply.truncated or cut,
-                "latency_s": time.monotonic() - began,
-            }
+        super().__init__(
+            {"python": self.python, "search": SearchTool(search)}, max_reply_chars=max_reply_chars
         )

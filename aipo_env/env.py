@@ -83,6 +83,14 @@ class ConsultEnv(AsyncEnv):
         self.protocol = protocol or make_protocol(self.config)
         self.mask_rule = mask_rule or MaskRule(mask_on_drift=self.config.mask_on_drift)
         self.targets = self.protocol.targets(self.config.agent_names)
+        if self.protocol.tools and agents is not None:
+            missing = [tool for tool in self.protocol.tools if tool not in agents.names]
+            if missing:
+                raise ValueError(
+                    f"protocol {self.protocol.name!r} calls the tools {list(self.protocol.tools)}, "
+                    f"but the service given answers only {list(agents.names)}: no service for "
+                    f"{missing} (a tool's service is registered in trainers.tool_config.TOOL_SERVICES)"
+                )
         if self.config.auto_consult is not None and self.config.auto_consult not in self.targets:
             raise ValueError(
                 f"auto_consult target {self.config.auto_consult!r} is not one of the protocol's "
@@ -308,11 +316,11 @@ class ConsultEnv(AsyncEnv):
         record = ConsultRecord(agent=agent, question=request.content)
         reply: AgentReply | None = None
         if error is None and not episode.allow_consult:
-            error = "consulting is not available in this episode; continue on your own"
+            error = self.protocol.unavailable_text
         elif error is None and episode.calls >= episode.max_consults:
-            error = f"consult budget of {episode.max_consults} exhausted; continue on your own"
+            error = self.protocol.budget_text.format(budget=episode.max_consults)
         elif error is None and self.agents is None:
-            error = "no agents are available; continue on your own"
+            error = self.protocol.no_responder_text
         elif error is None:
             episode.calls += 1
             consult = ConsultRequest(

@@ -76,8 +76,9 @@ def test_tool_names_must_be_agent_names_when_set() -> None:
 async def test_the_tool_service_has_the_configured_index() -> None:
     tools = ToolsConfig(search_index="tiny", search_k=1)
     service = make_tool_service(tools, "tools")
-    assert service is not None and service.search is not None  # type: ignore[attr-defined]
-    assert service.search.k == 1  # type: ignore[attr-defined]
+    assert service is not None and service.names == ("python", "search")
+    search = service.tools["search"]  # type: ignore[attr-defined]
+    assert search.index is not None and search.index.k == 1
     assert make_tool_service(tools, "consult") is None
     assert make_tool_service(ToolsConfig(), "python_tool").names == ("python",)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="tools.search_index is not set"):
@@ -124,7 +125,7 @@ def test_arpo_trains_per_token_tree_advantages() -> None:
 
 def test_the_openrlhf_arpo_recipe_runs_the_tool_protocol_in_the_executor(tokenizer) -> None:
     pytest.importorskip("openrlhf.utils.agent", reason="openrlhf not installed")
-    from agents.tools import ToolBox
+    from agents.tools import ToolSet
     from trainers.openrlhf.config import OpenRLHFRecipe
     from trainers.openrlhf.executor import AgentExecutor
 
@@ -132,7 +133,8 @@ def test_the_openrlhf_arpo_recipe_runs_the_tool_protocol_in_the_executor(tokeniz
     assert recipe.executor.env.protocol == "tools" and recipe.agent_loss.agent_mode == "mask"
     executor = AgentExecutor(recipe.executor, task=AdditionTask(1))
     _, service = executor._build_services(tokenizer)
-    assert isinstance(service, ToolBox) and service.search is None
+    assert isinstance(service, ToolSet) and service.names == ("python", "search")
+    assert service.tools["search"].index is None  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="agent_loss.agent_mode 'shaped'"):
         load_config(
             OpenRLHFRecipe,

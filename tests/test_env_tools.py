@@ -137,7 +137,7 @@ async def test_the_call_past_max_consults_gets_the_budget_error(tokenizer, task,
     t = await play(env, script)
     assert (t.consults, t.consult_errors, t.finish_reason) == (2, 1, "eos")
     text, labels, _ = feedback(t, 2, tokenizer)
-    error = "consult budget of 2 exhausted; continue on your own"
+    error = "tool budget of 2 calls exhausted; continue on your own"  # the protocol's text
     assert text == f" <result>\nError: {error}\n</result>" and set(labels) == {"env"}
     prompt = tokenizer.decode(t.token_ids[: t.prompt_len])
     assert "<python>code</python>" in prompt and "<search>query</search>" in prompt

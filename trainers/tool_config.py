@@ -1,25 +1,27 @@
 """The tools a run's tool protocols call: ``tools:`` in a training config or an OpenRLHF executor.
 
-Under ``env.protocol: tools`` (ARPO's ``<python>`` and ``<search>``) or ``python_tool``
-the consult service is a tool set, not the agent pool: :func:`make_tool_service`
-builds it from :class:`ToolsConfig` (:class:`agents.tools.ToolBox` with its
-:class:`~agents.tools.PythonRunner` and :class:`~agents.search.SearchIndex`). A search
-with no index is refused when the config is read, naming ``tools.search_index``.
+A protocol that tools answer declares them (``InteractionProtocol.tools``: ARPO's
+``tools`` protocol ``python`` and ``search``, ``python_tool`` ``python``); the consult
+service is then a tool set, not the agent pool. :data:`TOOL_SERVICES` says how each tool
+name's service is built from :class:`ToolsConfig` and what it needs;
+:func:`make_tool_service` builds a protocol's set (:class:`agents.tools.ToolSet`) and
+:func:`check_tools` refuses, when a config is read, a protocol whose tool has no service
+or lacks a setting (a search with no index, naming ``tools.search_index``).
+
+A new tool is one entry here (its build, and its check when it needs a setting).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.base import ConsultService
-
-#: Protocols whose requests a tool set answers, not the agent pool.
-TOOL_PROTOCOLS = ("tools", "python_tool")
-#: The agent names a tool protocol's injected tokens carry (``agent:<name>``).
-TOOL_NAMES = {"tools": ["python", "search"], "python_tool": ["python"]}
+from aipo_env.protocols import PROTOCOLS
 
 
 class ToolsConfig(BaseModel):
@@ -65,15 +67,6 @@ class ToolsConfig(BaseModel):
             corpus_path(value)  # a missing corpus fails when the config is read
         return value
 
-    def check_for(self, protocol: str) -> None:
-        """Refuse a search-enabled tool set without an index under ``protocol`` (ValueError)."""
-        if protocol == "tools" and self.search and self.search_index is None:
-            raise ValueError(
-                "tools.search_index is not set, but env.protocol 'tools' answers <search> "
-                "requests: set tools.search_index to a JSONL corpus (or 'tiny', the packaged "
-                "example), or set tools.search=false"
-            )
-
 
 def corpus_path(name: str) -> Path:
     """The JSONL file ``name`` names: a path, else a packaged corpus; ValueError when neither."""
@@ -90,20 +83,79 @@ def corpus_path(name: str) -> Path:
         ) from None
 
 
-def make_tool_service(config: ToolsConfig, protocol: str) -> ConsultService | None:
-    """The tool set answering ``protocol``'s requests; None for a protocol tools do not answer."""
-    if protocol not in TOOL_PROTOCOLS:
-        return None
-    from agents.search import SearchIndex
-    from agents.tools import PythonRunner, ToolBox
+def _no_check(config: ToolsConfig, protocol: str) -> None:
+    """A tool that needs no setting."""
 
-    config.check_for(protocol)
-    python = PythonRunner(
+
+@dataclass(frozen=True)
+class ToolService:
+    """How one tool's service is built from ``tools:``, and what it needs from them."""
+
+    #: The service answering the tool's name (``names`` holds it).
+    build: Callable[[ToolsConfig], ConsultService]
+    #: Raises ValueError, naming the setting, when ``tools:`` cannot serve the tool
+    #: under the protocol named (checked when a config is read).
+    check: Callable[[ToolsConfig, str], None] = _no_check
+
+
+def _python(config: ToolsConfig) -> ConsultService:
+    from agents.tools import PythonRunner
+
+    return PythonRunner(
         config.python_timeout_s, sandbox=config.sandbox, memory_mb=config.python_memory_mb
     )
-    if protocol == "python_tool":
-        return python
-    search = None
+
+
+def _search(config: ToolsConfig) -> ConsultService:
+    from agents.search import SearchIndex
+    from agents.tools import SearchTool
+
+    index = None
     if config.search and config.search_index is not None:
-        search = SearchIndex.from_jsonl(corpus_path(config.search_index), k=config.search_k)
-    return ToolBox(python, search, max_reply_chars=config.max_reply_chars)
+        index = SearchIndex.from_jsonl(corpus_path(config.search_index), k=config.search_k)
+    return SearchTool(index)
+
+
+def _search_needs_index(config: ToolsConfig, protocol: str) -> None:
+    if config.search and config.search_index is None:
+        raise ValueError(
+            f"tools.search_index is not set, but env.protocol {protocol!r} answers <search> "
+            "requests: set tools.search_index to a JSONL corpus (or 'tiny', the packaged "
+            "example), or set tools.search=false"
+        )
+
+
+#: Tool name (a tool protocol's target) -> how its service is built.
+TOOL_SERVICES: dict[str, ToolService] = {
+    "python": ToolService(_python),
+    "search": ToolService(_search, _search_needs_index),
+}
+
+
+def check_tools(config: ToolsConfig, protocol: str) -> None:
+    """Refuse ``protocol`` when one of its tools has no service or ``config`` cannot serve it.
+
+    Raises:
+        ValueError: naming the tool without a registered service (and the registered
+            ones), or the setting a tool lacks.
+    """
+    for tool in PROTOCOLS[protocol].tools:
+        if tool not in TOOL_SERVICES:
+            raise ValueError(
+                f"env.protocol {protocol!r} calls the tool {tool!r}, which has no service: "
+                f"register one as trainers.tool_config.TOOL_SERVICES[{tool!r}] (registered: "
+                f"{', '.join(TOOL_SERVICES)})"
+            )
+        TOOL_SERVICES[tool].check(config, protocol)
+
+
+def make_tool_service(config: ToolsConfig, protocol: str) -> ConsultService | None:
+    """The tool set answering ``protocol``'s requests; None for a protocol the agent pool answers."""
+    from agents.tools import ToolSet
+
+    tools = PROTOCOLS[protocol].tools
+    if not tools:
+        return None
+    check_tools(config, protocol)
+    services = {tool: TOOL_SERVICES[tool].build(config) for tool in tools}
+    return ToolSet(services, max_reply_chars=config.max_reply_chars)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config (and print the OpenRLHF command) without training",
+        help="validate the config, print it and every value resolved from other settings (and the OpenRLHF command) without training",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             recipe = load_recipe(args.config, args.overrides)
+            if args.dry_run:
+                _print_resolved(recipe.resolved)
             return run_openrlhf(recipe, dry_run=args.dry_run)
         except (ConfigError, ValueError, FileNotFoundError, OpenRLHFVersionError) as exc:
             return _fail(str(exc))
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.dry_run:
         print(config.model_dump_json(indent=2))
+        _print_resolved(config.resolved)
         return 0
 
     from aipo_env.jsonl import JsonlError
@@ -138,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(summary.render())
     return 0
+
+
+def _print_resolved(changes: list[Any]) -> None:
+    """The values resolution derived from others (``trainers/resolve.py``), one per line."""
+    from trainers.resolve import describe
+
+    print(f"resolved (set from other settings):\n{describe(changes)}")
 
 
 def _left_on_disk(run_dir: str) -> str:

@@ -1,7 +1,10 @@
 """Interaction protocols: the language of an episode, one module each (contract in :mod:`.base`).
 
 A new protocol is one new module with an :class:`~aipo_env.protocols.base.InteractionProtocol`
-subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it by name.
+subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it by name. A
+protocol tools answer declares them (:attr:`~aipo_env.protocols.base.InteractionProtocol.tools`);
+a one-tag tool subclasses :class:`~aipo_env.protocols.one_tag.OneTagToolProtocol` and
+needs a tool service of the tag's name (``trainers.tool_config.TOOL_SERVICES``).
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from aipo_env.protocols.base import (
     InteractionProtocol,
     ProtocolSettings,
     Request,
+    ToolUseProtocol,
     encode_injected,
 )
 from aipo_env.protocols.consult import ConsultProtocol
+from aipo_env.protocols.one_tag import OneTagToolProtocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
 from aipo_env.protocols.tools import ToolProtocol
 
@@ -37,10 +42,12 @@ __all__ = [
     "PROTOCOLS",
     "ConsultProtocol",
     "InteractionProtocol",
+    "OneTagToolProtocol",
     "ProtocolSettings",
     "PythonToolProtocol",
     "Request",
     "ToolProtocol",
+    "ToolUseProtocol",
     "encode_injected",
     "make_protocol",
 ]

@@ -32,6 +32,19 @@ ids themselves are never re-tokenized):
   configured agents, or the protocol's own tools); :attr:`~InteractionProtocol.roles`:
   what each does, for the instructions.
 
+What a protocol declares about itself, as class attributes read without building it
+(the training config, the OpenRLHF recipe and executor ask these, never a table of
+names):
+
+- :attr:`~InteractionProtocol.tools`: empty when the agent pool answers its requests;
+  else the tools that do, one per target, each built from the tool-service registry
+  (``trainers.tool_config.TOOL_SERVICES``), and the targets are these tools.
+- :attr:`~InteractionProtocol.trainable_replies`: whether a reply may be trained
+  (``loss.agent_mode`` other than ``mask``); a tool's output is no model's sample.
+- :attr:`~InteractionProtocol.unavailable_text`, :attr:`~InteractionProtocol.budget_text`,
+  :attr:`~InteractionProtocol.no_responder_text`: what the policy reads when requests are
+  off in an episode, when its budget is spent, and when nothing answers.
+
 Injected text is tokenized by :func:`encode_injected`: ids only, with special-token
 parsing off, so an agent's or a tool's text can never forge the chat template's
 turn markers or EOS.
@@ -90,6 +103,16 @@ class InteractionProtocol(ABC):
     name: str = ""
     #: Target -> what it does, as the instructions describe it.
     roles: Mapping[str, str] = {}
+    #: The tools that answer the requests (the targets); empty: the agent pool answers.
+    tools: tuple[str, ...] = ()
+    #: Whether a reply may be trained (``loss.agent_mode`` shaped or ratio).
+    trainable_replies: bool = True
+    #: The error a request gets in an episode that may not make requests.
+    unavailable_text: str = "consulting is not available in this episode; continue on your own"
+    #: The error a request gets past the budget (``{budget}``: the episode's budget).
+    budget_text: str = "consult budget of {budget} exhausted; continue on your own"
+    #: The error a request gets when the env has no service to ask.
+    no_responder_text: str = "no agents are available; continue on your own"
 
     @classmethod
     def from_config(cls, config: ProtocolSettings) -> InteractionProtocol:
@@ -97,8 +120,8 @@ class InteractionProtocol(ABC):
         return cls(instructions=config.instructions)  # type: ignore[call-arg]
 
     def targets(self, configured: Sequence[str]) -> list[str]:
-        """The names a request may address: the configured agents, unless the protocol fixes them."""
-        return list(configured)
+        """The names a request may address: the protocol's tools, else the configured agents."""
+        return list(self.tools) if self.tools else list(configured)
 
     @abstractmethod
     def stop_strings(self) -> list[str]:
@@ -154,6 +177,20 @@ class InteractionProtocol(ABC):
     @abstractmethod
     def count_requests(self, text: str) -> int:
         """Complete requests in ``text``."""
+
+
+class ToolUseProtocol(InteractionProtocol):
+    """A protocol whose requests tools answer: never trained, and its texts speak of tools.
+
+    A subclass sets :attr:`tools` (its targets); each needs an entry in the tool-service
+    registry (``trainers.tool_config.TOOL_SERVICES``), or the config naming the protocol
+    is refused.
+    """
+
+    trainable_replies = False
+    unavailable_text = "calling tools is not available in this episode; continue on your own"
+    budget_text = "tool budget of {budget} calls exhausted; continue on your own"
+    no_responder_text = "no tools are available; continue on your own"
 
 
 def encode_injected(tokenizer: Any, text: str) -> list[int]:

@@ -2,7 +2,7 @@
 
 As in ARPO (arXiv 2507.19849, its ``vllm_rollout_with_tools``), the policy writes
 ``<python>code</python>`` or ``<search>query</search>`` and stops; the environment calls
-the tool of that name (the consult service, e.g. :class:`agents.tools.ToolBox`) and
+the tool of that name (the tool services ``python`` and ``search``, :mod:`agents.tools`) and
 appends `` <result>\\n...\\n</result>`` (with the leading space) before the policy goes
 on. The result is injected text (source ``agent:python`` or ``agent:search``), never
 trained under the default :class:`~aipo_env.masks.MaskRule`; the markup around it is
@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from aipo_env.protocols.base import InteractionProtocol, Request
+from aipo_env.protocols.base import Request, ToolUseProtocol
 
 PYTHON = "python"
 SEARCH = "search"
@@ -49,10 +49,11 @@ INSTRUCTIONS = (
 )
 
 
-class ToolProtocol(InteractionProtocol):
+class ToolProtocol(ToolUseProtocol):
     """``<python>`` and ``<search>`` calls answered by `` <result>`` blocks (ARPO's tool protocol)."""
 
     name = "tools"
+    tools = TOOL_NAMES
     roles = {
         PYTHON: "runs Python code and returns its standard output",
         SEARCH: "searches a reference corpus and returns the best-matching passages",
@@ -60,10 +61,6 @@ class ToolProtocol(InteractionProtocol):
 
     def __init__(self, instructions: str | None = None) -> None:
         self._instructions = INSTRUCTIONS if instructions is None else instructions
-
-    def targets(self, configured: Sequence[str]) -> list[str]:
-        """The two tools, whatever agents are configured."""
-        return list(TOOL_NAMES)
 
     def stop_strings(self) -> list[str]:
         """Generation stops after a code block or a search query."""

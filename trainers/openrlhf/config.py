@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from agents.config import AgentConfig, AgentPoolConfig
 from agents.oracle import check_oracle_task
@@ -24,7 +24,8 @@ from trainers.openrlhf.flags import (
 )
 from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, LOSS_CONFIG_ENV, check_agent_token_fields
 from trainers.openrlhf.recipe_secrets import check_secret_flags
-from trainers.tool_config import TOOL_NAMES, TOOL_PROTOCOLS, ToolsConfig
+from trainers.resolve import Change, resolve_protocol
+from trainers.tool_config import ToolsConfig, check_tools
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
 
@@ -152,14 +153,8 @@ class ExecutorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self) -> ExecutorConfig:
-        if self.env.protocol in TOOL_PROTOCOLS:
-            self.tools.check_for(self.env.protocol)
-            missing = [n for n in TOOL_NAMES[self.env.protocol] if n not in self.env.agent_names]
-            if missing:
-                raise ValueError(
-                    f"executor.env.agent_names {self.env.agent_names} lacks {missing}: "
-                    f"env.protocol {self.env.protocol!r} injects tool results as agent:<tool>"
-                )
+        # A tool without a service, or without its setting, fails here, not in every worker.
+        check_tools(self.tools, self.env.protocol)
         check_agent_limits(self.env, self.agents)
         from tasks.registry import UnknownTaskError, check_task_name
 
@@ -235,6 +230,11 @@ class OpenRLHFRecipe(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _resolved_first(self) -> OpenRLHFRecipe:
+        self.resolve()  # the checks below see the derived values
+        return self
+
+    @model_validator(mode="after")
     def _separate_needs_step_counts(self) -> OpenRLHFRecipe:
         # Dynamic batching counts each step's tokens in the replay buffer, where the
         # separate policy and agent counts (trainers.openrlhf.loss) are not made.
@@ -265,14 +265,56 @@ class OpenRLHFRecipe(BaseModel):
         check_secret_flags(flags)  # logger.wandb.key: env:WANDB_API_KEY, never the key
         return flags
 
+    _changes: list[Change] = PrivateAttr(default_factory=list)
+
+    @property
+    def resolved(self) -> list[Change]:
+        """Every value :meth:`resolve` set when the recipe was read (``--dry-run`` prints them)."""
+        return list(self._changes)
+
+    def resolve(self) -> list[Change]:
+        """Derive what the recipe leaves unset from what it declares; return each :class:`Change`.
+
+        The embedded trainer's resolution of the protocol
+        (:func:`trainers.resolve.resolve_protocol`: a tool protocol's agent names and
+        ``agent_loss.agent_mode`` mask where replies may not be trained), and
+        ``executor.env.max_new_tokens_per_turn`` from OpenRLHF's flags
+        (:meth:`executor_for_workers`). Run once when the recipe is read; again, it
+        changes nothing.
+        """
+        executor = self.executor
+        sections = resolve_protocol(
+            executor.env,
+            self.agent_loss,
+            executor.agents,
+            agents_declared=True,  # the recipe's pool is the served agents: empty unless set
+            env_path="executor.env",
+            loss_path="agent_loss",
+            agents_path="executor.agents",
+        )
+        changes = sections.changes
+        self.agent_loss = sections.loss
+        self.executor = executor.model_copy(update={"env": sections.env})
+        workers = self.executor_for_workers()
+        if workers is not self.executor:
+            old = self.executor.env.max_new_tokens_per_turn
+            new = workers.env.max_new_tokens_per_turn
+            changes.append(
+                Change(
+                    "executor.env.max_new_tokens_per_turn",
+                    old,
+                    new,
+                    "OpenRLHF's most tokens of one generation (openrlhf rollout.max_new_tokens, "
+                    "else data.max_len)",
+                )
+            )
+            self.executor = workers
+        self._changes = [*self._changes, *changes]
+        return changes
+
     @model_validator(mode="after")
     def _token_limits_fit_openrlhf(self) -> OpenRLHFRecipe:
         env = self.executor.env
-        if env.protocol in TOOL_PROTOCOLS and self.agent_loss.agent_mode != "mask":
-            raise ValueError(
-                f"agent_loss.agent_mode {self.agent_loss.agent_mode!r} would train the tools' "
-                f"output under executor.env.protocol {env.protocol!r}; set agent_loss.agent_mode: mask"
-            )
         per_sample = int_flag(self.openrlhf, "rollout.max_new_tokens")
         if (
             "max_new_tokens_per_turn" in env.model_fields_set

@@ -11,9 +11,9 @@ is :func:`trainers.openrlhf.rollout.trajectory_to_openrlhf`'s.
 One sample never ends the run: OpenRLHF gathers an actor's episodes with
 ``asyncio.gather``, so an exception here would fail the whole rollout.
 
-Under a tool protocol (``executor.env.protocol: tools``, ARPO's ``<python>`` and
-``<search>``) the requests go to the recipe's tool set (``executor.tools``,
-:mod:`trainers.tool_config`) instead of an agent pool. OpenRLHF samples each
+Under a protocol that tools answer (it declares them: ``executor.env.protocol: tools``,
+ARPO's ``<python>`` and ``<search>``) the requests go to the recipe's tool set
+(``executor.tools``, built by :mod:`trainers.tool_config`) instead of an agent pool. OpenRLHF samples each
 trajectory on its own, so this is trajectory-level tool-use RL: no rollout tree. A failed reset,
 generation or env step, and any error converting the episode, give a failed sample
 (reward 0, no trained token, ``extra_logs["episode_error"]`` 1). Only building the
@@ -41,7 +41,7 @@ from agents.base import ConsultService
 from tasks.base import Problem, RewardResult, Task
 from trainers.openrlhf.config import ExecutorConfig
 from trainers.openrlhf.dump import dump_sample
-from trainers.tool_config import TOOL_PROTOCOLS, make_tool_service
+from trainers.tool_config import make_tool_service
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,9 @@ class AgentExecutor(AgentExecutorBase):
             # of each episode arrive with it.
             task = make_task(self.config.task)
         agents = self._agents
-        if agents is None and self.config.env.protocol in TOOL_PROTOCOLS:
-            # ARPO's tools (tools.*) answer a tool protocol, not the agent pool.
+        if agents is None:
+            # A protocol that declares tools is answered by them (tools.*), not the agent
+            # pool; None for one the pool answers.
             agents = make_tool_service(self.config.tools, self.config.env.protocol)
         if agents is None:
             from agents.pool import AgentPool

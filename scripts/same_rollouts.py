@@ -1,0 +1,159 @@
+"""Same rollouts before and after a refactor: run a short fixed-seed training run in two trees, compare.
+
+A structural change (issue 27) must leave what a run samples and trains on exactly as it
+was. This script runs ``aipo train`` with the packaged default config (warm-up included),
+``train.steps`` short, in a source tree given by path (a ``git worktree`` at the commit
+before the change, and the tree after it), and compares the two runs' rollouts step by
+step: token ids, sources, loss masks, rewards, finish reasons and consult records must be
+identical; behaviour log-probs are compared up to a tolerance, because the update path
+(batching, packing) may change their float rounding. ``metrics.jsonl``'s rollout-side
+keys are compared exactly too.
+
+    python scripts/same_rollouts.py run /work/arch_before /tmp/before
+    python scripts/same_rollouts.py run /work/main /tmp/after
+    python scripts/same_rollouts.py compare /tmp/before /tmp/after
+
+The tree's own modules are imported (``PYTHONPATH`` and the working directory are the
+tree), so one virtual environment serves both; the run prints which ``aipo_env`` it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: Trajectory fields that must match exactly.
+EXACT = (
+    "trajectory_id",
+    "problem_id",
+    "group_id",
+    "sample_index",
+    "token_ids",
+    "prompt_len",
+    "source",
+    "loss_mask",
+    "reward",
+    "finish_reason",
+    "consults",
+    "consult_errors",
+    "consult_attempts",
+)
+#: Metrics computed from the rollouts alone (no update in them).
+ROLLOUT_METRICS = ("reward", "consult", "finish", "tokens", "episode", "leak")
+
+
+def run(tree: Path, out: Path, steps: int) -> int:
+    """Train ``steps`` steps of the default config with ``tree``'s code into ``out/run``."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import aipo_env; print(aipo_env.__file__)"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    print(f"aipo_env from {where}", flush=True)
+    if not where.startswith(str(tree.resolve())):
+        print(f"refusing: {tree} is not the tree imported", file=sys.stderr)
+        return 2
+    command = [
+        sys.executable,
+        "-m",
+        "aipo",
+        "train",
+        f"run_dir={out / 'run'}",
+        f"train.steps={steps}",
+        "train.save_every=0",
+        "--no-progress",
+    ]
+    with open(out / "train.log", "w") as log:
+        return subprocess.run(
+            command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare(a: Path, b: Path, logprob_tol: float) -> int:
+    """Compare two runs' rollouts and rollout-side metrics; print the result; 0 when equal."""
+    problems: list[str] = []
+    steps_a = sorted((a / "run" / "rollouts").glob("step_*.jsonl"))
+    steps_b = sorted((b / "run" / "rollouts").glob("step_*.jsonl"))
+    if [p.name for p in steps_a] != [p.name for p in steps_b] or not steps_a:
+        problems.append(
+            f"rollout files differ: {[p.name for p in steps_a]} vs {[p.name for p in steps_b]}"
+        )
+    counted = 0
+    worst = 0.0
+    for pa, pb in zip(steps_a, steps_b, strict=False):
+        rows_a, rows_b = _rows(pa), _rows(pb)
+        if len(rows_a) != len(rows_b):
+            problems.append(f"{pa.name}: {len(rows_a)} vs {len(rows_b)} trajectories")
+        for ra, rb in zip(rows_a, rows_b, strict=False):
+            counted += 1
+            for key in EXACT:
+                if ra.get(key) != rb.get(key):
+                    problems.append(f"{pa.name} {ra.get('trajectory_id')}: {key} differs")
+            if [t.get("consult") for t in ra["turns"]] != [t.get("consult") for t in rb["turns"]]:
+                # latency differs run to run; compare what the agent was asked and answered
+                for ta, tb in zip(ra["turns"], rb["turns"], strict=False):
+                    ca, cb = ta.get("consult") or {}, tb.get("consult") or {}
+                    for key in ("agent", "question", "error", "leak", "reply_truncated"):
+                        if ca.get(key) != cb.get(key):
+                            problems.append(
+                                f"{pa.name} {ra.get('trajectory_id')}: consult {key} differs"
+                            )
+            for la, lb in zip(ra["behavior_logprobs"], rb["behavior_logprobs"], strict=False):
+                if (la is None) != (lb is None):
+                    problems.append(
+                        f"{pa.name} {ra.get('trajectory_id')}: log-prob presence differs"
+                    )
+                elif la is not None:
+                    worst = max(worst, abs(la - lb))
+    metrics_a, metrics_b = _rows(a / "run" / "metrics.jsonl"), _rows(b / "run" / "metrics.jsonl")
+    for ma, mb in zip(metrics_a, metrics_b, strict=False):
+        for key in sorted(set(ma) | set(mb)):
+            if key.startswith(ROLLOUT_METRICS) and ma.get(key) != mb.get(key):
+                problems.append(
+                    f"metrics step {ma.get('step')}: {key} {ma.get(key)} vs {mb.get(key)}"
+                )
+    if worst > logprob_tol:
+        problems.append(f"behaviour log-probs differ by up to {worst:.3g} (> {logprob_tol})")
+    print(
+        f"{counted} trajectories in {len(steps_a)} steps compared; token ids, sources, masks, "
+        f"rewards, finish reasons, consults: {'identical' if not problems else 'DIFFERENT'}; "
+        f"largest behaviour log-prob difference {worst:.3g}"
+    )
+    for line in problems[:40]:
+        print(f"  {line}")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``run TREE OUT`` or ``compare A B``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="train a short default run with a tree's code")
+    run_p.add_argument("tree", type=Path)
+    run_p.add_argument("out", type=Path)
+    run_p.add_argument("--steps", type=int, default=2)
+    cmp_p = sub.add_parser("compare", help="compare two runs' rollouts")
+    cmp_p.add_argument("a", type=Path)
+    cmp_p.add_argument("b", type=Path)
+    cmp_p.add_argument("--logprob-tol", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.tree, args.out, args.steps)
+    return compare(args.a, args.b, args.logprob_tol)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
