@@ -223,6 +223,23 @@ class TrainSection(BaseModel):
         default=True,
         description="In the update, put a prompt's samples in micro-batches of their own and run the prompt through the decoder once for them (the same gradient up to float rounding; trainers/update.py). false: micro-batches by length only.",
     )
+    pack_rows: bool = Field(
+        default=True,
+        description="In the update, run each micro-batch's rows as one sequence of their real tokens (a prompt shared by its samples once, with share_prefix), attention kept inside each row, so padding costs nothing (trainers/packing.py; the same gradient up to float rounding). Models whose attention cannot take the packed mask (other than sdpa or eager) keep padded rows. false: padded rows, a shared prompt as a cached prefix.",
+    )
+    checkpoint_layers: bool = Field(
+        default=True,
+        description="In the update, keep only each decoder layer's input for backward and recompute the layer there (activation checkpointing): the same gradient, a fraction of the activation memory, about one more forward through the layers. With share_prefix it needs pack_rows (a cached prefix cannot be recomputed).",
+    )
+    map_large_tensors: bool = Field(
+        default=True,
+        description="Give every allocation of 1 MiB or more a memory mapping of its own, returned to the system when freed, with transparent huge pages asked for on PyTorch's tensors (trainers/heap.py; glibc only, process-wide, set when the trainer starts): the resident set then follows the tensors alive instead of keeping a fragmented heap (about 0.8 GB less at the warm-up fit's peak on the default run). false: the C library's own policy.",
+    )
+    logprob_chunk: int = Field(
+        default=256,
+        ge=1,
+        description="Positions per chunk of the output head when the update and the old log-probs score tokens: at most [logprob_chunk, vocabulary] float32 logits exist at once, forward or backward (trainers/logprobs.py).",
+    )
     advantage: str = Field(
         default="grpo", description=f"Advantage estimator: one of {', '.join(ESTIMATORS)}."
     )
@@ -422,6 +439,12 @@ class TrainConfig(BaseModel):
                 raise ValueError(
                     "warmup.enabled with env.max_consults=0: the demonstrations need one consult"
                 )
+        if self.train.checkpoint_layers and self.train.share_prefix and not self.train.pack_rows:
+            raise ValueError(
+                "train.checkpoint_layers with train.share_prefix needs train.pack_rows: the "
+                "prompt computed once as a cached prefix cannot be recomputed in backward; set "
+                "train.pack_rows=true, or train.checkpoint_layers=false"
+            )
         check_tools(self.tools, self.env.protocol)
         if self.peers is not None:
             if self.warmup.enabled:
