@@ -311,7 +311,11 @@ class LLMAgent(Agent):
         static_ids, prompt_ids = self.render(request)
         if not self._prefix_registered:
             await self._register_prefix(static_ids)
-        sampling = self.sampling
+        # Returned log-probs are the behaviour probabilities of a trained reply: they must
+        # not depend on which requests shared the backend's decode step (exact resume).
+        sampling = self.sampling.model_copy(
+            update={"exact_logprobs": self.shares_policy_tokenizer or self.sampling.exact_logprobs}
+        )
         seed = self.request_seed(request, attempt)
         if seed is not None:
             sampling = sampling.model_copy(update={"seed": seed})

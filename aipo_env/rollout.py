@@ -88,6 +88,15 @@ class RolloutConfig(BaseModel):
     )
     concurrency: int = Field(default=64, ge=1, description="Episodes in flight at once.")
     seed: int | None = Field(default=None, description="Base seed for per-request sampling seeds.")
+    exact_logprobs: bool = Field(
+        default=False,
+        description=(
+            "Record policy log-probs that do not depend on which requests shared a decode step "
+            "(SamplingParams.exact_logprobs: the embedded generator scores each turn again on "
+            "its own, about one batch-of-one forward per token). Default False; the embedded "
+            "trainer turns it on under loss.rollout_correction, the one place its update reads them."
+        ),
+    )
     schedule: ConsultSchedule = Field(
         default_factory=ConsultSchedule, description="Who may consult, over training steps."
     )
@@ -202,7 +211,10 @@ class RolloutDriver:
     def sampling(self) -> SamplingParams:
         """The policy's sampling parameters (temperature, top-p, top-k)."""
         return SamplingParams(
-            temperature=self.config.temperature, top_p=self.config.top_p, top_k=self.config.top_k
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            top_k=self.config.top_k,
+            exact_logprobs=self.config.exact_logprobs,
         )
 
     async def run_episode(self, options: dict[str, Any]) -> Trajectory:

@@ -74,6 +74,16 @@ class SamplingParams(BaseModel):
             "tokens (Generation.top_logprobs; ARPO's entropy). 0 (default): none."
         ),
     )
+    exact_logprobs: bool = Field(
+        default=False,
+        description=(
+            "Return log-probs that do not depend on which other requests shared a decode "
+            "step: the embedded generator scores the finished sequence again on its own "
+            "(about one batch-of-one forward per generated token), so a run and its resumed "
+            "copy record the same numbers for the same tokens. For log-probs a trainer reads "
+            "(agent replies, rollout correction). Other backends ignore it. Default False."
+        ),
+    )
 
     @model_validator(mode="after")
     def _no_empty_stop(self) -> SamplingParams:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ class GeneratorStats:
     decode_forwards: int = 0
     max_batch_rows: int = 0
     cached_tokens: int = 0
+    rescored_requests: int = 0  #: finished requests scored again alone (exact_logprobs)
 
 
 @dataclass
@@ -87,11 +89,13 @@ def append_tokens(
     tokens: list[int],
     logprobs: list[float],
     top_logprobs: list[list[float]] | None = None,
+    rescore: Callable[[Row], list[float]] | None = None,
 ) -> list[int]:
     """Give each row its sampled token; deliver the rows now done and return their indices.
 
     ``top_logprobs`` (from :func:`policies.sampling.sample_batch`) is kept for the rows
-    whose request asked for it.
+    whose request asked for it. A finished row whose request asks ``exact_logprobs``
+    gets its log-probs from ``rescore(row)`` before it is delivered.
 
     A row is done when its request was cancelled, when the token completes a stop
     condition (EOS, a stop token id, a stop string) or when it reached its token cap.
@@ -107,15 +111,22 @@ def append_tokens(
             row.top_logprobs.append(top_logprobs[i])
         match = row.stop.check(row.out)
         if match is not None:
-            _finish(row, "stop", match)
+            _finish(row, "stop", match, rescore)
             finished.append(i)
         elif len(row.out) >= row.req.max_new:
-            _finish(row, "length", None)
+            _finish(row, "length", None, rescore)
             finished.append(i)
     return finished
 
 
-def _finish(row: Row, reason: str, match: str | int | None) -> None:
+def _finish(
+    row: Row,
+    reason: str,
+    match: str | int | None,
+    rescore: Callable[[Row], list[float]] | None = None,
+) -> None:
+    if rescore is not None and row.req.params.exact_logprobs:
+        row.logprobs = rescore(row)
     generation = Generation(
         token_ids=row.out,
         logprobs=row.logprobs,

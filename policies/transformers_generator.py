@@ -17,6 +17,10 @@ native bfloat16, the model's dtype otherwise).
 Log-probs are those of the sampled tokens under the model's own distribution:
 ``log_softmax`` of the raw logits, at temperature 1 whatever temperature the row
 samples at. That is the behaviour probability the trainer's importance ratio needs.
+They depend slightly on which rows shared each decode step (about 1e-5 in float32, up
+to about 0.1 in bfloat16); a request with ``exact_logprobs`` gets them from the finished
+sequence scored again on its own (:func:`policies.exact_logprobs.score_alone`), a
+function of the weights and the token ids only.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from policies.decode_rows import (
     deliver,
     eos_token_ids,
 )
+from policies.exact_logprobs import score_alone
 from policies.forward import make_forward
 from policies.kv_slab import KVSlab
 from policies.prefill import PrefillItem, prefill
@@ -408,7 +413,12 @@ class TransformersGenerator(Generator):
         tokens, logprobs, top = sample_batch(
             logits, [r.req.params for r in rows], [r.gen for r in rows]
         )
-        return append_tokens(rows, tokens, logprobs, top)
+        return append_tokens(rows, tokens, logprobs, top, rescore=self._score_alone)
+
+    def _score_alone(self, row: Row) -> list[float]:
+        """``row``'s log-probs as a batch of one would give them (``exact_logprobs``)."""
+        self.stats.rescored_requests += 1
+        return score_alone(self._prefill_forward, row.req.ids, row.out, self.device)
 
     def _drop(self, rows: list[Row], slab: KVSlab, finished: list[int]) -> tuple[list[Row], KVSlab]:
         done = set(finished)

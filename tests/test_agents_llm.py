@@ -153,15 +153,19 @@ async def test_consult_strips_eos_and_records_aligned_logprobs_when_shared(token
     ids, params, session = generator.calls[0]
     assert session == "verify:e7"
     assert "17*3 = 41?" in tokenizer.decode(ids) and "What is 17 * 3?" in tokenizer.decode(ids)
-    assert params == agent.sampling
+    # Returned log-probs are a trained reply's behaviour probabilities: asked for exact.
+    assert params == agent.sampling.model_copy(update={"exact_logprobs": True})
 
 
 async def test_no_ids_or_logprobs_when_the_tokenizer_is_not_shared(tokenizer) -> None:
-    agent = KnowledgeAgent(ScriptedGenerator(tokenizer, ["  The area of a circle is pi r^2.  "]))
+    generator = ScriptedGenerator(tokenizer, ["  The area of a circle is pi r^2.  "])
+    agent = KnowledgeAgent(generator)
     reply = await agent.consult(ConsultRequest(agent="knowledge", question="circle area?"))
     assert reply.ok
     assert reply.text == "The area of a circle is pi r^2."
     assert reply.token_ids is None and reply.logprobs is None
+    _, params, _ = generator.calls[0]
+    assert not params.exact_logprobs  # nobody reads them: no rescoring paid for
 
 
 async def test_static_prefix_is_registered_once(tokenizer) -> None:

@@ -24,7 +24,13 @@ from aipo.cli import main
 from aipo_env.jsonl import JsonlError, repair_torn_tail
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl, write_jsonl
 from tasks.base import Problem
-from trainers.checkpoint import CheckpointError, load_latest, restore_latest, save_checkpoint
+from trainers.checkpoint import (
+    CheckpointError,
+    load_latest,
+    read_model_weights,
+    restore_latest,
+    save_checkpoint,
+)
 from trainers.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from trainers.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -317,6 +323,10 @@ async def test_pools_with_one_seed_reply_alike_in_any_order_and_concurrency(
 
     assert all(r.ok and r.token_ids for r in in_order), [r.error for r in in_order]
     assert [r.token_ids for r in in_order] == [r.token_ids for r in concurrent]
+    # And their log-probs, bit for bit: the update weighs a reply's tokens by them, so they
+    # must not follow which requests shared a decode step (they did, by up to 0.1 in bf16).
+    assert all(r.logprobs for r in in_order)
+    assert [r.logprobs for r in in_order] == [r.logprobs for r in concurrent]
     assert [r.token_ids for r in in_order] != [r.token_ids for r in reseeded]
     # Different episodes asking the same thing are sampled apart, not served one cached reply.
     assert in_order[0].token_ids != in_order[2].token_ids
@@ -419,3 +429,109 @@ def test_a_signal_saves_the_last_completed_step_and_resume_continues(
         range(1, completed + 2)
     )
     assert load_latest(run_dir).step == completed + 1
+
+
+# -- a kill mid-rollout, then --resume, lands on the uninterrupted run ------------------
+
+
+def _consulting_config(tmp_path: Path, model_dir: str, name: str) -> Path:
+    """Two steps in bfloat16 where every episode opens with a consult the policy's generator answers."""
+    run_dir = tmp_path / name
+    config = {
+        "run_dir": str(run_dir),
+        "seed": 2,
+        "policy": {
+            "model": model_dir,
+            "device": "cpu",
+            "max_context": 512,
+            "generator_dtype": "bfloat16",
+        },
+        "task": {"name": "rg:chain_sum_easy", "kwargs": {"size": 40, "seed": 0}, "eval_size": 0},
+        "env": {
+            "max_new_tokens_per_turn": 12,
+            "max_total_tokens": 512,
+            "max_reply_tokens": 8,
+            "max_turns": 2,
+            "auto_consult": "knowledge",
+        },
+        "agents": {
+            "agents": {
+                "verify": {"kind": "oracle"},
+                "knowledge": {"backend": "policy"},
+                "reasoning": {"kind": "oracle"},
+            }
+        },
+        "rollout": {
+            "n_samples": 2,
+            "concurrency": 3,
+            "schedule": {"start_fraction": 1.0, "end_fraction": 1.0},
+        },
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "train": {
+            "steps": 2,
+            "prompts_per_step": 4,
+            "minibatch_size": 8,
+            "micro_batch_size": 4,
+            "save_every": 1,
+            "keep_last": 2,
+            "plot": False,
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _agent_logprobs(t: Trajectory) -> list[float | None]:
+    return [
+        lp for lp, s in zip(t.behavior_logprobs, t.source, strict=True) if s.startswith("agent")
+    ]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_rollout_resumes_to_the_uninterrupted_runs_logprobs_and_weights(
+    tmp_path: Path, tiny_model_dir: str, capsys
+) -> None:
+    straight = _consulting_config(tmp_path, tiny_model_dir, "straight")
+    assert main(["train", "--config", str(straight), "--no-progress"]) == 0
+
+    killed = _consulting_config(tmp_path, tiny_model_dir, "killed")
+    run_dir = tmp_path / "killed"
+    rollout = run_dir / "rollouts" / "step_000001.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    stderr = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aipo.cli", "train", "--config", str(killed), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    try:
+        # SIGKILL (nothing saved on the way out) once step 2's first episode is on disk.
+        while not (rollout.is_file() and rollout.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr.close()
+    assert [r["step"] for r in read_metrics(run_dir / METRICS_FILE)] == [1]  # died in step 2
+    code = main(["train", "--resume", "--config", str(killed), "--no-progress"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+
+    for step in (0, 1):
+        name = Path("rollouts") / f"step_{step:06d}.jsonl"
+        key = lambda t: t.trajectory_id  # noqa: E731
+        a = sorted(read_jsonl(tmp_path / "straight" / name), key=key)
+        b = sorted(read_jsonl(run_dir / name), key=key)
+        assert [t.token_ids for t in b] == [t.token_ids for t in a]
+        assert all(_agent_logprobs(t) for t in a)  # each holds a reply of the policy's generator
+        # Bit for bit: the update weighs these tokens by them (agent_mode shaped).
+        assert [_agent_logprobs(t) for t in b] == [_agent_logprobs(t) for t in a]
+    final = Path("checkpoints") / "step_000002"
+    weights_a = read_model_weights(tmp_path / "straight" / final)
+    weights_b = read_model_weights(run_dir / final)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
