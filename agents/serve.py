@@ -7,8 +7,8 @@ transformers versions that cannot be installed beside AIPO's (docs/openrlhf.md),
 ``{python}`` in the command is :attr:`ServeConfig.python` (a path, or a name looked up
 on ``PATH``; per server :attr:`ServerConfig.python`), never the interpreter running
 ``aipo serve``. Before anything starts, each interpreter is asked whether it can import
-the module its command runs (``python -m MODULE``); one that cannot stops the start-up
-with what to install and where to point ``python``.
+the module its command runs (``python -m MODULE``; :mod:`agents.engine_env`); one that
+cannot stops the start-up with what to install and where to point ``python``.
 
 With :attr:`ServeConfig.seed` set, SGLang servers also get ``--random-seed`` and
 ``--enable-deterministic-inference``: without the latter SGLang ignores each request's
@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import string
 import subprocess
@@ -54,6 +53,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.config import AgentConfig
+from agents.engine_env import SGLANG_LAUNCHER, engine_module, missing_engine, resolve_python
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +66,6 @@ DEFAULT_COMMAND = [
 ]  # fmt: skip
 #: Placeholders a command template may use.
 PLACEHOLDERS = ("python", "model", "port", "tp", "mem_fraction", "host", "name")
-#: The module a command runs when it starts SGLang's server (``{python} -m ...``).
-SGLANG_LAUNCHER = "sglang.launch_server"
-#: Seconds the engine check may take per interpreter (a cold start on a network disk).
-ENGINE_CHECK_TIMEOUT_S = 120.0
-#: How to give SGLang an environment of its own, for the error that finds none.
-SGLANG_ENV_HINT = (
-    "SGLang needs its own environment (its torch and transformers pins conflict with "
-    "AIPO's): python3 -m venv /opt/sglang && /opt/sglang/bin/pip install 'sglang[all]==0.5.23', "
-    "then set python: /opt/sglang/bin/python in the serve config (or python=... on the "
-    "command line; servers.N.python for one server)"
-)
 
 
 class ServerConfig(BaseModel):
@@ -270,27 +259,10 @@ class ServeError(RuntimeError):
     """A server could not be started or died; the message names it and quotes its log."""
 
 
-def engine_module(template: list[str]) -> str | None:
-    """The module a command template runs as ``INTERPRETER -m MODULE``; None for any other command."""
-    if len(template) >= 3 and template[1] == "-m":
-        return template[2]
-    return None
-
-
 def interpreter_of(config: ServeConfig, server: ServerConfig) -> tuple[str, str]:
     """``(as written, as found)``: the first word of ``server``'s command, ``{python}`` filled in."""
     written = config.template_of(server)[0].replace("{python}", config.python_of(server))
     return written, resolve_python(written)
-
-
-def resolve_python(python: str) -> str:
-    """``python`` as a path: itself when it names a file, else its location on ``PATH``.
-
-    A name not found is returned as it is (the engine check then says so).
-    """
-    if os.sep in python:
-        return python
-    return shutil.which(python) or python
 
 
 def server_command(config: ServeConfig, server: ServerConfig) -> list[str]:
@@ -311,45 +283,16 @@ def server_command(config: ServeConfig, server: ServerConfig) -> list[str]:
     return argv + list(server.extra_args)
 
 
-#: Run by a server's interpreter: exit 0 when it can import ``sys.argv[1]``'s package.
-_FIND_MODULE = (
-    "import importlib.util, sys; "
-    "sys.exit(0 if importlib.util.find_spec(sys.argv[1].split('.')[0]) else 3)"
-)
-
-
 def engine_problem(config: ServeConfig, server: ServerConfig) -> str | None:
     """Why ``server``'s interpreter cannot run its engine; None when it can (or nothing to check).
 
-    Checked for commands of the form ``INTERPRETER -m MODULE`` (``{python}`` or a path):
-    the interpreter must exist and find MODULE's top-level package (nothing is imported,
-    so this takes a moment).
+    Checked for commands of the form ``INTERPRETER -m MODULE`` (``{python}`` or a path),
+    by :func:`agents.engine_env.missing_engine`.
     """
     module = engine_module(config.template_of(server))
     if module is None:
         return None
-    named, python = interpreter_of(config, server)
-    hint = (
-        SGLANG_ENV_HINT
-        if module == SGLANG_LAUNCHER
-        else f"point python at an environment with {module}"
-    )
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        where = "on PATH" if os.sep not in named else "(no such executable)"
-        return f"interpreter {named!r} not found {where}; {hint}"
-    try:
-        found = subprocess.run(
-            [python, "-c", _FIND_MODULE, module],
-            env={**os.environ, **server.env},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=ENGINE_CHECK_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"interpreter {python} could not be asked for {module}: {exc}; {hint}"
-    if found.returncode != 0:
-        return f"interpreter {python} cannot import {module.split('.')[0]}; {hint}"
-    return None
+    return missing_engine(interpreter_of(config, server)[0], module, server.env)
 
 
 def endpoints(config: ServeConfig) -> dict[str, Any]:
