@@ -1,9 +1,10 @@
 """The embedded generator's forward through transformers' own model code (any architecture).
 
-Keys/values pass through a transformers ``Cache`` given as ``cache=``, the keyword
-transformers 5.24 introduced in place of ``past_key_values`` (deprecated there and
-removed in 5.40). The cache object is the one handed in, so its layers are read back
-directly rather than through the output's field, which the same release renamed.
+Keys/values pass through a transformers ``Cache`` given as ``cache=`` (transformers
+5.24 and later) or ``past_key_values=`` (before 5.24), whichever the model's forward
+takes (:func:`policies.cache_api.cache_keyword`). The cache object is the one handed in,
+so its layers are read back directly rather than through the output's field, which the
+same release renamed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 
 import torch
 
+from policies.cache_api import cache_keyword
 from policies.kv_slab import KVSlab
 from policies.prefix_cache import KV
 
@@ -40,9 +42,9 @@ def forward_with_cache(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword(model): cache},
     )
     return out.logits[:, -1].float(), [(lay.keys, lay.values) for lay in cache.layers]
 
