@@ -41,10 +41,12 @@ class AgentConfig(BaseModel):
             "backend share one generator."
         ),
     )
-    kind: Literal["llm", "oracle"] = Field(
+    kind: Literal["llm", "oracle", "openai"] = Field(
         default="llm",
         description=(
-            "'llm' samples replies from the backend; 'oracle' answers from the task's privileged "
+            "'llm' samples replies from the backend; 'openai' asks an OpenAI-compatible server "
+            "(vllm serve, SGLang's OpenAI API, a hosted API) at base_url for model, text replies "
+            "only (agents/openai_agent.py); 'oracle' answers from the task's privileged "
             "information, no model, by the agent's name: verify checks the candidate with the "
             "task's verifier (and says too large/too small for numbers), knowledge states the "
             "task's facts, reasoning gives the next step of its reference solution. The task must "
@@ -68,6 +70,23 @@ class AgentConfig(BaseModel):
     tokenizer: str | None = Field(
         default=None,
         description="Tokenizer path or id for an sglang:// backend (the model the servers run); ignored otherwise.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="kind 'openai': the API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="kind 'openai': the served model's name, as the server's /v1/models lists it.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="kind 'openai': the environment variable holding the API key (never the key itself); None for a server without one.",
+    )
+    connect_retries: int = Field(
+        default=2,
+        ge=0,
+        description="kind 'openai': retries of a failed connection inside one attempt (httpx's transport), before it counts as a failed attempt.",
     )
     backend_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -110,6 +129,22 @@ class AgentConfig(BaseModel):
         ge=0,
         description="Most characters of the policy's reasoning shown to agents whose template uses it (the tail is kept).",
     )
+
+    @model_validator(mode="after")
+    def _openai_has_a_server(self) -> AgentConfig:
+        if self.kind == "openai":
+            missing = [f for f in ("base_url", "model") if not getattr(self, f)]
+            if missing:
+                raise ValueError(
+                    f"an agent of kind 'openai' needs {' and '.join(missing)} "
+                    "(base_url: the server's API root such as http://127.0.0.1:8000/v1; "
+                    "model: the served model's name)"
+                )
+            if not self.base_url.startswith(("http://", "https://")):  # type: ignore[union-attr]
+                raise ValueError(
+                    f"base_url must start with http:// or https://; got {self.base_url!r}"
+                )
+        return self
 
     def with_defaults(
         self,

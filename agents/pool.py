@@ -39,6 +39,7 @@ from agents.llm_agent import (
     VerifyAgent,
     probe_backend,
 )
+from agents.openai_agent import OpenAIAgent, api_key_from_env, make_openai_agent
 from agents.oracle import check_oracle_agents, make_oracle
 from policies.base import Generator
 from tasks.base import Task
@@ -142,6 +143,11 @@ class AgentPool:
                 continue
             backends.setdefault(id(generator), (generator, []))[1].append(name)
         down: dict[str, str] = {}
+        for name, agent in self._agents.items():
+            if isinstance(agent, OpenAIAgent):
+                error = await agent.probe()
+                if error is not None:
+                    down[name] = error
         for generator, names in backends.values():
             timeout = min(
                 float(self._settings[name].timeout_s or DEFAULT_TIMEOUT_S) for name in names
@@ -215,7 +221,7 @@ class AgentPool:
 
         async def bounded() -> AgentReply:
             async with semaphore:
-                if isinstance(agent, LLMAgent):  # a retry samples with a seed of its own
+                if isinstance(agent, LLMAgent | OpenAIAgent):  # a retry samples afresh
                     return await agent.consult(request, attempt=attempt)
                 return await agent.consult(request)
 
@@ -259,7 +265,9 @@ class AgentPool:
         # A seeded sampling agent's reply belongs to its request's seed: sharing it with
         # another request would make that request's reply depend on which asked first.
         seed = (
-            agent.request_seed(request) if isinstance(agent, LLMAgent) and agent.samples else None
+            agent.request_seed(request)
+            if isinstance(agent, LLMAgent | OpenAIAgent) and agent.samples
+            else None
         )
         return (
             request.agent,
@@ -349,6 +357,9 @@ class AgentPool:
                 )
         if task is not None:
             check_oracle_agents(config, task)
+        for settings in config.agents.values():
+            if settings.kind == "openai":  # a named key variable that is unset stops here
+                api_key_from_env(settings.api_key_env)
         base_seed = config.seed if config.seed is not None else seed
         backends: dict[str, Generator] = {}
         owned: list[Generator] = []
@@ -357,6 +368,13 @@ class AgentPool:
             if settings.kind == "oracle":
                 assert task is not None
                 agents[name] = make_oracle(name, task)
+                continue
+            if settings.kind == "openai":
+                agents[name] = make_openai_agent(
+                    name,
+                    settings.with_defaults(max_reply_tokens=max_reply_tokens, timeout_s=timeout_s),
+                    seed=base_seed,
+                )
                 continue
             generator = backends.get(settings.backend)
             if generator is None:
