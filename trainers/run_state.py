@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.base import ConsultService
 from agents.pool import AgentPool
 from aipo_env.config import EnvConfig
 from aipo_env.masks import MaskRule
-from aipo_env.rollout import RolloutConfig, RolloutDriver
+from aipo_env.rollout import RolloutDriver
 from policies.base import Generator
 from tasks.base import Task
 from tasks.splits import Overlap
@@ -204,7 +205,7 @@ def optimizer_config(config: TrainConfig) -> OptimConfig:
 
 
 def make_policy_generator(config: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> Generator:
-    """The embedded generator on ``model`` itself, or the SGLang client of ``policy.backend``."""
+    """The embedded generator on ``model`` itself, an in-process vLLM engine, or the SGLang client."""
     cfg = config.policy
     if cfg.backend == "embedded":
         from policies.transformers_generator import TransformersGenerator
@@ -216,6 +217,16 @@ def make_policy_generator(config: TrainConfig, model: torch.nn.Module, tokenizer
             max_context=cfg.max_context,
             seed=config.seed,
             generator_dtype=cfg.generator_dtype,
+        )
+    if cfg.backend == "vllm":
+        from policies.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(
+            cfg.model,
+            tokenizer=tokenizer,
+            max_context=cfg.max_context,
+            seed=config.seed,
+            **cfg.vllm_options,
         )
     from policies import make_generator
 
@@ -230,16 +241,38 @@ def _close_tasks(task: Task, eval_task: Task | None) -> None:
         eval_task.close()
 
 
-def rollout_settings(config: TrainConfig) -> RolloutConfig:
-    """The rollout section as the driver runs it: the run's seed, exact log-probs where read.
+def load_models(config: TrainConfig) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
+    """The policy, its tokenizer, and the frozen reference for the KL term (None without one)."""
+    model, tokenizer = load_policy(config.policy)
+    ref_model = None
+    if config.loss.kl_coef > 0:
+        ref_model, _ = load_policy(config.policy)
+        ref_model.requires_grad_(False).eval()
+    return model, tokenizer, ref_model
 
-    The update reads the policy's own behaviour log-probs only under
-    ``loss.rollout_correction``; then they must not depend on which requests shared a
-    decode step, or a resumed run would weigh the same tokens differently.
+
+def make_answerers(
+    config: TrainConfig, generator: Generator, tokenizer: Any, task: Task
+) -> tuple[ConsultService | None, AgentPool | None]:
+    """Who answers the policy's requests: ``(tools, None)`` or ``(None, agent pool)``.
+
+    A protocol that declares tools is answered by them (:mod:`trainers.tool_config`);
+    otherwise by the agent pool, its replies seeded from the run's seed. The caller
+    closes the pool.
     """
-    seed = config.rollout.seed if config.rollout.seed is not None else config.seed
-    exact = config.rollout.exact_logprobs or config.loss.rollout_correction != "none"
-    return config.rollout.model_copy(update={"seed": seed, "exact_logprobs": exact})
+    tools = make_tool_service(config.tools, config.env.protocol)
+    if tools is not None:
+        return tools, None
+    pool = AgentPool.from_config(
+        config.agents,
+        policy_generator=generator,
+        policy_tokenizer=tokenizer,
+        task=task,
+        max_reply_tokens=config.env.max_reply_tokens,
+        timeout_s=config.env.agent_timeout_s,
+        seed=config.seed,
+    )
+    return None, pool
 
 
 @contextlib.asynccontextmanager
@@ -259,6 +292,8 @@ async def open_run(
     """
     run_dir = Path(config.run_dir)
     check_run_dir(run_dir, resume)
+    for change in config.resolved:  # derived from other settings (trainers/resolve.py)
+        logger.info("resolved %s", change)
     write_config(config, run_dir / "config.yaml")
     seed_everything(config.seed)
     async with contextlib.AsyncExitStack() as stack:
@@ -268,32 +303,19 @@ async def open_run(
         task, eval_task = split.task, split.eval_task
         stack.callback(_close_tasks, task, eval_task)
         (run_dir / HELD_OUT_FILE).write_text(json.dumps(split.report(config.task), indent=2))
-        model, tokenizer = load_policy(config.policy)
-        ref_model = None
-        if config.loss.kl_coef > 0:
-            ref_model, _ = load_policy(config.policy)
-            ref_model.requires_grad_(False).eval()
+        model, tokenizer, ref_model = load_models(config)
         optim_cfg = optimizer_config(config)
         optimizer = build_optimizer(model, optim_cfg)
         scheduler = build_scheduler(optimizer, optim_cfg)
         loss_fn = AIPOLoss(config.loss)
-
-        start_step = 0
-        saved = (
-            restore_latest(
-                run_dir,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                max_step=resume_at,
+        saved = None
+        if resume and resume_at != 0:
+            saved = restore_latest(
+                run_dir, model=model, optimizer=optimizer, scheduler=scheduler, max_step=resume_at
             )
-            if resume and resume_at != 0
-            else None
-        )
+        start_step = int(saved.data_position.get("step", saved.step)) if saved is not None else 0
         if saved is not None:
-            start_step = int(saved.data_position.get("step", saved.step))
             logger.info("resuming %s from step %d", run_dir, start_step)
-
         generator = make_policy_generator(config, model, tokenizer)
         stack.push_async_callback(generator.aclose)
         # Servers start from policy.model; a resumed run (or any run) must roll out
@@ -301,36 +323,23 @@ async def open_run(
         await publish_weights(
             generator, model, start_step, backend=config.policy.backend, run_dir=run_dir
         )
-        # A protocol that declares tools is answered by them (trainers/tool_config.py), not a pool.
-        tools = make_tool_service(config.tools, config.env.protocol)
-        agents = None
-        if tools is None:
-            agents = AgentPool.from_config(
-                config.agents,
-                policy_generator=generator,
-                policy_tokenizer=tokenizer,
-                task=task,
-                max_reply_tokens=config.env.max_reply_tokens,
-                timeout_s=config.env.agent_timeout_s,
-                seed=config.seed,
-            )
+        tools, agents = make_answerers(config, generator, tokenizer, task)
+        if agents is not None:
             stack.push_async_callback(agents.aclose)
         await check_backends(config, generator, agents)
-        rollout_cfg = rollout_settings(config)
-        mask_rule = config.loss.mask_rule(mask_on_drift=config.env.mask_on_drift)
-        driver = RolloutDriver(
-            generator,
-            task=task,
-            agents=agents if tools is None else tools,
-            env_config=config.env,
-            config=rollout_cfg,
-            mask_rule=mask_rule,
+        rollout_cfg = (
+            config.rollout
+            if config.rollout.seed is not None
+            else config.rollout.model_copy(update={"seed": config.seed})
         )
+        mask_rule = config.loss.mask_rule(mask_on_drift=config.env.mask_on_drift)
+        answerer = agents if tools is None else tools
+        driver = RolloutDriver(
+            generator, task, answerer, config.env, rollout_cfg, mask_rule=mask_rule
+        )
+        resume_step = start_step if resume else None
         metrics_log = MetricsLogger(
-            run_dir,
-            total_steps=config.train.steps,
-            resume_step=start_step if resume else None,
-            progress=progress,
+            run_dir, total_steps=config.train.steps, resume_step=resume_step, progress=progress
         )
         stack.callback(metrics_log.close)
         yield RunState(

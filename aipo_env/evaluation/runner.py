@@ -318,11 +318,7 @@ async def evaluate(
     written into each task's results.
     Raises :class:`EvalInputError` on bad input before any sampling starts.
     """
-    from aipo_env.config import EnvConfig
-    from aipo_env.rollout import RolloutConfig, RolloutDriver
-    from aipo_env.trajectory import TrajectoryWriter
-
-    ks = config.resolved_ks()
+    config.resolved_ks()  # bad k values fail before anything is written
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _check_resume(output, config, resume)
@@ -336,7 +332,19 @@ async def evaluate(
     traj_path = output / TRAJECTORIES_FILE
     done = {t.trajectory_id: t for t in (_existing_trajectories(traj_path) if resume else [])}
     (output / CONFIG_FILE).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+    jobs, wanted = _plan(config, tasks, done)
+    try:
+        await _sample(config, tasks, jobs, wanted, done, traj_path, generator, agents, progress)
+    finally:
+        for task in tasks.values():
+            task.close()
+    return _write_results(config, tasks, wanted, done, overlaps, output)
 
+
+def _plan(
+    config: EvalConfig, tasks: Mapping[str, Any], done: Mapping[str, Any]
+) -> tuple[list[tuple[str, Any, int, str]], dict[str, list[str]]]:
+    """The episodes to run (those not ``done``) and every task's trajectory ids, in order."""
     jobs: list[tuple[str, Any, int, str]] = []
     wanted: dict[str, list[str]] = {}
     for name, task in tasks.items():
@@ -347,6 +355,24 @@ async def evaluate(
                 wanted.setdefault(name, []).append(tid)
                 if tid not in done:
                     jobs.append((name, problem, i, tid))
+    return jobs, wanted
+
+
+async def _sample(
+    config: EvalConfig,
+    tasks: Mapping[str, Any],
+    jobs: list[tuple[str, Any, int, str]],
+    wanted: Mapping[str, list[str]],
+    done: dict[str, Any],
+    traj_path: Path,
+    generator: Any | None,
+    agents: Any | None,
+    progress: bool,
+) -> None:
+    """Run ``jobs`` (one episode each), appending to ``traj_path`` and ``done``; closes what it opens."""
+    from aipo_env.config import EnvConfig
+    from aipo_env.rollout import RolloutConfig, RolloutDriver
+    from aipo_env.trajectory import TrajectoryWriter
 
     own_generator = generator is None
     if own_generator:
@@ -405,9 +431,18 @@ async def evaluate(
             await pool.aclose()
         if own_generator:
             await generator.aclose()
-        for task in tasks.values():
-            task.close()
 
+
+def _write_results(
+    config: EvalConfig,
+    tasks: Mapping[str, Any],
+    wanted: Mapping[str, list[str]],
+    done: Mapping[str, Any],
+    overlaps: Mapping[str, Any],
+    output: Path,
+) -> dict[str, Any]:
+    """Each task's pass@k summary from its trajectories, written as results.json/.md and passk.png."""
+    ks = config.resolved_ks()
     summaries = {}
     for name, task in tasks.items():
         records = [_sample_record(done[tid]) for tid in wanted.get(name, [])]
