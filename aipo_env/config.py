@@ -17,7 +17,11 @@ class EnvConfig(BaseModel):
 
     protocol: str = Field(
         default="consult",
-        description="The interaction protocol (aipo_env/protocols): consult (AIPO's consult tags), python_tool (<python> code runs) or tools (ARPO: <python> and <search>).",
+        description=(
+            f"The interaction protocol (aipo_env/protocols): one of {', '.join(PROTOCOLS)}. "
+            "A protocol that declares tools is answered by them, not the agent pool; "
+            "agent_names then defaults to its tools (trainers/resolve.py)."
+        ),
     )
     agent_names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_AGENT_NAMES),
