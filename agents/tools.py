@@ -9,7 +9,7 @@ standard output, or the last line of its error, is the reply.
 :class:`SearchTool` answers ``<search>`` through an :class:`agents.search.SearchIndex`.
 :class:`ToolSet` routes a protocol's requests to the tools it names; :class:`ToolBox` is
 ARPO's set (:mod:`aipo_env.protocols.tools`): ``python`` and ``search``. Which service
-answers which tool name is ``trainers.tool_config.TOOL_SERVICES``.
+answers which tool name is ``agents.tool_services.TOOL_SERVICES``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class SearchTool:
 
     Without an index (``index`` None) every search gets an error reply naming the missing
     setting; a training config that answers searches without one is refused when it is
-    read (the search tool's check in ``trainers/tool_config.py``).
+    read (the search tool's check in ``agents/tool_services.py``).
     """
 
     def __init__(self, index: SearchIndex | None) -> None:

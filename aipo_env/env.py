@@ -89,7 +89,7 @@ class ConsultEnv(AsyncEnv):
                 raise ValueError(
                     f"protocol {self.protocol.name!r} calls the tools {list(self.protocol.tools)}, "
                     f"but the service given answers only {list(agents.names)}: no service for "
-                    f"{missing} (a tool's service is registered in trainers.tool_config.TOOL_SERVICES)"
+                    f"{missing} (a tool's service is registered in agents.tool_services.TOOL_SERVICES)"
                 )
         if self.config.auto_consult is not None and self.config.auto_consult not in self.targets:
             raise ValueError(

@@ -9,8 +9,8 @@ identical; behaviour log-probs are compared up to a tolerance, because the updat
 (batching, packing) may change their float rounding. ``metrics.jsonl``'s rollout-side
 keys are compared exactly too.
 
-    python scripts/same_rollouts.py run /work/arch_before /tmp/before
-    python scripts/same_rollouts.py run /work/main /tmp/after
+    python scripts/same_rollouts.py run /work/arch_before /tmp/before [KEY=VALUE ...]
+    python scripts/same_rollouts.py run /work/arch_after /tmp/after [KEY=VALUE ...]
     python scripts/same_rollouts.py compare /tmp/before /tmp/after
 
 The tree's own modules are imported (``PYTHONPATH`` and the working directory are the
@@ -46,7 +46,7 @@ EXACT = (
 ROLLOUT_METRICS = ("reward", "consult", "finish", "tokens", "episode", "leak")
 
 
-def run(tree: Path, out: Path, steps: int) -> int:
+def run(tree: Path, out: Path, steps: int, overrides: list[str]) -> int:
     """Train ``steps`` steps of the default config with ``tree``'s code into ``out/run``."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
@@ -70,12 +70,15 @@ def run(tree: Path, out: Path, steps: int) -> int:
         f"run_dir={out / 'run'}",
         f"train.steps={steps}",
         "train.save_every=0",
+        *overrides,
         "--no-progress",
     ]
     with open(out / "train.log", "w") as log:
-        return subprocess.run(
+        code = subprocess.run(
             command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT
         ).returncode
+    print(f"aipo train exited with {code} (log: {out / 'train.log'})")
+    return code
 
 
 def _rows(path: Path) -> list[dict]:
@@ -145,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("tree", type=Path)
     run_p.add_argument("out", type=Path)
     run_p.add_argument("--steps", type=int, default=2)
+    run_p.add_argument(
+        "overrides", nargs="*", help="more KEY=VALUE overrides, the same for both trees"
+    )
     cmp_p = sub.add_parser("compare", help="compare two runs' rollouts")
     cmp_p.add_argument("a", type=Path)
     cmp_p.add_argument("b", type=Path)
     cmp_p.add_argument("--logprob-tol", type=float, default=1e-3)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.tree, args.out, args.steps)
+        return run(args.tree, args.out, args.steps, args.overrides)
     return compare(args.a, args.b, args.logprob_tol)
 
 

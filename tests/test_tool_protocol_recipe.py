@@ -8,19 +8,24 @@ tool set comes from the registry, and an episode calls the tool.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from calc_tool import CalcProtocol, Calculator
 from scripted import AdditionTask, ScriptedGenerator
 
+from agents.tool_services import TOOL_SERVICES, ToolService
 from agents.tools import PythonRunner
 from aipo.config import ConfigError, load_config
 from aipo_env.config import EnvConfig
 from aipo_env.env import ConsultEnv
 from aipo_env.episode import run_episode
+from aipo_env.evaluation.runner import EvalConfig, evaluate
 from aipo_env.protocols import PROTOCOLS
+from aipo_env.trajectory import read_jsonl
 from trainers.config import TrainConfig
 from trainers.openrlhf.config import ExecutorConfig
-from trainers.tool_config import TOOL_SERVICES, ToolService, make_tool_service
+from trainers.tool_config import make_tool_service
 
 EOS = "<|im_end|>"
 
@@ -33,7 +38,7 @@ def calc_protocol(monkeypatch) -> None:
 
 @pytest.fixture
 def calc_service(monkeypatch) -> None:
-    """The tool's one registry entry (trainers/tool_config.py)."""
+    """The tool's one registry entry (agents/tool_services.py)."""
     monkeypatch.setitem(TOOL_SERVICES, "calc", ToolService(lambda config: Calculator()))
 
 
@@ -85,3 +90,20 @@ def test_a_tool_without_a_service_is_refused_when_the_config_is_read() -> None:
 def test_an_env_whose_service_lacks_the_tool_is_refused(tokenizer) -> None:
     with pytest.raises(ValueError, match=r"answers only \['python'\]: no service for \['calc'\]"):
         ConsultEnv(AdditionTask(1), PythonRunner(), tokenizer, EnvConfig(protocol="calc"))
+
+
+@pytest.mark.usefixtures("calc_protocol", "calc_service")
+async def test_aipo_eval_evaluates_the_calc_protocol_with_its_tool(tokenizer, tmp_path) -> None:
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"unique_id": "a", "problem": "What is 2+3?", "answer": "5"}) + "\n")
+    config = EvalConfig(
+        tasks=["math500"], task_args={"math500": {"path": str(path)}}, consult=True, protocol="calc"
+    )
+    generator = ScriptedGenerator(tokenizer, ["<calc>2+3</calc>", f"\\boxed{{5}}{EOS}"])
+    results = await evaluate(config, tmp_path / "out", generator=generator, progress=False)
+    (t,) = read_jsonl(tmp_path / "out" / "trajectories.jsonl")
+    span = slice(t.turns[0].feedback_start, t.turns[0].feedback_end)
+    assert tokenizer.decode(t.token_ids[span]) == "\n<result>\n5\n</result>\n"
+    assert t.consults == 1 and t.reward == 1.0 and results["tasks"]["math500"]
+    with pytest.raises(ValueError, match="unknown protocol 'calk'"):
+        EvalConfig(tasks=["math500"], protocol="calk")

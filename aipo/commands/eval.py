@@ -63,6 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--agents",
         help="YAML agent pool config (AgentPoolConfig) for --consult on (default: the three agents)",
     )
+    parser.add_argument(
+        "--protocol",
+        default="consult",
+        help="the interaction protocol (consult, python_tool, tools, ...); with --consult on, "
+        "a protocol that declares tools is answered by them, any other by the agents",
+    )
+    parser.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the tools behind a tool protocol (tools.KEY, e.g. search_index=tiny); repeatable",
+    )
     parser.add_argument("--limit", type=int, help="only the first LIMIT problems of each task")
     parser.add_argument("--concurrency", type=int, default=8, help="episodes in flight at once")
     parser.add_argument("--seed", type=int, default=0)
@@ -187,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         return _fail(f"--train-config: {exc}" if isinstance(exc, ConfigError) else str(exc))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [item for item in args.tool if "=" not in item]
+    if bad:
+        return _fail(
+            f"--tool {bad[0]!r}: expected KEY=VALUE (a field of tools:, e.g. search_index=tiny)"
+        )
     try:
         config = EvalConfig(
             model=args.model,
@@ -201,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
             max_context=args.max_context,
             consult=args.consult == "on",
             agents=args.agents,
+            protocol=args.protocol,
+            tools=dict(item.split("=", 1) for item in args.tool),
             limit=args.limit,
             concurrency=args.concurrency,
             seed=args.seed,

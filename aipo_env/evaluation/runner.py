@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agents.tool_services import ToolsConfig, check_tool_services, make_tool_set
 from aipo_env.evaluation.results import (
     SampleRecord,
     TrajectoryRef,
@@ -33,6 +34,7 @@ from aipo_env.evaluation.results import (
     write_json,
 )
 from aipo_env.passk import check_ks, default_ks
+from aipo_env.protocols import PROTOCOLS
 
 if TYPE_CHECKING:
     pass
@@ -49,6 +51,7 @@ RESUME_FIELDS = (
     "max_new_tokens",
     "max_context",
     "consult",
+    "protocol",
     "seed",
     "held_out_fraction",
 )
@@ -90,6 +93,18 @@ class EvalConfig(BaseModel):
     agents: str | None = Field(
         default=None, description="YAML of an AgentPoolConfig (consult on); None: default agents."
     )
+    protocol: str = Field(
+        default="consult",
+        description=(
+            f"The interaction protocol (aipo_env/protocols): one of {', '.join(PROTOCOLS)}. "
+            "With consult on, a protocol that declares tools is answered by them (tools), "
+            "any other by the agents; off, its requests are counted, not answered."
+        ),
+    )
+    tools: ToolsConfig = Field(
+        default_factory=ToolsConfig,
+        description="The tools behind a protocol that tools answer (agents/tool_services.py).",
+    )
     limit: int | None = Field(default=None, ge=1, description="First problems per task only.")
     concurrency: int = Field(default=8, ge=1, description="Episodes in flight at once.")
     seed: int = Field(default=0, description="Base seed; each sample's seed derives from its id.")
@@ -108,6 +123,17 @@ class EvalConfig(BaseModel):
         default=False,
         description="Evaluate even when problems occur in the training set of train_config (refused otherwise).",
     )
+
+    @model_validator(mode="after")
+    def _protocol_is_served(self) -> EvalConfig:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
+            )
+        tools = PROTOCOLS[self.protocol].tools
+        if self.consult and tools:  # a tool without its service fails before any model loads
+            check_tool_services(self.tools, tools, self.protocol)
+        return self
 
     def resolved_ks(self) -> list[int]:
         """The k values to report, checked against n."""
@@ -378,16 +404,24 @@ async def _sample(
     if own_generator:
         generator = make_policy_generator(config)
     pools: dict[str, Any] = {}
+    services: dict[str, Any] = {}
     try:
         max_total = min(config.max_context or generator.max_context, generator.max_context)
         env_config = EnvConfig(
+            protocol=config.protocol,
             mode="train" if config.consult else "independent",
             max_new_tokens_per_turn=config.max_new_tokens,
             max_total_tokens=max_total,
             max_turns=8 if config.consult else 1,
         )
-        if config.consult:
+        tools = PROTOCOLS[config.protocol].tools
+        if config.consult and tools:
+            tool_set = make_tool_set(config.tools, tools, config.protocol)
+            services = dict.fromkeys(tasks, tool_set)
+            env_config = env_config.model_copy(update={"agent_names": list(tools)})
+        elif config.consult:
             pools = _make_pools(config, agents, tasks, generator, env_config)
+            services = dict(pools)
             env_config = env_config.model_copy(
                 update={"agent_names": list(next(iter(pools.values())).names)}
             )
@@ -402,7 +436,7 @@ async def _sample(
         # One driver per task (its task and agents); episodes of all tasks share one
         # semaphore so --concurrency bounds the whole run.
         drivers = {
-            name: RolloutDriver(generator, task, pools.get(name), env_config, rollout)
+            name: RolloutDriver(generator, task, services.get(name), env_config, rollout)
             for name, task in tasks.items()
         }
         semaphore = asyncio.Semaphore(config.concurrency)

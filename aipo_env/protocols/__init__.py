@@ -4,7 +4,7 @@ A new protocol is one new module with an :class:`~aipo_env.protocols.base.Intera
 subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it by name. A
 protocol tools answer declares them (:attr:`~aipo_env.protocols.base.InteractionProtocol.tools`);
 a one-tag tool subclasses :class:`~aipo_env.protocols.one_tag.OneTagToolProtocol` and
-needs a tool service of the tag's name (``trainers.tool_config.TOOL_SERVICES``).
+needs a tool service of the tag's name (``agents.tool_services.TOOL_SERVICES``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ names):
 
 - :attr:`~InteractionProtocol.tools`: empty when the agent pool answers its requests;
   else the tools that do, one per target, each built from the tool-service registry
-  (``trainers.tool_config.TOOL_SERVICES``), and the targets are these tools.
+  (``agents.tool_services.TOOL_SERVICES``), and the targets are these tools.
 - :attr:`~InteractionProtocol.trainable_replies`: whether a reply may be trained
   (``loss.agent_mode`` other than ``mask``); a tool's output is no model's sample.
 - :attr:`~InteractionProtocol.unavailable_text`, :attr:`~InteractionProtocol.budget_text`,
@@ -183,7 +183,7 @@ class ToolUseProtocol(InteractionProtocol):
     """A protocol whose requests tools answer: never trained, and its texts speak of tools.
 
     A subclass sets :attr:`tools` (its targets); each needs an entry in the tool-service
-    registry (``trainers.tool_config.TOOL_SERVICES``), or the config naming the protocol
+    registry (``agents.tool_services.TOOL_SERVICES``), or the config naming the protocol
     is refused.
     """
 

@@ -3,7 +3,7 @@
 The base of every tool the policy calls with one tag (``<python>``, a ``<calc>``...): a
 subclass names itself, its tag, what the tool does and how to teach it, and is one
 :data:`~aipo_env.protocols.PROTOCOLS` entry plus one tool service
-(``trainers.tool_config.TOOL_SERVICES[tag]``) away from training::
+(``agents.tool_services.TOOL_SERVICES[tag]``) away from training::
 
     class CalcProtocol(OneTagToolProtocol):
         name = "calc"

@@ -2,7 +2,7 @@
 
 The protocol is the class below; registering it is one ``PROTOCOLS`` entry and one
 ``TOOL_SERVICES`` entry (``tests/test_tool_protocol_recipe.py`` adds both, as a contributor
-would add them to ``aipo_env/protocols/__init__.py`` and ``trainers/tool_config.py``).
+would add them to ``aipo_env/protocols/__init__.py`` and ``agents/tool_services.py``).
 """
 
 from __future__ import annotations
