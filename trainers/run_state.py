@@ -32,7 +32,7 @@ from agents.base import ConsultService
 from agents.pool import AgentPool
 from aipo_env.config import EnvConfig
 from aipo_env.masks import MaskRule
-from aipo_env.rollout import RolloutDriver
+from aipo_env.rollout import RolloutConfig, RolloutDriver
 from policies.base import Generator
 from tasks.base import Task
 from tasks.splits import Overlap
@@ -241,6 +241,18 @@ def _close_tasks(task: Task, eval_task: Task | None) -> None:
         eval_task.close()
 
 
+def rollout_settings(config: TrainConfig) -> RolloutConfig:
+    """The rollout section as the driver runs it: the run's seed, exact log-probs where read.
+
+    The update reads the policy's own behaviour log-probs only under
+    ``loss.rollout_correction``; then they must not depend on which requests shared a
+    decode step, or a resumed run would weigh the same tokens differently.
+    """
+    seed = config.rollout.seed if config.rollout.seed is not None else config.seed
+    exact = config.rollout.exact_logprobs or config.loss.rollout_correction != "none"
+    return config.rollout.model_copy(update={"seed": seed, "exact_logprobs": exact})
+
+
 def load_models(config: TrainConfig) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
     """The policy, its tokenizer, and the frozen reference for the KL term (None without one)."""
     model, tokenizer = load_policy(config.policy)
@@ -327,11 +339,7 @@ async def open_run(
         if agents is not None:
             stack.push_async_callback(agents.aclose)
         await check_backends(config, generator, agents)
-        rollout_cfg = (
-            config.rollout
-            if config.rollout.seed is not None
-            else config.rollout.model_copy(update={"seed": config.seed})
-        )
+        rollout_cfg = rollout_settings(config)
         mask_rule = config.loss.mask_rule(mask_on_drift=config.env.mask_on_drift)
         answerer = agents if tools is None else tools
         driver = RolloutDriver(
