@@ -68,7 +68,9 @@ def make_generator(spec: str, *, tokenizer: Any = None, **options: Any) -> Gener
     """Build a generator from a spec string.
 
     ``"default"`` or a Hugging Face id/path: the embedded :class:`TransformersGenerator`
-    (``options`` go to its constructor). ``"sglang://host:port[,host:port...]"``: an
+    (``options`` go to its constructor). ``"vllm:MODEL"`` (``vllm:default``, a path or
+    id): an in-process vLLM engine (:class:`~policies.vllm_generator.VLLMGenerator`),
+    built inside a running event loop. ``"sglang://host:port[,host:port...]"``: an
     :class:`SGLangGenerator` on those servers; ``tokenizer`` (an object, path or id,
     ``"default"`` when omitted) must match the servers' model.
     """
@@ -76,6 +78,14 @@ def make_generator(spec: str, *, tokenizer: Any = None, **options: Any) -> Gener
         raise ValueError(
             "generator spec is empty; expected 'default', a model id/path or sglang://host:port"
         )
+    if spec.startswith("vllm:"):  # an in-process vLLM engine on the model after the prefix
+        from policies.base import GenerationError
+        from policies.vllm_generator import VLLMGenerator
+
+        try:
+            return VLLMGenerator(spec[len("vllm:") :] or "default", tokenizer=tokenizer, **options)
+        except GenerationError as exc:  # callers report a model that cannot load as bad input
+            raise ValueError(str(exc)) from None
     hosts = sglang_hosts(spec)
     if hosts is not None:
         from policies.sglang_generator import SGLangGenerator

@@ -77,7 +77,17 @@ class PolicySection(BaseModel):
             "optimizer updates. 'sglang://host:port[,host:port]': on SGLang servers that serve "
             "policy.model; the trainer still trains its local copy and, after every update, saves "
             "it to run_dir/weights/ (which the servers must be able to read), calls "
-            "/update_weights_from_disk and /flush_cache on every server."
+            "/update_weights_from_disk and /flush_cache on every server. 'vllm': an in-process "
+            "vLLM engine on policy.model (policies/vllm_generator.py; prefix caching on), its "
+            "weights reloaded from run_dir/weights/ after every update; needs vLLM importable "
+            "(on CPU: .venv-vllm from scripts/setup.sh --with-vllm)."
+        ),
+    )
+    vllm_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Keyword options of the vLLM generator with backend 'vllm' (kv_cache_gib, dtype, "
+            "max_batch_size, engine_options); ignored by the other backends."
         ),
     )
     sglang_options: dict[str, Any] = Field(
@@ -99,10 +109,10 @@ class PolicySection(BaseModel):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        if value == "embedded" or sglang_hosts(value) is not None:
+        if value in ("embedded", "vllm") or sglang_hosts(value) is not None:
             return value
         raise ValueError(
-            "not a policy backend; expected 'embedded' or 'sglang://host:port[,host:port]'"
+            "not a policy backend; expected 'embedded', 'vllm' or 'sglang://host:port[,host:port]'"
         )
 
     @field_validator("sglang_options")

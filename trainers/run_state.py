@@ -219,15 +219,20 @@ def make_policy_generator(config: TrainConfig, model: torch.nn.Module, tokenizer
             generator_dtype=cfg.generator_dtype,
         )
     if cfg.backend == "vllm":
+        from policies.base import GenerationError
         from policies.vllm_generator import VLLMGenerator
+        from trainers.stopping import BackendFailure
 
-        return VLLMGenerator(
-            cfg.model,
-            tokenizer=tokenizer,
-            max_context=cfg.max_context,
-            seed=config.seed,
-            **cfg.vllm_options,
-        )
+        try:
+            return VLLMGenerator(
+                cfg.model,
+                tokenizer=tokenizer,
+                max_context=cfg.max_context,
+                seed=config.seed,
+                **cfg.vllm_options,
+            )
+        except GenerationError as exc:  # one message, before step 1
+            raise BackendFailure(str(exc), completed_step=0, checkpoint=None) from None
     from policies import make_generator
 
     options = {"max_context": cfg.max_context, **cfg.sglang_options}
