@@ -97,10 +97,13 @@ def compare(a: Path, b: Path, logprob_tol: float) -> int:
     counted = 0
     worst = 0.0
     for pa, pb in zip(steps_a, steps_b, strict=False):
-        rows_a, rows_b = _rows(pa), _rows(pb)
-        if len(rows_a) != len(rows_b):
-            problems.append(f"{pa.name}: {len(rows_a)} vs {len(rows_b)} trajectories")
-        for ra, rb in zip(rows_a, rows_b, strict=False):
+        # Written as episodes finish, so in no fixed order: matched by trajectory id.
+        rows_a = {r["trajectory_id"]: r for r in _rows(pa)}
+        rows_b = {r["trajectory_id"]: r for r in _rows(pb)}
+        if sorted(rows_a) != sorted(rows_b):
+            problems.append(f"{pa.name}: trajectory ids differ")
+        for tid in sorted(rows_a.keys() & rows_b.keys()):
+            ra, rb = rows_a[tid], rows_b[tid]
             counted += 1
             for key in EXACT:
                 if ra.get(key) != rb.get(key):
