@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aipo.commands.serve",
         "start the agents' SGLang servers, write the endpoints file, stop them on exit",
     ),
+    "data": (
+        "trainers.openrlhf.prepare_data",
+        "write an OpenRLHF recipe's prompt JSONL (its keys) from the Hub or a local file",
+    ),
     "doctor": (
         "aipo.commands.doctor",
         "check an OpenRLHF launch before any GPU is touched: packages, recipe, data, agents",

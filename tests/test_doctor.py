@@ -166,7 +166,7 @@ def test_a_broken_launch_fails_naming_each_problem(
     assert code == 1
     assert report["data.prompt_dataset"] == (
         f"FAIL {launch_dir / 'data' / 'missing.jsonl'} does not exist; write it: "
-        f"python -m trainers.openrlhf.prepare_data --config {launch_dir / 'recipe.yaml'}"
+        f"aipo data --config {launch_dir / 'recipe.yaml'}"
     )
     assert report["agent verify"].startswith(f"FAIL http://127.0.0.1:{closed_port}/health: Connect")
     assert report["agent knowledge"] == f"FAIL http://127.0.0.1:{unhealthy_port}/health: HTTP 503"
@@ -283,7 +283,7 @@ def test_a_dataset_without_the_recipes_keys_fails_until_prepare_data_rewrites_it
         f"FAIL {train} lacks 'answer' (data.input_key 'question', data.label_key 'answer'); "
         "it has: difficulty, final_answer, question."
     )
-    command = f"python -m trainers.openrlhf.prepare_data --config {recipe} --source {train}"
+    command = f"aipo data --config {recipe} --source {train}"
     assert command in report["data fields"]
     argv = ["--config", str(recipe), "--source", str(train), "--answer-field", "final_answer"]
     assert prepare_data.main(argv) == 0

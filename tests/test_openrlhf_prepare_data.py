@@ -1,4 +1,4 @@
-"""``python -m trainers.openrlhf.prepare_data``: a recipe's JSONL from a local file, with field mapping."""
+"""``aipo data``: a recipe's JSONL from a local file, with field mapping."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from aipo.cli import main as cli_main
 from trainers.openrlhf import prepare_data
 
 ROWS = [  # DeepMath-103K's column names: the answer is final_answer
@@ -34,8 +35,8 @@ def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_deepmath_file_becomes_the_recipes_dataset_with_its_keys(here, capsys) -> None:
     source = _jsonl(here / "deepmath.jsonl", ROWS)
-    code = prepare_data.main(
-        ["--config", "grpo_1node", "--source", str(source), "--where", "difficulty>=7"]
+    code = cli_main(
+        ["data", "--config", "grpo_1node", "--source", str(source), "--where", "difficulty>=7"]
     )
     out = capsys.readouterr()
     assert code == 0, out.err

@@ -152,8 +152,7 @@ def flag_and_data_checks(
                 Check(
                     "FAIL",
                     flag,
-                    f"{entry} does not exist; write it: python -m "
-                    f"trainers.openrlhf.prepare_data --config {config}{target}",
+                    f"{entry} does not exist; write it: aipo data --config {config}{target}",
                 )
             )
     return checks

@@ -302,7 +302,7 @@ def data_field_checks(flags: dict[str, Any], config: str) -> list[Check]:
 
     input_key = str(flags.get("data.input_key") or "input")
     label_key = flags.get("data.label_key")
-    prepare = f"python -m trainers.openrlhf.prepare_data --config {config}"
+    prepare = f"aipo data --config {config}"
     if not label_key:
         return [
             Check(

@@ -1,6 +1,6 @@
 """Write a recipe's prompt dataset: the JSONL file OpenRLHF reads, from the Hub or a local file.
 
-``python -m trainers.openrlhf.prepare_data --config grpo_1node``
+``aipo data --config grpo_1node`` (or ``python -m trainers.openrlhf.prepare_data ...``)
 
 reads the recipe's task (``executor.task``, e.g. ``deepmath``: the Hub's
 ``zwhe99/DeepMath-103K``, whose answer column is ``final_answer``), turns every row into
@@ -300,10 +300,10 @@ def run(args: argparse.Namespace) -> int:
             exclude=exclude,
         )
     except (ConfigError, PrepareError, DatasetUnavailable, FileNotFoundError, ValueError) as exc:
-        print(f"prepare_data: {exc}", file=sys.stderr)
+        print(f"aipo data: {exc}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"prepare_data: no row left to write ({left_out}); nothing written", file=sys.stderr)
+        print(f"aipo data: no row left to write ({left_out}); nothing written", file=sys.stderr)
         return 2
     write_jsonl(rows, path)
     print(
@@ -315,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trainers.openrlhf.prepare_data``."""
+    """``python -m trainers.openrlhf.prepare_data``, the same as ``aipo data``."""
     parser = argparse.ArgumentParser(
-        prog="python -m trainers.openrlhf.prepare_data",
+        prog="aipo data",
         description="Write a recipe's prompt dataset (JSONL with its input and label keys).",
     )
     add_arguments(parser)
