@@ -269,3 +269,32 @@ def test_mapping_large_allocations_needs_a_positive_threshold():
 
     with pytest.raises(ValueError, match="positive number of bytes"):
         map_large_allocations(0)
+
+
+def test_the_optimizer_step_makes_no_parameter_sized_temporaries_and_matches_adamw():
+    from trainers.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(96, 80)  # an [80, 96] weight: recognisable among the tensors
+    reference = copy.deepcopy(model)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    optimizer = build_optimizer(model, cfg)
+    groups = [
+        {"params": [reference.weight], "weight_decay": 0.1},
+        {"params": [reference.bias], "weight_decay": 0.0},
+    ]
+    plain = torch.optim.AdamW(groups, lr=1e-2, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    shapes = {}
+    for name, opt, net in (("built", optimizer, model), ("plain", plain, reference)):
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in net.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            with Shapes(net) as seen:
+                opt.step()
+        shapes[name] = seen.shapes
+    weight = tuple(model.weight.shape)
+    assert weight not in shapes["built"]
+    assert weight in shapes["plain"]  # the control: the unfused step makes them
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

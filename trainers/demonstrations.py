@@ -331,10 +331,12 @@ def fit_demonstrations(
     long rows costs more attention on a CPU than its padding (trainers/packing.py).
     """
     from trainers.logprobs import token_logprobs
+    from trainers.optim import fused_adamw_supported
 
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    fused = fused_adamw_supported(params)  # no parameter-sized temporaries at the step
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
     rng = random.Random(seed)
     order = list(range(len(demos)))
     was_training = model.training
