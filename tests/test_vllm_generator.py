@@ -190,17 +190,20 @@ def test_weights_published_from_the_trainer_change_generations(engine, default_m
 
 @pytest.mark.vllm
 @needs_vllm
-def test_aipo_train_with_the_vllm_backend(tmp_path, tiny_model_dir, monkeypatch):
+def test_aipo_train_with_the_vllm_backend(tmp_path, tokenizer, monkeypatch):
     """Two steps of ``aipo train``'s trainer with policy.backend 'vllm'.
 
     The engine serves the trainer's weights before step 1 and reloads them after every
     update that moved them (that the reload changes generations is the test above).
     """
+    from tiny_model import save_tiny_model
     from tiny_run import make_config, parity_task_registered
 
     from policies.vllm_generator import VLLMGenerator
     from trainers.embedded import EmbeddedTrainer
 
+    # vLLM's CPU attention needs a head size of 32 or more: 256 wide over 4 heads.
+    tiny_model_dir = str(save_tiny_model(tmp_path / "tiny-llama", tokenizer, hidden_size=256))
     loaded: list[tuple[str, int]] = []
     real = VLLMGenerator.update_weights_from_disk
 
