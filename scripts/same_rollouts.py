@@ -46,8 +46,8 @@ EXACT = (
 ROLLOUT_METRICS = ("reward", "consult", "finish", "tokens", "episode", "leak")
 
 
-def run(tree: Path, out: Path, steps: int, overrides: list[str]) -> int:
-    """Train ``steps`` steps of the default config with ``tree``'s code into ``out/run``."""
+def run(tree: Path, out: Path, steps: int, overrides: list[str], config: str | None = None) -> int:
+    """Train ``steps`` steps of ``config`` (the default's, else) with ``tree``'s code into ``out/run``."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
     where = subprocess.run(
@@ -72,6 +72,7 @@ def run(tree: Path, out: Path, steps: int, overrides: list[str]) -> int:
         "train.save_every=0",
         *overrides,
         "--no-progress",
+        *(["--config", str(tree / config)] if config else []),
     ]
     with open(out / "train.log", "w") as log:
         code = subprocess.run(
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("tree", type=Path)
     run_p.add_argument("out", type=Path)
     run_p.add_argument("--steps", type=int, default=2)
+    run_p.add_argument("--config", help="a config file, relative to the tree (configs/arpo.yaml)")
     run_p.add_argument(
         "overrides", nargs="*", help="more KEY=VALUE overrides, the same for both trees"
     )
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp_p.add_argument("--logprob-tol", type=float, default=1e-3)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run(args.tree, args.out, args.steps, args.overrides)
+        return run(args.tree, args.out, args.steps, args.overrides, args.config)
     return compare(args.a, args.b, args.logprob_tol)
 
 
