@@ -21,6 +21,16 @@ float32 and compares their log-probs with the float32 model's teacher-forced one
 randomly initialised model of the default's architecture instead (speed does not
 depend on the weights; no model files, tokenizer or network needed), on ``--device``.
 
+``--vs-vllm`` compares the embedded generator with vLLM's in-process engine
+(:class:`policies.vllm_generator.VLLMGenerator`, the CPU build on CPUs; run from
+``.venv-vllm``) on the same chat prompts in one run: new tokens per second with
+``--rows`` requests at once (16 and 32 by default) of ``--max-new-tokens`` each, EOS
+ignored, sampled at ``--temperature``, the two engines interleaved round after round;
+the load time of each; and the peak resident memory of each (the embedded generator:
+this process's growth over the run; vLLM: its engine process's peak, sampled every
+0.1 s, plus this process's growth while it loads). Writes ``generation.vs_vllm.json``
+and ``.png``.
+
 Prints the figures and writes ``generation.json`` and ``generation.png`` (``--tag``
 names them ``generation.<tag>.*``), with the load average before and after.
 
@@ -28,6 +38,9 @@ names them ``generation.<tag>.*``), with the load average before and after.
     # the trainer's rollout shape: 32 distinct ~240-token prompts at once
     python benchmarks/generation.py --prompts 32 --prompt-tokens 240 --turns 0 \\
         --no-sequential --rounds 3 --logprob-diff --tag batch32
+    # the embedded generator against vLLM's CPU engine (from .venv-vllm)
+    .venv-vllm/bin/python benchmarks/generation.py --vs-vllm --rows 16,32 \
+        --max-new-tokens 64 --temperature 0.6 --rounds 2
     # on a GPU: embedded generator against model.generate, bfloat16
     python benchmarks/generation.py --compare-generate --device cuda --prompts 32 \\
         --prompt-tokens 240 --variants hf:bfloat16,lean:bfloat16 --tag gpu
@@ -390,6 +403,203 @@ def ratios(runs: dict[str, list[float]], variants: list[str]) -> dict[str, float
     return out
 
 
+# -- the embedded generator against vLLM's engine ----------------------------------
+
+
+class PeakRSS:
+    """The peak resident memory of some processes, sampled every ``interval`` seconds."""
+
+    def __init__(self, pids: list[int], interval: float = 0.1) -> None:
+        import threading
+
+        self.pids = pids
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, interval: float) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for pid in self.pids:
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+async def timed_batch(generator, prompts: list[list[int]], new_tokens: int, temperature: float):
+    """New tokens per second of ``prompts`` all submitted at once (each its own seed)."""
+    params = [
+        SamplingParams(
+            max_new_tokens=new_tokens,
+            temperature=temperature,
+            top_p=1.0,
+            ignore_eos=True,
+            seed=1000 + i if temperature > 0 else None,
+        )
+        for i in range(len(prompts))
+    ]
+    start = time.perf_counter()
+    outs = await asyncio.gather(
+        *(generator.generate(p, sp) for p, sp in zip(prompts, params, strict=True))
+    )
+    elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+async def run_vs_vllm(args: argparse.Namespace) -> dict:
+    """Embedded generator and vLLM engine on the same prompts, interleaved round after round."""
+    import vllm
+
+    from policies.default_model import ensure_default_model
+    from policies.loading import load_causal_lm, load_tokenizer
+    from policies.vllm_generator import VLLMGenerator
+
+    rows = [int(r) for r in args.rows.split(",")]
+    path = ensure_default_model()
+    load_before = os.getloadavg()[0]
+    base = rss()
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), dtype=torch.float32).eval()
+    embedded = TransformersGenerator.from_model(
+        model, tokenizer, max_batch_size=max(rows), max_context=1024, seed=0
+    )
+    embedded_load = time.perf_counter() - start
+    prompts = [chat_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(max(rows))]
+    # Prompts differ in their first user tokens only through the question; give every
+    # row a distinct prompt so prefix caching shares only the chat template's start.
+    prompts = [
+        p[:-3] + tokenizer.encode(f" ({i})", add_special_tokens=False) + p[-3:]
+        for i, p in enumerate(prompts)
+    ]
+    await timed_batch(embedded, prompts[:2], 4, args.temperature)  # warm-up
+    embedded_rss_loaded = rss() - base
+
+    import psutil
+
+    before_children = {c.pid for c in psutil.Process().children(recursive=True)}
+    vllm_base = rss()
+    start = time.perf_counter()
+    engine = VLLMGenerator(
+        str(path),
+        tokenizer=tokenizer,
+        max_context=1024,
+        kv_cache_gib=args.kv_cache_gib,
+        dtype=args.vllm_dtype,
+        seed=0,
+        max_batch_size=max(rows),
+        engine_options={"enforce_eager": True} if args.vllm_eager else None,
+    )
+    await timed_batch(engine, prompts[:2], 4, args.temperature)  # warm-up (first compile)
+    vllm_load = time.perf_counter() - start
+    vllm_client_rss = rss() - vllm_base
+    engine_pids = [
+        c.pid for c in psutil.Process().children(recursive=True) if c.pid not in before_children
+    ]
+    watch = PeakRSS(engine_pids)
+
+    results: dict[str, list[float]] = {}
+    embedded_peak = embedded_rss_loaded
+    for _ in range(args.rounds):
+        for n in rows:
+            for name, gen in (("embedded", embedded), ("vllm", engine)):
+                rate = await timed_batch(gen, prompts[:n], args.max_new_tokens, args.temperature)
+                results.setdefault(f"{name} {n} rows", []).append(rate)
+                if name == "embedded":
+                    embedded_peak = max(embedded_peak, rss() - base)
+                print(f"{name:9s} {n:3d} rows: {rate:7.1f} new tokens/s", flush=True)
+    engine_peak = watch.stop()
+    await engine.aclose()
+    await embedded.aclose()
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "mode": "vs_vllm",
+        "command": " ".join(["python", *__import__("sys").argv]),
+        "model": str(path),
+        "device": "cpu",
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": __import__("transformers").__version__,
+        "rows": rows,
+        "prompts": max(rows),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "rounds": args.rounds,
+        "embedded": {
+            "forward": f"{getattr(embedded.forward, 'name', '?')}:"
+            f"{str(getattr(embedded.forward, 'dtype', '?')).replace('torch.', '')}",
+            "load_s": round(embedded_load, 2),
+            "peak_rss_growth_mib": round(embedded_peak / 2**20),
+        },
+        "vllm": {
+            "dtype": args.vllm_dtype,
+            "enforce_eager": args.vllm_eager,
+            "kv_cache_gib": args.kv_cache_gib,
+            "load_s": round(vllm_load, 2),
+            "engine_peak_rss_mib": round(engine_peak / 2**20),
+            "client_rss_growth_mib": round(vllm_client_rss / 2**20),
+            "prefix_caching": True,
+        },
+        "results": {
+            k: {"tokens_per_s": round(v, 1), "rounds": results[k]} for k, v in medians.items()
+        },
+        "vllm_over_embedded": {
+            str(n): round(medians[f"vllm {n} rows"] / medians[f"embedded {n} rows"], 2)
+            for n in rows
+        },
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
+    }
+    return report
+
+
+def plot_vs_vllm(report: dict, out: Path) -> None:
+    """Tokens per second by rows, embedded against vLLM, with load time and memory in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.38
+    for k, (name, color) in enumerate((("embedded", "#4c72b0"), ("vllm", "#dd8452"))):
+        values = [report["results"][f"{name} {n} rows"]["tokens_per_s"] for n in rows]
+        xs = [i + (k - 0.5) * width for i in range(len(rows))]
+        ax.bar(xs, values, width, label=name, color=color)
+        for x, v in zip(xs, values, strict=True):
+            ax.text(x, v, f"{v:.0f}", ha="center", va="bottom")
+    ax.set_xticks(range(len(rows)), [f"{n} rows" for n in rows])
+    ax.set_ylabel(f"new tokens/s ({report['max_new_tokens']} per row, T={report['temperature']})")
+    e, v = report["embedded"], report["vllm"]
+    ax.set_title(
+        f"load {e['load_s']:.0f} s vs {v['load_s']:.0f} s; peak RSS +{e['peak_rss_growth_mib']} MiB "
+        f"vs {v['engine_peak_rss_mib']} MiB engine\nload average "
+        f"{report['load_average_1m'][0]} -> {report['load_average_1m'][1]}",
+        fontsize=9,
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def plot(report: dict, out: Path) -> None:
     """A bar chart of tokens per second per configuration (median over rounds)."""
     import matplotlib
@@ -482,7 +692,31 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results", help="output folder"
     )
+    parser.add_argument(
+        "--vs-vllm",
+        action="store_true",
+        help="the embedded generator against vLLM's in-process engine (needs vLLM: .venv-vllm)",
+    )
+    parser.add_argument("--rows", default="16,32", help="--vs-vllm: requests at once, per run")
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=1.0, help="--vs-vllm: vLLM's KV cache"
+    )
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="--vs-vllm: vLLM's dtype")
+    parser.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="--vs-vllm: vLLM without torch.compile (loads faster, may decode slower)",
+    )
     args = parser.parse_args()
+    if args.vs_vllm:
+        report = asyncio.run(run_vs_vllm(args))
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"generation.{args.tag}" if args.tag else "generation.vs_vllm"
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_vs_vllm(report, args.out / f"{stem}.png")
+        print(json.dumps({k: report[k] for k in ("embedded", "vllm", "vllm_over_embedded")}))
+        print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+        return
     report = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"generation.{args.tag}" if args.tag else "generation"
