@@ -9,10 +9,13 @@ identical; behaviour log-probs are compared up to a tolerance, because the updat
 (batching, packing) may change their float rounding. ``metrics.jsonl``'s rollout-side
 keys are compared exactly too.
 
-    python scripts/same_rollouts.py run /work/arch_before /tmp/before [KEY=VALUE ...]
-    python scripts/same_rollouts.py run /work/arch_after /tmp/after [KEY=VALUE ...]
+    python scripts/same_rollouts.py run /work/arch_before /tmp/before [KEY=VALUE ...] [--config F]
+    python scripts/same_rollouts.py run /work/arch_after /tmp/after [KEY=VALUE ...] [--config F]
     python scripts/same_rollouts.py compare /tmp/before /tmp/after
 
+Overrides come right after the two paths. Run the episodes one at a time
+(``rollout.concurrency=1``): at higher concurrency two runs of the same tree differ,
+because which requests share a decode step moves the batched log-probs and so the samples.
 The tree's own modules are imported (``PYTHONPATH`` and the working directory are the
 tree), so one virtual environment serves both; the run prints which ``aipo_env`` it used.
 """
