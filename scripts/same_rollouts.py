@@ -14,8 +14,8 @@ keys are compared exactly too.
     python scripts/same_rollouts.py compare /tmp/before /tmp/after
 
 Overrides come right after the two paths. Run the episodes one at a time
-(``rollout.concurrency=1``): at higher concurrency two runs of the same tree differ,
-because which requests share a decode step moves the batched log-probs and so the samples.
+(``rollout.concurrency=1``): at higher concurrency which requests share a decode step
+moves the batched log-probs, and so the samples, from run to run.
 The tree's own modules are imported (``PYTHONPATH`` and the working directory are the
 tree), so one virtual environment serves both; the run prints which ``aipo_env`` it used.
 """
