@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -129,7 +130,9 @@ def test_dry_run_prints_every_resolved_value(capsys) -> None:
         )
         == 0
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays the config alone
+    out = captured.err
     assert "resolved (set from other settings):" in out
     assert "env.agent_names: ['verify', 'knowledge', 'reasoning'] -> ['python', 'search']" in out
     with pytest.raises(ConfigError):

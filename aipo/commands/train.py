@@ -147,7 +147,8 @@ def _print_resolved(changes: list[Any]) -> None:
     """The values resolution derived from others (``trainers/resolve.py``), one per line."""
     from trainers.resolve import describe
 
-    print(f"resolved (set from other settings):\n{describe(changes)}")
+    # On stderr: stdout stays the config's JSON (or the launch command) for tools to read.
+    print(f"resolved (set from other settings):\n{describe(changes)}", file=sys.stderr)
 
 
 def _left_on_disk(run_dir: str) -> str:
