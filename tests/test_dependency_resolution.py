@@ -5,8 +5,9 @@ A user installs AIPO beside OpenRLHF and its vLLM. A pin of ours that excludes t
 install fail however good the code is; this test resolves the two together with pip's
 own resolver (``--dry-run --ignore-installed``: nothing is installed, the environment's
 packages are not taken as given) so a future pin cannot block it again. It needs the
-package index (about 5 minutes here, most of it downloading metadata), hence the
-``network`` marker; .ci/run runs it.
+package index and a few GB of free disk (pip downloads wheels to read their metadata;
+about 5 minutes here), hence the ``network`` marker; .ci/run runs it. Out of disk, it
+skips saying so; any other failure of pip fails it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def resolve(tmp_path: Path, *requirements: str) -> dict[str, str]:
         text=True,
         timeout=1800,
     )
+    if proc.returncode != 0 and "No space left on device" in proc.stderr:
+        # The machine, not the requirements: pip downloads wheels to read their metadata.
+        pytest.skip("pip ran out of disk space while resolving; free some and run this again")
     assert proc.returncode == 0, f"pip could not resolve {requirements}:\n{proc.stderr[-4000:]}"
     items = json.loads(report.read_text())["install"]
     return {
