@@ -26,6 +26,8 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not importable (use .venv-vllm)")
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+#: Engines in these tests skip torch.compile: on 2 busy cores compiling takes minutes.
+EAGER = {"enforce_eager": True}
 
 
 def test_bad_model_path_is_one_clear_error_before_anything_starts(tmp_path):
@@ -58,6 +60,52 @@ def test_train_refuses_a_bad_vllm_model_before_step_1(tmp_path, tiny_model_dir):
     )
 
 
+@pytest.mark.vllm
+@needs_vllm
+def test_aipo_train_with_the_vllm_backend(tmp_path, tokenizer, monkeypatch):
+    """Two steps of ``aipo train``'s trainer with policy.backend 'vllm'.
+
+    It runs before the module's shared engine starts, so two engines never share the
+    machine's memory.
+
+    The engine serves the trainer's weights before step 1 and reloads them after every
+    update that moved them (that the reload changes generations is the test above).
+    """
+    from tiny_model import save_tiny_model
+    from tiny_run import make_config, parity_task_registered
+
+    from policies.vllm_generator import VLLMGenerator
+    from trainers.embedded import EmbeddedTrainer
+
+    # vLLM's CPU attention needs a head size of 32 or more: 256 wide over 4 heads.
+    tiny_model_dir = str(save_tiny_model(tmp_path / "tiny-llama", tokenizer, hidden_size=256))
+    loaded: list[tuple[str, int]] = []
+    real = VLLMGenerator.update_weights_from_disk
+
+    async def recorded(self, path, version):
+        loaded.append((Path(path).name, version))
+        await real(self, path, version)
+
+    monkeypatch.setattr(VLLMGenerator, "update_weights_from_disk", recorded)
+    options = {"dtype": "float32", "kv_cache_gib": 0.25, "engine_options": EAGER}
+    with parity_task_registered():
+        cfg = make_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            policy={"backend": "vllm", "vllm_options": options},
+            train={"save_every": 1},
+        )
+        EmbeddedTrainer(cfg, progress=False).run()
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(v == 0 for r in records for k, v in r.items() if k.startswith("errors/"))
+    moved = [r["step"] for r in records if r["update/optimizer_steps"] > 0]
+    assert moved, "no update moved the weights; the test shows nothing"
+    assert loaded == [("step_000000", 0)] + [(f"step_{s:06d}", s) for s in moved]
+    assert len(list((run_dir / "rollouts").glob("step_*.jsonl"))) == 2
+
+
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
     """One vLLM engine on the default model, in float32, on a loop of its own."""
@@ -85,10 +133,6 @@ def engine(default_model_dir):
 
 def run(engine, coro):
     return engine[1].run_until_complete(coro)
-
-
-#: Engines in these tests skip torch.compile: on 2 busy cores compiling takes minutes.
-EAGER = {"enforce_eager": True}
 
 
 def chat_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
@@ -177,55 +221,14 @@ def test_weights_published_from_the_trainer_change_generations(engine, default_m
         torch.manual_seed(0)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    # Saved in bfloat16 (the checkpoint's own dtype): half the disk of float32.
+    model = model.to(torch.bfloat16)
     run(engine, publish_weights(gen, model, 1, backend="vllm", run_dir=tmp_path))
     after = run(engine, gen.generate(ids, GREEDY))
     assert gen.version == 1
     assert after.token_ids != before.token_ids
     assert after.cached_tokens == 0  # the prefix cache was flushed with the old weights
-    original = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
     run(engine, publish_weights(gen, original, 2, backend="vllm", run_dir=tmp_path))
     restored = run(engine, gen.generate(ids, GREEDY))
     assert restored.token_ids == before.token_ids
-
-
-@pytest.mark.vllm
-@needs_vllm
-def test_aipo_train_with_the_vllm_backend(tmp_path, tokenizer, monkeypatch):
-    """Two steps of ``aipo train``'s trainer with policy.backend 'vllm'.
-
-    The engine serves the trainer's weights before step 1 and reloads them after every
-    update that moved them (that the reload changes generations is the test above).
-    """
-    from tiny_model import save_tiny_model
-    from tiny_run import make_config, parity_task_registered
-
-    from policies.vllm_generator import VLLMGenerator
-    from trainers.embedded import EmbeddedTrainer
-
-    # vLLM's CPU attention needs a head size of 32 or more: 256 wide over 4 heads.
-    tiny_model_dir = str(save_tiny_model(tmp_path / "tiny-llama", tokenizer, hidden_size=256))
-    loaded: list[tuple[str, int]] = []
-    real = VLLMGenerator.update_weights_from_disk
-
-    async def recorded(self, path, version):
-        loaded.append((Path(path).name, version))
-        await real(self, path, version)
-
-    monkeypatch.setattr(VLLMGenerator, "update_weights_from_disk", recorded)
-    options = {"dtype": "float32", "kv_cache_gib": 0.25, "engine_options": EAGER}
-    with parity_task_registered():
-        cfg = make_config(
-            tmp_path / "run",
-            tiny_model_dir,
-            policy={"backend": "vllm", "vllm_options": options},
-            train={"save_every": 1},
-        )
-        EmbeddedTrainer(cfg, progress=False).run()
-    run_dir = tmp_path / "run"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(v == 0 for r in records for k, v in r.items() if k.startswith("errors/"))
-    moved = [r["step"] for r in records if r["update/optimizer_steps"] > 0]
-    assert moved, "no update moved the weights; the test shows nothing"
-    assert loaded == [("step_000000", 0)] + [(f"step_{s:06d}", s) for s in moved]
-    assert len(list((run_dir / "rollouts").glob("step_*.jsonl"))) == 2
