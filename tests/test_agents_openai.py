@@ -169,3 +169,22 @@ def test_config_refusals(monkeypatch):
     monkeypatch.delenv("AIPO_UNSET_KEY", raising=False)
     with pytest.raises(ValueError, match="AIPO_UNSET_KEY"):
         pool_for("http://127.0.0.1:9/v1", api_key_env="AIPO_UNSET_KEY")
+
+
+def test_training_stops_before_step_1_when_an_openai_agent_is_down(tmp_path, tiny_model_dir):
+    """``aipo train``'s probe names the agent and its server, before any rollout."""
+    from tiny_run import make_config, parity_task_registered
+
+    from trainers.embedded import BackendFailure, EmbeddedTrainer
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with parity_task_registered():
+        cfg = make_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            agents={"agents": {"knowledge": {"kind": "openai", "base_url": url, "model": "m"}}},
+        )
+        with pytest.raises(BackendFailure, match="agents down before the first step") as caught:
+            EmbeddedTrainer(cfg, progress=False).run()
+    assert f"knowledge (backend {url}): cannot connect to the server" in str(caught.value)
+    assert not (tmp_path / "run" / "rollouts").exists()

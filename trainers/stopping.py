@@ -191,13 +191,17 @@ async def check_backends(
             )
     down = await agents.probe(skip=(generator,)) if agents is not None else {}
     if down:
-        backends = {name: agent.backend for name, agent in config.agents.agents.items()}
+        backends = {
+            name: agent.base_url if agent.kind == "openai" else agent.backend
+            for name, agent in config.agents.agents.items()
+        }
         detail = "; ".join(
             f"{name} (backend {backends.get(name, '?')}): {error}" for name, error in down.items()
         )
         raise BackendFailure(
             f"agents down before the first step: {detail}. Fix their backends "
-            "(agents.agents.<name>.backend) or leave them out of the run",
+            "(agents.agents.<name>.backend, or base_url and model for kind openai) or leave "
+            "them out of the run",
             completed_step=0,
             checkpoint=None,
         )
