@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "start the agents' SGLang servers, write the endpoints file, stop them on exit",
     ),
     "data": (
-        "trainers.openrlhf.prepare_data",
+        "aipo.commands.data",
         "write an OpenRLHF recipe's prompt JSONL (its keys) from the Hub or a local file",
     ),
     "doctor": (

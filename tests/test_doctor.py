@@ -269,7 +269,7 @@ def test_attention_needs_flash_attn_kernels_or_sdpa(monkeypatch, flags, kernels,
 def test_a_dataset_without_the_recipes_keys_fails_until_prepare_data_rewrites_it(
     launch_dir: Path, healthy_port: int, capsys
 ) -> None:
-    from trainers.openrlhf import prepare_data
+    from aipo.commands import data as prepare_data
 
     (launch_dir / "data").mkdir()
     train = launch_dir / "data" / "train.jsonl"  # the Hub's DeepMath names its answer final_answer

@@ -338,7 +338,7 @@ def test_evaluation_data_that_repeats_training_questions_is_refused(tmp_path, mo
 
 
 def test_a_packaged_recipe_loads_by_name_or_checkout_path_from_any_directory(tmp_path, monkeypatch):
-    from trainers.openrlhf.recipes import load_recipe as load_by_name
+    from aipo.recipes import load_recipe as load_by_name
     from trainers.openrlhf.recipes import packaged_recipes
 
     monkeypatch.chdir(tmp_path)  # not the checkout

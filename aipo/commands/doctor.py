@@ -32,10 +32,11 @@ import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
+
+from aipo.commands.doctor_check import Check
 
 if TYPE_CHECKING:
     import httpx
@@ -45,19 +46,6 @@ if TYPE_CHECKING:
 
 #: Seconds each HTTP check waits.
 HTTP_TIMEOUT_S = 3.0
-
-
-@dataclass(frozen=True)
-class Check:
-    """The outcome of one check, as one line of the report."""
-
-    status: Literal["ok", "warn", "FAIL"]
-    name: str
-    detail: str
-
-    def render(self) -> str:
-        """``status  name  detail``, aligned."""
-        return f"{self.status:<4}  {self.name:<24}  {self.detail}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,7 +322,7 @@ def ray_check(recipe: OpenRLHFRecipe) -> list[Check]:
 def run(args: argparse.Namespace) -> int:
     """Print one line per check; 1 if any FAILs."""
     from aipo.config import ConfigError
-    from trainers.openrlhf.recipes import load_recipe
+    from aipo.recipes import load_recipe
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the report says what each request found
     launch_dir = Path.cwd()

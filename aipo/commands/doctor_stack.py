@@ -27,7 +27,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aipo.commands.doctor import Check
+from aipo.commands.doctor_check import Check
 
 if TYPE_CHECKING:
     from trainers.openrlhf.config import OpenRLHFRecipe

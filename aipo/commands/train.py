@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
                 "--engine openrlhf needs --config RECIPE: a packaged recipe's name "
                 "(e.g. grpo_1node) or a path"
             )
+        from aipo.recipes import load_recipe
         from trainers.openrlhf.launcher import run_openrlhf
         from trainers.openrlhf.patch import OpenRLHFVersionError
-        from trainers.openrlhf.recipes import load_recipe
 
         try:
             recipe = load_recipe(args.config, args.overrides)

@@ -7,11 +7,9 @@ path to your own recipe works as well (see :func:`configs.resolve`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import configs
-from trainers.openrlhf.config import OpenRLHFRecipe
 
 #: The folder of ``configs/`` holding the shipped recipes.
 RECIPE_FOLDER = "openrlhf"
@@ -24,13 +22,6 @@ def recipe_path(spec: str | Path) -> Path:
         FileNotFoundError: neither; the message lists the packaged recipes.
     """
     return configs.resolve(spec, RECIPE_FOLDER)
-
-
-def load_recipe(spec: str | Path, overrides: Sequence[str] = ()) -> OpenRLHFRecipe:
-    """A recipe as ``aipo train --engine openrlhf`` loads it (``aipo.config.load_config``)."""
-    from aipo.config import load_config
-
-    return load_config(OpenRLHFRecipe, recipe_path(spec), list(overrides))
 
 
 def packaged_recipes() -> list[str]:
