@@ -68,7 +68,7 @@ def trial_config(run_dir: Path, dtype: str, args: argparse.Namespace) -> dict[st
         prompts_per_step=args.prompts,
         minibatch_size=args.prompts * config["rollout"]["n_samples"],
         save_every=1,
-        keep_last=args.steps,
+        keep_last=1,  # the latest, to resume from; the last step's is what is compared
         plot=False,
     )
     return config
@@ -93,6 +93,11 @@ def run_to_end(config_file: Path, log: Path, resume: bool = False) -> None:
         )
     if code != 0:
         raise RuntimeError(f"{' '.join(command(config_file, resume))} exited {code}:\n{_tail(log)}")
+    # A finished run is only compared: its optimizer states (1.1 GB a checkpoint of the
+    # default model) would fill a small disk over a dozen runs.
+    run_dir = Path(yaml.safe_load(config_file.read_text())["run_dir"])
+    for state in run_dir.glob("checkpoints/*/optimizer.pt"):
+        state.unlink()
 
 
 def run_killed(config_file: Path, run_dir: Path, log: Path, step: int, after: int) -> int:
@@ -227,22 +232,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     dtypes = list(results["dtypes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     keys = [
-        ("max_agent_logprob_diff", "agent tokens"),
-        ("max_policy_logprob_diff", "policy tokens"),
+        ("max_agent_logprob_diff_from_equal_weights", "agent tokens,\nbefore another id"),
+        ("max_agent_logprob_diff", "agent tokens,\nall steps"),
+        ("max_policy_logprob_diff", "policy tokens,\nall steps"),
     ]
     for d, dtype in enumerate(dtypes):
         res = results["dtypes"][dtype]
         for j, (key, label) in enumerate(keys):
             ys = [max(t[key], 1e-12) for t in res["trials"]]
             axes[0].scatter(
-                [d * 3 + j] * len(ys), ys, label=f"{dtype}: {label}" if d == 0 else None
+                [d * 4 + j] * len(ys), ys, label=f"{dtype}: {label}" if d == 0 else None
             )
-            axes[0].hlines(max(res["floor"][key], 1e-12), d * 3 + j - 0.3, d * 3 + j + 0.3)
+            if res.get("floor"):
+                axes[0].hlines(max(res["floor"][key], 1e-12), d * 4 + j - 0.3, d * 4 + j + 0.3)
         ys = [max(t["max_weight_diff"], 1e-12) for t in res["trials"]]
         axes[1].scatter([d] * len(ys), ys)
-        axes[1].hlines(max(res["floor"]["max_weight_diff"], 1e-12), d - 0.3, d + 0.3)
+        if res.get("floor"):
+            axes[1].hlines(max(res["floor"]["max_weight_diff"], 1e-12), d - 0.3, d + 0.3)
     axes[0].set_xticks(
-        [d * 3 + j for d in range(len(dtypes)) for j in range(2)],
+        [d * 4 + j for d in range(len(dtypes)) for j in range(len(keys))],
         [f"{dt}\n{lab}" for dt in dtypes for _, lab in keys],
         fontsize=7,
     )
