@@ -54,6 +54,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from policies.cache_api import cache_keyword, returned_cache
 from trainers.packing import packed_hidden, packing_unsupported
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,14 @@ def _grouped_prefix_forward(
     longest = int(lens.max())
     columns = torch.arange(longest, device=device)
     prefix_mask = (columns[None] < lens[:, None]).long()  # [G, P]
-    cache = body(
-        input_ids=input_ids[firsts, :longest],
-        attention_mask=prefix_mask,
-        position_ids=columns[None].expand(len(groups), longest),
-        use_cache=True,
-    ).cache
+    cache = returned_cache(
+        body(
+            input_ids=input_ids[firsts, :longest],
+            attention_mask=prefix_mask,
+            position_ids=columns[None].expand(len(groups), longest),
+            use_cache=True,
+        )
+    )
     group_of_row = torch.repeat_interleave(torch.arange(len(groups), device=device), counts)
     cache.batch_select_indices(group_of_row)  # each row its group's keys and values
     starts = lens[group_of_row]  # [B]
@@ -160,8 +163,9 @@ def _grouped_prefix_forward(
         input_ids=input_ids.gather(1, safe),
         attention_mask=torch.cat([prefix_mask[group_of_row], suffix_mask], dim=1),
         position_ids=safe,
-        cache=cache,
         use_cache=True,
+        # cache= since transformers 5.24, past_key_values= before (policies/cache_api.py)
+        **{cache_keyword(body): cache},
     )
     hidden = getattr(out, "logits", None)
     hidden = out.last_hidden_state if hidden is None else hidden
