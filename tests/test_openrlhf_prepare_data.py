@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aipo.cli import main as cli_main
-from trainers.openrlhf import prepare_data
+from aipo.commands import data as prepare_data
 
 ROWS = [  # DeepMath-103K's column names: the answer is final_answer
     {"question": "What is 1+1?", "final_answer": "2", "difficulty": 7.5, "topic": "arith"},
