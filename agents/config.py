@@ -7,12 +7,15 @@ recorded (only when its vocabulary is the policy's).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.base import DEFAULT_AGENT_NAMES
+from agents.kinds import AGENT_KINDS
+from agents.oracle import ORACLE_SOURCES as ORACLE_SOURCES
+from agents.tokenizers import tokenizer_fingerprint as tokenizer_fingerprint
+from agents.tokenizers import tokenizers_match as tokenizers_match
 from policies.base import SamplingParams
 
 #: Reply cap of an agent that sets none, in a pool built without the env's
@@ -21,10 +24,6 @@ DEFAULT_MAX_REPLY_TOKENS = 256
 #: Per-attempt timeout of an agent that sets none, in a pool built without the env's
 #: ``agent_timeout_s`` (the env's own default is the same).
 DEFAULT_TIMEOUT_S = 60.0
-#: What an agent of kind ``oracle`` draws on, by its name: the privileged information the
-#: task must provide (``tasks.base.PRIVILEGED_KINDS``), or None for the task's verifier,
-#: which every task has.
-ORACLE_SOURCES: dict[str, str | None] = {"verify": None, "knowledge": "facts", "reasoning": "steps"}
 
 
 class AgentConfig(BaseModel):
@@ -41,7 +40,7 @@ class AgentConfig(BaseModel):
             "backend share one generator."
         ),
     )
-    kind: Literal["llm", "oracle", "openai"] = Field(
+    kind: str = Field(
         default="llm",
         description=(
             "'llm' samples replies from the backend; 'openai' asks an OpenAI-compatible server "
@@ -50,7 +49,8 @@ class AgentConfig(BaseModel):
             "information, no model, by the agent's name: verify checks the candidate with the "
             "task's verifier (and says too large/too small for numbers), knowledge states the "
             "task's facts, reasoning gives the next step of its reference solution. The task must "
-            "provide them (docs/agents.md lists which do); checked before anything loads."
+            "provide them (docs/agents.md lists which do); checked before anything loads. "
+            "One of agents.kinds.AGENT_KINDS."
         ),
     )
     leak_guard: Literal["block", "rewrite", "off"] = Field(
@@ -130,6 +130,15 @@ class AgentConfig(BaseModel):
         description="Most characters of the policy's reasoning shown to agents whose template uses it (the tail is kept).",
     )
 
+    @field_validator("kind")
+    @classmethod
+    def _kind_is_registered(cls, value: str) -> str:
+        if value not in AGENT_KINDS:
+            raise ValueError(
+                f"unknown agent kind {value!r}; expected one of {', '.join(AGENT_KINDS)}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _openai_has_a_server(self) -> AgentConfig:
         if self.kind == "openai":
@@ -205,28 +214,3 @@ class AgentPoolConfig(BaseModel):
                     f"expected one of {', '.join(ORACLE_SOURCES)}"
                 )
         return self
-
-
-_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A digest of ``tokenizer``'s vocabulary (every token and its id)."""
-    cached = _FINGERPRINTS.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    digest = hashlib.sha256()
-    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        digest.update(f"{index}\t{token}\n".encode())
-    fingerprint = digest.hexdigest()
-    _FINGERPRINTS[id(tokenizer)] = (tokenizer, fingerprint)
-    return fingerprint
-
-
-def tokenizers_match(a: Any, b: Any) -> bool:
-    """Whether two tokenizers map the same tokens to the same ids (names are not compared)."""
-    if a is b:
-        return True
-    if a is None or b is None:
-        return False
-    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)

@@ -1,7 +1,7 @@
 """Oracle agents: answers drawn from the task's privileged information, no language model.
 
 An agent of ``kind: oracle`` knows more than the policy because the task tells it, and
-its name says what it draws on (:data:`agents.config.ORACLE_SOURCES`):
+its name says what it draws on (:data:`ORACLE_SOURCES`):
 
 - ``verify``: the task's verifier. The candidate is the answer found in the policy's
   question (a ``\\boxed{}``, what the task's answer extractor finds, or else the last
@@ -25,9 +25,13 @@ import time
 from typing import Any
 
 from agents.base import Agent, AgentReply, ConsultRequest
-from agents.config import ORACLE_SOURCES, AgentPoolConfig
 from tasks.answers import reference_spans
 from tasks.base import Problem, SolutionStep, Task
+
+#: What an agent of kind ``oracle`` draws on, by its name: the privileged information the
+#: task must provide (``tasks.base.PRIVILEGED_KINDS``), or None for the task's verifier,
+#: which every task has. (Re-exported by :mod:`agents.config`, which checks the names.)
+ORACLE_SOURCES: dict[str, str | None] = {"verify": None, "knowledge": "facts", "reasoning": "steps"}
 
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*(?:\s*/\s*\d+)?")
 _ANSWER_IS = re.compile(r"answer\s+(?:is|=|:)\s*([^\n]+?)\s*[.?!]?\s*$", re.IGNORECASE)
@@ -272,8 +276,11 @@ def make_oracle(name: str, task: Task) -> Agent:
     return _ORACLE_CLASSES[name](task, name=name)  # type: ignore[call-arg]
 
 
-def check_oracle_agents(config: AgentPoolConfig, task: Task, task_name: str | None = None) -> None:
+def check_oracle_agents(config: Any, task: Task, task_name: str | None = None) -> None:
     """Refuse an oracle agent whose task does not provide what it draws on (cheap: nothing loads).
+
+    ``config``: an :class:`~agents.config.AgentPoolConfig` (not imported: the config
+    imports this module for :data:`ORACLE_SOURCES`).
 
     ``task_name``: the name the config gave the task, for the message (default ``task.name``).
 
@@ -295,7 +302,7 @@ def check_oracle_agents(config: AgentPoolConfig, task: Task, task_name: str | No
         )
 
 
-def check_oracle_task(config: AgentPoolConfig, task_name: str, task_kwargs: dict[str, Any]) -> None:
+def check_oracle_task(config: Any, task_name: str, task_kwargs: dict[str, Any]) -> None:
     """:func:`check_oracle_agents` for the task registered as ``task_name``, at config time.
 
     The task is made (cheap: nothing loads) only when an oracle needs privileged

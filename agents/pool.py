@@ -29,28 +29,19 @@ from agents.config import (
     DEFAULT_TIMEOUT_S,
     AgentConfig,
     AgentPoolConfig,
-    tokenizers_match,
 )
+from agents.kinds import AGENT_KINDS, BuildContext
 from agents.leak_guard import guard_reply
 from agents.llm_agent import (
-    KnowledgeAgent,
     LLMAgent,
-    ReasoningAgent,
-    VerifyAgent,
     probe_backend,
 )
-from agents.openai_agent import OpenAIAgent, api_key_from_env, make_openai_agent
-from agents.oracle import check_oracle_agents, make_oracle
+from agents.openai_agent import OpenAIAgent
+from agents.oracle import check_oracle_agents
 from policies.base import Generator
 from tasks.base import Task
 
 logger = logging.getLogger(__name__)
-
-_LLM_AGENT_CLASSES: dict[str, type[LLMAgent]] = {
-    "verify": VerifyAgent,
-    "knowledge": KnowledgeAgent,
-    "reasoning": ReasoningAgent,
-}
 
 
 def make_backend(
@@ -336,81 +327,30 @@ class AgentPool:
         """
         if policy_tokenizer is None and policy_generator is not None:
             policy_tokenizer = policy_generator.tokenizer
+        base_seed = config.seed if config.seed is not None else seed
+        context = BuildContext(
+            policy_generator=policy_generator,
+            policy_tokenizer=policy_tokenizer,
+            task=task,
+            max_reply_tokens=max_reply_tokens,
+            timeout_s=timeout_s,
+            seed=base_seed,
+            make_backend=make_backend,
+        )
         # Check everything before loading any model, so a bad config wastes no work.
-        first: dict[str, tuple[str, AgentConfig]] = {}
         for name, settings in config.agents.items():
-            if settings.kind == "llm" and settings.backend != "policy":
-                other = first.setdefault(settings.backend, (name, settings))
-                if (other[1].tokenizer, other[1].backend_options) != (
-                    settings.tokenizer,
-                    settings.backend_options,
-                ):
-                    raise ValueError(
-                        f"agents {other[0]!r} and {name!r} share backend {settings.backend!r} "
-                        "but set different tokenizer or backend_options; make them agree"
-                    )
-            if settings.kind == "oracle" and task is None:
-                raise ValueError(f"agent {name!r} is an oracle and needs the task; pass task=")
-            if settings.kind == "llm" and settings.backend == "policy" and policy_generator is None:
-                raise ValueError(
-                    f"agent {name!r} uses backend 'policy' but no policy_generator was given"
-                )
+            AGENT_KINDS[settings.kind].check(name, settings, context)
         if task is not None:
             check_oracle_agents(config, task)
-        for settings in config.agents.values():
-            if settings.kind == "openai":  # a named key variable that is unset stops here
-                api_key_from_env(settings.api_key_env)
-        base_seed = config.seed if config.seed is not None else seed
-        backends: dict[str, Generator] = {}
-        owned: list[Generator] = []
-        agents: dict[str, Agent] = {}
-        for name, settings in config.agents.items():
-            if settings.kind == "oracle":
-                assert task is not None
-                agents[name] = make_oracle(name, task)
-                continue
-            if settings.kind == "openai":
-                agents[name] = make_openai_agent(
-                    name,
-                    settings.with_defaults(max_reply_tokens=max_reply_tokens, timeout_s=timeout_s),
-                    seed=base_seed,
-                )
-                continue
-            generator = backends.get(settings.backend)
-            if generator is None:
-                if settings.backend == "policy":
-                    assert policy_generator is not None
-                    generator = policy_generator
-                else:
-                    generator = make_backend(
-                        settings.backend,
-                        tokenizer=settings.tokenizer,
-                        options=settings.backend_options,
-                    )
-                    owned.append(generator)
-                backends[settings.backend] = generator
-            shares = tokenizers_match(generator.tokenizer, policy_tokenizer)
-            resolved = settings.with_defaults(
-                max_reply_tokens=max_reply_tokens, timeout_s=timeout_s
-            )
-            options: dict[str, Any] = {
-                "template": settings.template,
-                "sampling": resolved.sampling(),
-                "shares_policy_tokenizer": shares,
-                "include_solution": settings.include_solution,
-                "max_transcript_chars": settings.max_transcript_chars,
-                "seed": base_seed,
-            }
-            agent_class = _LLM_AGENT_CLASSES.get(name)
-            if agent_class is not None:
-                agents[name] = agent_class(generator, name=name, **options)
-            else:
-                agents[name] = LLMAgent(name, generator, options.pop("template") or name, **options)
+        agents: dict[str, Agent] = {
+            name: AGENT_KINDS[settings.kind].build(name, settings, context)
+            for name, settings in config.agents.items()
+        }
         return cls(
             agents,
             config,
             tokenizer=policy_tokenizer,
-            owned=owned,
+            owned=context.owned,
             max_reply_tokens=max_reply_tokens,
             timeout_s=timeout_s,
             task=task,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import get_args
 
 import pytest
 
-from agents.config import AgentConfig
+from agents.kinds import AGENT_KINDS
 from aipo_env.protocols import PROTOCOLS
 from aipo_env.strategies import STRATEGIES
 from trainers.advantages import ESTIMATORS
-from trainers.losses import LossConfig
+from trainers.losses import LOSS_MODES
 from trainers.tool_config import TOOL_SERVICES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +22,8 @@ REGISTRIES = {
     "protocols": lambda: list(PROTOCOLS),
     "rollout strategies": lambda: list(STRATEGIES),
     "tool services": lambda: list(TOOL_SERVICES),
-    "loss modes": lambda: list(get_args(LossConfig.model_fields["agent_mode"].annotation)),
-    "agent kinds": lambda: list(get_args(AgentConfig.model_fields["kind"].annotation)),
+    "loss modes": lambda: list(LOSS_MODES),
+    "agent kinds": lambda: list(AGENT_KINDS),
     "advantage estimators": lambda: list(ESTIMATORS),
 }
 

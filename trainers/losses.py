@@ -78,6 +78,7 @@ passed through ``torch.where`` before any arithmetic so neither the loss nor its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,6 +88,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -128,10 +130,20 @@ class LossConfig(BaseModel):
         default=(0.5, 5.0),
         description="(lo, hi) for rollout_correction, 0 <= lo < hi. Default (0.5, 5.0), OpenRLHF's is_correction_threshold.",
     )
-    agent_mode: Literal["mask", "shaped", "ratio", "supervised"] = Field(
+    agent_mode: str = Field(
         default="shaped",
-        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma) (weight c(1-f) <= 0.25 on grad log pi), 'ratio' with truncated IS min(w, C) (weight pi itself when the agent's log-probs are unknown), 'supervised' with -A log pi (weight 1, as SFT: rare, informative tokens are not starved). Default 'shaped'; 'mask' in an ILR run (peers:) or under a tool protocol unless set.",
+        description="How agent-injected tokens are trained: 'mask' not at all, 'shaped' with the clipped f(w) = w/(w+gamma) (weight c(1-f) <= 0.25 on grad log pi), 'ratio' with truncated IS min(w, C) (weight pi itself when the agent's log-probs are unknown), 'supervised' with -A log pi (weight 1, as SFT: rare, informative tokens are not starved). Default 'shaped'; 'mask' in an ILR run (peers:) or under a tool protocol unless set. One of trainers.losses.LOSS_MODES.",
     )
+
+    @field_validator("agent_mode")
+    @classmethod
+    def _mode_is_registered(cls, value: str) -> str:
+        if value not in LOSS_MODES:
+            raise ValueError(
+                f"unknown agent_mode {value!r}; expected one of {', '.join(LOSS_MODES)}"
+            )
+        return value
+
     shaped_gamma: float = Field(
         default=0.1,
         gt=0.0,
@@ -446,35 +458,91 @@ def agent_token_terms(
     agent = agent_mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand(logprobs.shape)
-    logp = _zeros_where(agent, logprobs)
-    if config.agent_mode == "mask":
-        zeros = torch.zeros_like(logp)
-        return zeros, zeros.detach(), torch.zeros_like(agent)
-    adv = _zeros_where(agent, advantages.to(logp.dtype))
-    if config.agent_mode == "supervised":
-        # Coefficient 1 on grad logp: the reply's text is imitated like SFT, scaled by A.
-        loss = _zeros_where(agent, -logp * adv * config.agent_loss_weight)
-        return loss, agent.to(logp.dtype), torch.zeros_like(agent)
-    if behavior_logprobs is None:
-        beh = torch.zeros_like(logp)
-    else:
-        beh = torch.where(agent & torch.isfinite(behavior_logprobs), behavior_logprobs, 0.0)
-    w = _zeros_where(agent, logp - beh.to(logp.dtype))
-    w = w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-    if config.agent_mode == "shaped":
-        raw = w / (w + config.shaped_gamma)
-        coef = raw.clamp(config.agent_w_min, config.agent_w_max)
-    elif config.agent_mode == "ratio":
-        raw = w
-        coef = w.clamp(max=config.ratio_cap)
-    else:
+    tokens = AgentTokens(
+        logp=_zeros_where(agent, logprobs),
+        behavior_logprobs=behavior_logprobs,
+        advantages=advantages,
+        agent=agent,
+    )
+    if config.agent_mode not in LOSS_MODES:
         raise ValueError(
-            f"unknown agent_mode {config.agent_mode!r}; expected one of mask, shaped, ratio, supervised"
+            f"unknown agent_mode {config.agent_mode!r}; expected one of {', '.join(LOSS_MODES)}"
         )
-    # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
-    preserved = raw * (coef / raw).detach()
-    loss = _zeros_where(agent, -preserved * adv * config.agent_loss_weight)
-    return loss, coef.detach(), (coef != raw).detach() & agent
+    return LOSS_MODES[config.agent_mode](config, tokens)
+
+
+@dataclass(frozen=True)
+class AgentTokens:
+    """What a loss mode reads: ``logp`` (``[B, T]``, 0 off ``agent``), the agent model's
+    ``behavior_logprobs`` (NaN/inf or None where unknown), ``[B, T]`` ``advantages`` and
+    the ``agent`` mask of tokens to train."""
+
+    logp: torch.Tensor
+    behavior_logprobs: torch.Tensor | None
+    advantages: torch.Tensor
+    agent: torch.Tensor
+
+    def adv(self) -> torch.Tensor:
+        """The advantages on agent tokens, 0 elsewhere, in ``logp``'s dtype."""
+        return _zeros_where(self.agent, self.advantages.to(self.logp.dtype))
+
+    def is_weight(self) -> torch.Tensor:
+        """``w = pi / mu`` per agent token (``mu = 1`` where unknown), log bounded."""
+        if self.behavior_logprobs is None:
+            beh = torch.zeros_like(self.logp)
+        else:
+            beh = torch.where(
+                self.agent & torch.isfinite(self.behavior_logprobs), self.behavior_logprobs, 0.0
+            )
+        w = _zeros_where(self.agent, self.logp - beh.to(self.logp.dtype))
+        return w.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+
+    def preserved_clip(
+        self, config: LossConfig, raw: torch.Tensor, coef: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``-c A`` with the gradient-preserving clip of ``raw`` to ``coef``."""
+        # raw > 0 everywhere (w >= exp(-20)), so the rescale is finite.
+        preserved = raw * (coef / raw).detach()
+        loss = _zeros_where(self.agent, -preserved * self.adv() * config.agent_loss_weight)
+        return loss, coef.detach(), (coef != raw).detach() & self.agent
+
+
+#: A loss mode: ``(config, tokens) -> (loss, coefficient, clipped)`` per token, as
+#: :func:`agent_token_terms` returns them.
+Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LossMode = Callable[[LossConfig, AgentTokens], Terms]
+
+
+def _mask_mode(config: LossConfig, tokens: AgentTokens) -> Terms:
+    zeros = torch.zeros_like(tokens.logp)
+    return zeros, zeros.detach(), torch.zeros_like(tokens.agent)
+
+
+def _supervised_mode(config: LossConfig, tokens: AgentTokens) -> Terms:
+    # Coefficient 1 on grad logp: the reply's text is imitated like SFT, scaled by A.
+    loss = _zeros_where(tokens.agent, -tokens.logp * tokens.adv() * config.agent_loss_weight)
+    return loss, tokens.agent.to(tokens.logp.dtype), torch.zeros_like(tokens.agent)
+
+
+def _shaped_mode(config: LossConfig, tokens: AgentTokens) -> Terms:
+    w = tokens.is_weight()
+    raw = w / (w + config.shaped_gamma)
+    return tokens.preserved_clip(config, raw, raw.clamp(config.agent_w_min, config.agent_w_max))
+
+
+def _ratio_mode(config: LossConfig, tokens: AgentTokens) -> Terms:
+    w = tokens.is_weight()
+    return tokens.preserved_clip(config, w, w.clamp(max=config.ratio_cap))
+
+
+#: ``loss.agent_mode`` -> how agent tokens are weighted (module docstring). A new mode is
+#: one function and one entry here; :class:`LossConfig` accepts exactly these names.
+LOSS_MODES: dict[str, LossMode] = {
+    "mask": _mask_mode,
+    "shaped": _shaped_mode,
+    "ratio": _ratio_mode,
+    "supervised": _supervised_mode,
+}
 
 
 def aipo_policy_loss(
