@@ -545,6 +545,144 @@ LOSS_MODES: dict[str, LossMode] = {
 }
 
 
+def _check_shapes(
+    logprobs: torch.Tensor, advantages: torch.Tensor, **tensors: torch.Tensor | None
+) -> torch.Tensor:
+    """``advantages`` as ``[B, T]``; raises ValueError naming a tensor whose shape is not ``logprobs``'."""
+    shape = logprobs.shape
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must have shape [B, T], got {tuple(shape)}")
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+    if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
+        return advantages.unsqueeze(-1).expand(shape)
+    if advantages.shape != shape:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected [{shape[0]}] or {tuple(shape)}"
+        )
+    return advantages
+
+
+def _check_needs(
+    config: LossConfig,
+    rollout_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+) -> None:
+    """Raise ValueError when a configured term lacks its input."""
+    if config.rollout_correction != "none" and rollout_logprobs is None:
+        raise ValueError(f"rollout_correction={config.rollout_correction!r} needs rollout_logprobs")
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs")
+    if config.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy")
+
+
+@dataclass(frozen=True)
+class _Surrogate:
+    """The PPO surrogate's per-token pieces, kept for the metrics."""
+
+    log_ratio: torch.Tensor  #: ``logp - old_logp`` (0 off the policy tokens)
+    ratio: torch.Tensor  #: ``r``
+    surr1: torch.Tensor  #: ``r A``
+    surr2: torch.Tensor  #: ``clamp(r, 1 - eps_low, 1 + eps_high) A``
+    clipped: torch.Tensor  #: ``min(surr1, surr2)``
+    loss: (
+        torch.Tensor
+    )  #: ``-clipped``, or the dual clip's ``-max(clipped, dual_clip A)`` where ``A < 0``
+
+
+def _ppo_surrogate(
+    config: LossConfig,
+    logp: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    adv: torch.Tensor,
+    policy: torch.Tensor,
+) -> _Surrogate:
+    """``l = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A)`` per token, with the dual clip."""
+    log_ratio = logp - _zeros_where(policy, old_logprobs.to(logp.dtype))
+    r = _zeros_where(policy, log_ratio).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
+    surr1 = r * adv
+    surr2 = r.clamp(1.0 - config.eps_clip_low, 1.0 + config.eps_clip_high) * adv
+    clipped = torch.min(surr1, surr2)
+    if config.dual_clip is None:
+        loss = -clipped
+    else:
+        loss = -torch.where(adv < 0, torch.max(clipped, config.dual_clip * adv), clipped)
+    return _Surrogate(log_ratio, r, surr1, surr2, clipped, loss)
+
+
+def _rollout_correction(
+    config: LossConfig,
+    policy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The detached weight ``rho`` per token (1 where ``rollout_logp`` is unknown) and its metrics.
+
+    ``u = exp(old_logp - rollout_logp)``; ``tis``: ``rho = clamp(u, lo, hi)``; ``icepop``:
+    ``rho = u`` inside ``[lo, hi]``, 0 outside.
+    """
+    known = policy & torch.isfinite(rollout_logprobs)
+    is_log = _zeros_where(known, old_logprobs.detach() - rollout_logprobs).to(dtype)
+    u = is_log.exp()
+    lo, hi = config.rollout_correction_bounds
+    if config.rollout_correction == "tis":
+        rho = u.clamp(lo, hi)
+        filtered = (u < lo) | (u > hi)
+    else:  # icepop
+        inside = (u >= lo) & (u <= hi)
+        rho = torch.where(inside, u, 0.0)
+        filtered = ~inside
+    metrics = {
+        "rollout/filter_frac": _fraction(filtered, known),
+        "rollout/kl": (-is_log).sum().item() / max(int(known.sum()), 1),
+    }
+    return torch.where(known, rho, 1.0).detach(), metrics
+
+
+@torch.no_grad()
+def _policy_metrics(
+    config: LossConfig, s: _Surrogate, adv: torch.Tensor, policy: torch.Tensor
+) -> dict[str, float]:
+    """``policy/clip_frac`` (OpenRLHF's clip_ratio), its low and high sides, the dual clip's
+    share and ``policy/approx_kl``, over the policy tokens."""
+    ratio = s.ratio
+    dual = (
+        (adv < 0) & (config.dual_clip * adv > s.clipped)
+        if config.dual_clip is not None
+        else torch.zeros_like(policy)
+    )
+    n_policy = int(policy.sum())
+    return {
+        "policy/clip_frac": _fraction(s.surr2 < s.surr1, policy),
+        "policy/clip_frac_low": _fraction((ratio < 1.0 - config.eps_clip_low) & (adv < 0), policy),
+        "policy/clip_frac_high": _fraction(
+            (ratio > 1.0 + config.eps_clip_high) & (adv > 0), policy
+        ),
+        "policy/dual_clip_frac": _fraction(dual, policy),
+        "policy/approx_kl": (-s.log_ratio * policy).sum().item() / n_policy if n_policy else 0.0,
+    }
+
+
+@torch.no_grad()
+def _agent_metrics(
+    config: LossConfig, coef: torch.Tensor, clipped: torch.Tensor, agent: torch.Tensor
+) -> dict[str, float]:
+    """``agent/coef_{mean,std,min,max}`` (the coefficient's value) and ``agent/clip_frac``."""
+    if config.agent_mode == "mask":
+        return {
+            **{f"agent/coef_{k}": 0.0 for k in ("mean", "std", "min", "max")},
+            "agent/clip_frac": 0.0,
+        }
+    return {
+        **_masked_stats(coef, agent, "agent/coef"),
+        "agent/clip_frac": _fraction(clipped, agent),
+    }
+
+
 def aipo_policy_loss(
     config: LossConfig,
     logprobs: torch.Tensor,
@@ -583,92 +721,49 @@ def aipo_policy_loss(
         ``agent/clip_frac``, ``tokens/policy``, ``tokens/agent``, ``tokens/agent_trained``,
         ``entropy/mean``, and for rollout correction ``rollout/filter_frac`` and ``rollout/kl``.
     """
-    shape = logprobs.shape
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must have shape [B, T], got {tuple(shape)}")
-    named = {"old_logprobs": old_logprobs, "loss_mask": loss_mask, "agent_mask": agent_mask}
-    named.update(
-        (k, v)
-        for k, v in {
-            "behavior_logprobs": behavior_logprobs,
-            "rollout_logprobs": rollout_logprobs,
-            "ref_logprobs": ref_logprobs,
-            "entropy": entropy,
-        }.items()
-        if v is not None
+    advantages = _check_shapes(
+        logprobs,
+        advantages,
+        old_logprobs=old_logprobs,
+        loss_mask=loss_mask,
+        agent_mask=agent_mask,
+        behavior_logprobs=behavior_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
     )
-    for name, tensor in named.items():
-        if tensor.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
-    if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
-        advantages = advantages.unsqueeze(-1).expand(shape)
-    elif advantages.shape != shape:
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}; expected [{shape[0]}] or {tuple(shape)}"
-        )
-    if config.rollout_correction != "none" and rollout_logprobs is None:
-        raise ValueError(f"rollout_correction={config.rollout_correction!r} needs rollout_logprobs")
-    if config.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs")
-    if config.entropy_coef > 0 and entropy is None:
-        raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy")
-
+    _check_needs(config, rollout_logprobs, ref_logprobs, entropy)
     policy, agent = masks.trained_token_masks(config.mask_rule(), loss_mask, agent_mask, advantages)
-    in_loss = loss_mask.bool()
-    adv = _zeros_where(in_loss, advantages.to(logprobs.dtype))
     trained = policy | agent
     logp = _zeros_where(trained, logprobs)
-    aggregate = _aggregator(config, trained, "trained", logp.dtype, normalizers)
-    if config.agent_normalization == "separate":
-        aggregate_policy = _aggregator(config, policy, "policy", logp.dtype, normalizers)
-        aggregate_agent = _aggregator(config, agent, "agent", logp.dtype, normalizers)
-    else:
-        aggregate_policy = aggregate_agent = aggregate
+    adv = _zeros_where(loss_mask.bool(), advantages.to(logp.dtype))
     metrics: dict[str, float] = {}
 
-    # Policy tokens: PPO clipped surrogate, term for term as OpenRLHF's PolicyLoss.
-    raw_log_ratio = logp - _zeros_where(policy, old_logprobs.to(logp.dtype))
-    ratio = _zeros_where(policy, raw_log_ratio).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND).exp()
-    surr1 = ratio * adv
-    surr2 = ratio.clamp(1.0 - config.eps_clip_low, 1.0 + config.eps_clip_high) * adv
-    clip1 = torch.min(surr1, surr2)
-    if config.dual_clip is None:
-        policy_loss = -clip1
-    else:
-        policy_loss = -torch.where(adv < 0, torch.max(clip1, config.dual_clip * adv), clip1)
+    # Policy tokens: l = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A) [* rho], as OpenRLHF.
+    ppo = _ppo_surrogate(config, logp, old_logprobs, adv, policy)
+    policy_loss = ppo.loss
     if config.rollout_correction != "none":
         assert rollout_logprobs is not None
-        known = policy & torch.isfinite(rollout_logprobs)
-        is_log = _zeros_where(known, old_logprobs.detach() - rollout_logprobs).to(logp.dtype)
-        u = is_log.exp()
-        lo, hi = config.rollout_correction_bounds
-        if config.rollout_correction == "tis":
-            rho = u.clamp(lo, hi)
-            filtered = (u < lo) | (u > hi)
-        else:  # icepop
-            inside = (u >= lo) & (u <= hi)
-            rho = torch.where(inside, u, 0.0)
-            filtered = ~inside
-        policy_loss = policy_loss * torch.where(known, rho, 1.0).detach()
-        metrics["rollout/filter_frac"] = _fraction(filtered, known)
-        metrics["rollout/kl"] = (-is_log).sum().item() / max(int(known.sum()), 1)
+        rho, rollout_metrics = _rollout_correction(
+            config, policy, old_logprobs, rollout_logprobs, logp.dtype
+        )
+        policy_loss = policy_loss * rho
+        metrics.update(rollout_metrics)
     policy_loss = _zeros_where(policy, policy_loss)
 
-    # Agent tokens: off-policy IS coefficient with a gradient-preserving clip.
-    agent_loss, coef, clipped = agent_token_terms(
+    # Agent tokens: l = -c A with the gradient-preserving clip (agent_mode).
+    agent_loss, coef, agent_clipped = agent_token_terms(
         config, logprobs, behavior_logprobs, advantages, agent
     )
     agent_loss = agent_loss.to(policy_loss.dtype)
-    if config.agent_mode != "mask":
-        with torch.no_grad():
-            metrics.update(_masked_stats(coef, agent, "agent/coef"))
-            metrics["agent/clip_frac"] = _fraction(clipped, agent)
-    else:
-        metrics.update({f"agent/coef_{k}": 0.0 for k in ("mean", "std", "min", "max")})
-        metrics["agent/clip_frac"] = 0.0
 
-    policy_part = aggregate_policy(policy_loss)
-    agent_part = aggregate_agent(agent_loss)
+    # total = policy part + agent part + kl_coef KL - entropy_coef H (aggregation).
+    aggregate = _aggregator(config, trained, "trained", logp.dtype, normalizers)
+    if config.agent_normalization == "separate":
+        policy_part = _aggregator(config, policy, "policy", logp.dtype, normalizers)(policy_loss)
+        agent_part = _aggregator(config, agent, "agent", logp.dtype, normalizers)(agent_loss)
+    else:
+        policy_part, agent_part = aggregate(policy_loss), aggregate(agent_loss)
     total = policy_part + agent_part
     kl_part = torch.zeros((), dtype=total.dtype, device=total.device)
     if ref_logprobs is not None:
@@ -682,36 +777,22 @@ def aipo_policy_loss(
         if config.entropy_coef > 0:
             total = total - config.entropy_coef * entropy_part
 
-    with torch.no_grad():
-        adv_d = adv.detach()
-        ratio_d = ratio.detach()
-        metrics["policy/clip_frac"] = _fraction(surr2.detach() < surr1.detach(), policy)
-        metrics["policy/clip_frac_low"] = _fraction(
-            (ratio_d < 1.0 - config.eps_clip_low) & (adv_d < 0), policy
-        )
-        metrics["policy/clip_frac_high"] = _fraction(
-            (ratio_d > 1.0 + config.eps_clip_high) & (adv_d > 0), policy
-        )
-        dual_active = (
-            (adv_d < 0) & (config.dual_clip * adv_d > clip1.detach())
-            if config.dual_clip is not None
-            else torch.zeros_like(policy)
-        )
-        metrics["policy/dual_clip_frac"] = _fraction(dual_active, policy)
-        n_policy = int(policy.sum())
-        metrics["policy/approx_kl"] = (
-            (-raw_log_ratio.detach() * policy).sum().item() / n_policy if n_policy else 0.0
-        )
-        metrics.update(loss_token_counts(config, loss_mask, agent_mask, advantages))
-        if entropy is not None:
-            n_trained = int(trained.sum())
-            ent = _zeros_where(trained, entropy.detach()).sum().item()
-            metrics["entropy/mean"] = ent / n_trained if n_trained else 0.0
-        metrics["loss/policy"] = policy_part.item()
-        metrics["loss/agent"] = agent_part.item()
-        metrics["loss/kl"] = kl_part.item()
-        metrics["loss/entropy"] = entropy_part.item()
-        metrics["loss/total"] = total.item()
+    metrics.update(_policy_metrics(config, ppo, adv, policy))
+    metrics.update(_agent_metrics(config, coef, agent_clipped, agent))
+    metrics.update(loss_token_counts(config, loss_mask, agent_mask, advantages))
+    if entropy is not None:
+        n_trained = int(trained.sum())
+        ent = _zeros_where(trained, entropy.detach()).sum().item()
+        metrics["entropy/mean"] = ent / n_trained if n_trained else 0.0
+    metrics.update(
+        {
+            "loss/policy": policy_part.item(),
+            "loss/agent": agent_part.item(),
+            "loss/kl": kl_part.item(),
+            "loss/entropy": entropy_part.item(),
+            "loss/total": total.item(),
+        }
+    )
     return total, metrics
 
 
