@@ -16,6 +16,7 @@ from agents.kinds import AGENT_KINDS
 from agents.oracle import ORACLE_SOURCES as ORACLE_SOURCES
 from agents.tokenizers import tokenizer_fingerprint as tokenizer_fingerprint
 from agents.tokenizers import tokenizers_match as tokenizers_match
+from configs.registry import check_registered
 from policies.base import SamplingParams
 
 #: Reply cap of an agent that sets none, in a pool built without the env's
@@ -133,11 +134,7 @@ class AgentConfig(BaseModel):
     @field_validator("kind")
     @classmethod
     def _kind_is_registered(cls, value: str) -> str:
-        if value not in AGENT_KINDS:
-            raise ValueError(
-                f"unknown agent kind {value!r}; expected one of {', '.join(AGENT_KINDS)}"
-            )
-        return value
+        return check_registered(value, AGENT_KINDS, "agent kind")
 
     @model_validator(mode="after")
     def _openai_has_a_server(self) -> AgentConfig:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.base import DEFAULT_AGENT_NAMES
 from aipo_env.protocols import PROTOCOLS
+from configs.registry import check_registered
 
 
 class EnvConfig(BaseModel):
@@ -113,10 +114,7 @@ class EnvConfig(BaseModel):
 
     @model_validator(mode="after")
     def _auto_consult_fits(self) -> EnvConfig:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(
-                f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
-            )
+        check_registered(self.protocol, PROTOCOLS, "protocol")
         if self.auto_consult is not None:
             if self.auto_consult not in self.agent_names:
                 raise ValueError(

@@ -31,6 +31,7 @@ from aipo_env.masks import MaskRule
 from aipo_env.rollout_strategy import RolloutStrategy
 from aipo_env.strategies import STRATEGIES
 from aipo_env.trajectory import Trajectory, TrajectoryWriter, read_jsonl
+from configs.registry import check_registered
 from policies.base import Generator, SamplingParams
 from tasks.base import Task
 
@@ -149,11 +150,7 @@ class RolloutConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(
-                f"unknown rollout strategy {value!r}; expected one of {', '.join(STRATEGIES)}"
-            )
-        return value
+        return check_registered(value, STRATEGIES, "rollout strategy")
 
     @model_validator(mode="after")
     def _tree_fits(self) -> RolloutConfig:

@@ -91,3 +91,39 @@ def test_an_unknown_loss_mode_is_refused_naming_it_and_the_registered_ones() -> 
     message = str(err.value)
     assert "unknown agent_mode 'half'" in message
     assert all(name in message for name in LOSS_MODES)
+
+
+def _registry_fields():
+    from aipo_env.config import EnvConfig
+    from aipo_env.protocols import PROTOCOLS
+    from aipo_env.rollout import RolloutConfig
+    from aipo_env.strategies import STRATEGIES
+
+    return [
+        (lambda v: AgentConfig(kind=v), AGENT_KINDS, "agent kind"),
+        (lambda v: LossConfig(agent_mode=v), LOSS_MODES, "agent_mode"),
+        (lambda v: RolloutConfig(strategy=v), STRATEGIES, "rollout strategy"),
+        (lambda v: EnvConfig(protocol=v), PROTOCOLS, "protocol"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_registry_named_field_refuses_an_unknown_name_the_same_way(index: int) -> None:
+    build, registry, what = _registry_fields()[index]
+    with pytest.raises(ValidationError) as err:
+        build("no_such_entry")
+    assert f"unknown {what} 'no_such_entry'; expected one of {', '.join(registry)}" in str(
+        err.value
+    )
+    name = next(iter(registry))
+    build(name)  # a registered name passes the same check
+
+
+def test_a_name_added_to_a_registry_is_accepted_without_other_changes(monkeypatch) -> None:
+    from aipo_env.rollout import RolloutConfig
+    from aipo_env.strategies import STRATEGIES
+
+    with pytest.raises(ValidationError):
+        RolloutConfig(strategy="mine")
+    monkeypatch.setitem(STRATEGIES, "mine", next(iter(STRATEGIES.values())))
+    assert RolloutConfig(strategy="mine").strategy == "mine"

@@ -96,6 +96,7 @@ from torch import nn
 
 from aipo_env import masks
 from aipo_env.masks import MaskRule
+from configs.registry import check_registered
 
 #: Bound on log-ratios before ``exp`` (as OpenRLHF), so ratios stay finite.
 LOG_RATIO_BOUND = 20.0
@@ -138,11 +139,7 @@ class LossConfig(BaseModel):
     @field_validator("agent_mode")
     @classmethod
     def _mode_is_registered(cls, value: str) -> str:
-        if value not in LOSS_MODES:
-            raise ValueError(
-                f"unknown agent_mode {value!r}; expected one of {', '.join(LOSS_MODES)}"
-            )
-        return value
+        return check_registered(value, LOSS_MODES, "agent_mode")
 
     shaped_gamma: float = Field(
         default=0.1,

@@ -35,6 +35,7 @@ from aipo_env.evaluation.results import (
 )
 from aipo_env.passk import check_ks, default_ks
 from aipo_env.protocols import PROTOCOLS
+from configs.registry import check_registered
 
 if TYPE_CHECKING:
     pass
@@ -126,10 +127,7 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _protocol_is_served(self) -> EvalConfig:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(
-                f"unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
-            )
+        check_registered(self.protocol, PROTOCOLS, "protocol")
         tools = PROTOCOLS[self.protocol].tools
         if self.consult and tools:  # a tool without its service fails before any model loads
             check_tool_services(self.tools, tools, self.protocol)
