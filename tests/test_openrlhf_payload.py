@@ -129,3 +129,28 @@ def test_env_context_above_openrlhf_default_max_len_is_refused(tmp_path) -> None
         ConfigError, match="max_total_tokens=8192 exceeds openrlhf data.max_len=2048"
     ):
         _recipe(tmp_path, "openrlhf.data.max_len=null")
+
+
+def test_the_context_left_unset_resolves_to_data_max_len_and_is_reported(tmp_path) -> None:
+    recipe = OpenRLHFRecipe.model_validate({"openrlhf": {"data.max_len": 6144}})
+    changes = {c.path: c for c in recipe.resolved}
+    assert (changes["executor.env.max_total_tokens"].old, recipe.executor.env.max_total_tokens) == (
+        4096,
+        6144,
+    )
+    assert "data.max_len" in changes["executor.env.max_total_tokens"].why
+    worker = _worker_side(recipe)
+    assert worker.env.max_total_tokens == 6144
+    assert worker.episode_env(max_length=6144).max_total_tokens == 6144
+    # Declared (the packaged recipe sets it), it is the recipe's and no change is reported.
+    declared = _recipe(tmp_path)
+    assert "max_total_tokens" in declared.executor.env.model_fields_set
+    assert "executor.env.max_total_tokens" not in {c.path for c in declared.resolved}
+
+
+def test_a_context_above_openrlhfs_max_length_at_run_time_is_lowered_to_it(caplog) -> None:
+    config = ExecutorConfig(env={"max_total_tokens": 8192})
+    with caplog.at_level("WARNING"):
+        env = config.episode_env(max_length=4096)
+    assert env.max_total_tokens == 4096
+    assert "max_total_tokens=8192 exceeds OpenRLHF's max_length=4096" in caplog.text

@@ -7,6 +7,7 @@ typed :class:`OpenRLHFRecipe` to :func:`trainers.openrlhf.launcher.run_openrlhf`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -26,6 +27,8 @@ from trainers.openrlhf.loss import AGENT_TOKEN_FIELDS, LOSS_CONFIG_ENV, check_ag
 from trainers.openrlhf.recipe_secrets import check_secret_flags
 from trainers.resolve import Change, resolve_protocol
 from trainers.tool_config import ToolsConfig, check_tools
+
+logger = logging.getLogger(__name__)
 
 FlagValue = str | int | float | bool | list[str | int | float] | None
 
@@ -178,9 +181,23 @@ class ExecutorConfig(BaseModel):
         return self.agents.model_copy(update={"agents": agents})
 
     def episode_env(self, max_length: int) -> EnvConfig:
-        """The episodes' EnvConfig; ``max_total_tokens``, unless the recipe sets it, is OpenRLHF's ``max_length``."""
+        """The episodes' EnvConfig under OpenRLHF's ``max_length`` (prompt plus response).
+
+        A recipe resolves ``max_total_tokens`` to ``data.max_len`` when it leaves it
+        unset, and reports it (:meth:`OpenRLHFRecipe.resolve`); an executor config read
+        without a recipe takes ``max_length`` here. A value above ``max_length`` is
+        lowered to it: OpenRLHF cuts every sample there, so the env must not write past it.
+        """
         if "max_total_tokens" in self.env.model_fields_set:
-            return self.env
+            if self.env.max_total_tokens <= max_length:
+                return self.env
+            logger.warning(
+                "executor.env.max_total_tokens=%d exceeds OpenRLHF's max_length=%d; the "
+                "episodes stop at %d, where OpenRLHF cuts every sample",
+                self.env.max_total_tokens,
+                max_length,
+                max_length,
+            )
         return self.env.model_copy(update={"max_total_tokens": int(max_length)})
 
 
@@ -279,7 +296,8 @@ class OpenRLHFRecipe(BaseModel):
         (:func:`trainers.resolve.resolve_protocol`: a tool protocol's agent names and
         ``agent_loss.agent_mode`` mask where replies may not be trained), and
         ``executor.env.max_new_tokens_per_turn`` from OpenRLHF's flags
-        (:meth:`executor_for_workers`). Run once when the recipe is read; again, it
+        (:meth:`executor_for_workers`), and ``executor.env.max_total_tokens`` from
+        ``data.max_len`` (OpenRLHF passes it to the executor as ``max_length``). Run once when the recipe is read; again, it
         changes nothing.
         """
         executor = self.executor
@@ -309,6 +327,18 @@ class OpenRLHFRecipe(BaseModel):
                 )
             )
             self.executor = workers
+        env = self.executor.env
+        if "max_total_tokens" not in env.model_fields_set:
+            changes.append(
+                Change(
+                    "executor.env.max_total_tokens",
+                    env.max_total_tokens,
+                    self.max_len(),
+                    "OpenRLHF cuts every sample to data.max_len tokens, prompt plus response",
+                )
+            )
+            env = env.model_copy(update={"max_total_tokens": self.max_len()})
+            self.executor = self.executor.model_copy(update={"env": env})
         self._changes = [*self._changes, *changes]
         return changes
 
