@@ -61,21 +61,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 import torch  # noqa: E402
 
+from benchmarks.rss import reset_peak, status_mib, write_report  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
-
-
-def status_mib(field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` (peak RSS since the last reset) of this process in MiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 class Meter:
@@ -90,7 +79,8 @@ class Meter:
         self.limit_mib = limit_mib
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
-        reset_peak()
+        if not reset_peak():
+            raise RuntimeError("per-phase peaks need /proc/self/clear_refs (Linux)")
         self._thread.start()
 
     def _sample(self, interval: float) -> None:
@@ -632,14 +622,7 @@ def main() -> None:
     report = run_mode(args) if args.mode == "run" else shape_mode(args)
     if args.mode == "run":
         print_run(report)
-    stem = f"memory.{args.tag}" if args.tag else "memory"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    try:
-        plot(report, args.out_dir / f"{stem}.png")
-    except ImportError:
-        print("matplotlib is not installed: no PNG written")
-    print(f"wrote {args.out_dir / stem}.json and .png")
+    write_report(report, args.out_dir, f"memory.{args.tag}" if args.tag else "memory", plot)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from aipo.config import load_config
+from benchmarks.rss import reset_peak, status_mib, write_report
 from policies.default_model import DEFAULT_ARCHITECTURE
 from trainers.config import TrainConfig, default_config_path
 from trainers.embedded import update_options
@@ -201,26 +202,6 @@ def peak_memory_child(args: argparse.Namespace, side: str) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _status_mib(field: str) -> float | None:
-    """``VmRSS`` or ``VmHWM`` (peak RSS) of this process in MiB, from /proc (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def memory_child(args: argparse.Namespace) -> None:
     """Run one side twice in this process and print its peak memory as one JSON line.
 
@@ -228,13 +209,13 @@ def memory_child(args: argparse.Namespace) -> None:
     after loading where Linux allows it; elsewhere ``getrusage``'s lifetime peak is given.
     """
     sides, _ = setup(args)
-    loaded = _status_mib("VmRSS")
-    reset = _reset_peak_rss()
+    loaded = status_mib("VmRSS")
+    reset = reset_peak()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         timed(getattr(sides, args.memory_child), args.device)
-    peak = _status_mib("VmHWM") if reset else None
+    peak = status_mib("VmHWM") if reset else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
@@ -398,14 +379,7 @@ def main() -> None:
         memory_child(args)
         return
     report = run(args)
-    stem = f"update.{args.tag}" if args.tag else "update"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    try:
-        plot(report, args.out_dir / f"{stem}.png")
-    except ImportError:
-        print("matplotlib is not installed: no PNG written")
-    print(f"wrote {args.out_dir / stem}.json and .png")
+    write_report(report, args.out_dir, f"update.{args.tag}" if args.tag else "update", plot)
 
 
 if __name__ == "__main__":

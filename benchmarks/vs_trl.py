@@ -65,6 +65,7 @@ imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -87,6 +88,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from aipo.config import load_config  # noqa: E402
 from aipo_env.passk import mean_ci  # noqa: E402
+from benchmarks.rss import status_mib  # noqa: E402
 from trainers.config import TrainConfig, default_config_path  # noqa: E402
 
 
@@ -323,6 +325,17 @@ def ratio_summary(
     }
 
 
+def peak_rss_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each side's median peak RSS over its runs (MiB), and TRL/aipo of the medians.
+
+    Memory is measured per whole process (model load to exit), not per step: every
+    step of a run reuses the same buffers, so its peak is the run's.
+    """
+    aipo = statistics.median(r["peak_rss_mib"] for r in runs["aipo"])
+    trl = statistics.median(r["peak_rss_mib"] for r in runs["trl"])
+    return {"aipo": aipo, "trl": trl, "ratio": trl / aipo}
+
+
 def per_token_ratios(
     aipo_runs: list[dict[str, Any]], trl_runs: list[dict[str, Any]], warmup: int = 1
 ) -> list[float]:
@@ -346,16 +359,29 @@ def per_token_ratios(
 # -- the two sides, each in a fresh process -------------------------------------------
 
 
-def _run_logged(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` with its output in ``log``; its wall seconds. Raises with the log's tail."""
+def _run_logged(cmd: list[str], log: Path, poll_s: float = 0.2) -> tuple[float, float]:
+    """Run ``cmd`` with its output in ``log``; its wall seconds and peak RSS in MiB.
+
+    The peak is the process's own high-water mark (``VmHWM`` in ``/proc``), read every
+    ``poll_s`` seconds while it runs: a peak reached in its last ``poll_s`` before exit
+    is missed. Not ``ru_maxrss``: on Linux a child's counts the parent's resident set
+    at the fork, here the benchmark's own imports. Raises with the log's tail when the
+    command fails.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    peak = 0.0
     with log.open("w") as out:
-        done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
+        child = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        while child.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError):  # it may have just exited
+                peak = max(peak, status_mib("VmHWM", child.pid))
+            time.sleep(poll_s)
+    seconds = time.perf_counter() - t0
+    if child.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}; {log}:\n{tail}")
-    return time.perf_counter() - t0
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {child.returncode}; {log}:\n{tail}")
+    return seconds, peak
 
 
 def run_aipo(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
@@ -363,7 +389,9 @@ def run_aipo(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
     from trainers.metrics import read_metrics
 
     cmd = [sys.executable, "-m", "aipo.cli", "train", "--no-progress"]
-    process_s = _run_logged(cmd + aipo_overrides(budget, run_dir), run_dir.parent / "aipo.log")
+    process_s, peak_mib = _run_logged(
+        cmd + aipo_overrides(budget, run_dir), run_dir.parent / "aipo.log"
+    )
     records = sorted(read_metrics(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
     rows = budget.prompts_per_step * budget.samples_per_prompt
     problems = []
@@ -379,6 +407,7 @@ def run_aipo(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
         "reward_mean": [r["reward_mean"] for r in records],
         "problems": problems,
         "process_s": process_s,
+        "peak_rss_mib": peak_mib,
     }
 
 
@@ -388,9 +417,10 @@ def run_trl(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
     spec = run_dir / "spec.json"
     spec.write_text(json.dumps({"budget": dataclasses.asdict(budget), "run_dir": str(run_dir)}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-child", str(spec)]
-    process_s = _run_logged(cmd, run_dir.parent / "trl.log")
+    process_s, peak_mib = _run_logged(cmd, run_dir.parent / "trl.log")
     result = json.loads((run_dir / "steps.json").read_text())
     result["process_s"] = process_s
+    result["peak_rss_mib"] = peak_mib
     return result
 
 
@@ -569,6 +599,12 @@ def plot(
     bottom.set_xlabel(f"round, step (the first {warmup} step(s) of each run: warm-up, no ratio)")
     bottom.legend()
     bottom.grid(alpha=0.3)
+    rss = summary.get("peak_rss_mib")
+    if rss is not None:
+        fig.suptitle(
+            f"peak RSS per run (median): aipo {rss['aipo']:.0f} MiB, TRL {rss['trl']:.0f} MiB",
+            fontsize=9,
+        )
     return save_figure(fig, out_png)
 
 
@@ -643,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  round {r + 1} {side:4s}: {steps} s/step  (rollout "
                     f"{' '.join(f'{s:.1f}' for s in result['rollout_s'])}; completion tokens "
-                    f"{result['completion_tokens']}; process {result['process_s']:.0f} s)",
+                    f"{result['completion_tokens']}; process {result['process_s']:.0f} s, "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB)",
                     flush=True,
                 )
     finally:
@@ -658,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         for side, side_runs in runs.items()
     }
     summary["completion_tokens"] = tokens
+    summary["peak_rss_mib"] = peak_rss_summary(runs)
     per_token = per_token_ratios(runs["aipo"], runs["trl"], args.warmup)
     summary["per_token_ratio_median"] = statistics.median(per_token) if per_token else None
     print(
@@ -668,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         f"median s/step: aipo {summary['aipo_median_s']:.1f}, TRL {summary['trl_median_s']:.1f} "
         f"(ratio {summary['ratio_of_medians']:.2f}); completion tokens in those steps: "
         f"aipo {tokens['aipo']}, TRL {tokens['trl']}; same problems each step: {same}\n"
-        f"seconds per completion token, TRL/aipo: median {_figure(summary['per_token_ratio_median'])}"
+        f"seconds per completion token, TRL/aipo: median {_figure(summary['per_token_ratio_median'])}\n"
+        f"peak RSS per run (median over rounds): aipo {summary['peak_rss_mib']['aipo']:.0f} MiB, "
+        f"TRL {summary['peak_rss_mib']['trl']:.0f} MiB (ratio {summary['peak_rss_mib']['ratio']:.2f})"
     )
     stem = f"vs_trl.{args.tag}" if args.tag else "vs_trl"
     cfg = aipo_config(budget, "runs/vs_trl")

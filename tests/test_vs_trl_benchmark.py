@@ -149,3 +149,30 @@ def test_trl_accepts_the_settings():
     # One generation of all rows feeds exactly one optimizer step, as in aipo train.
     assert args.generation_batch_size == 16 and args.steps_per_generation == 2
     assert args.gradient_checkpointing is False and args.bf16 is False
+
+
+def test_peak_rss_is_the_childs_own_and_grows_with_what_it_holds(tmp_path) -> None:
+    import sys
+
+    wait = "import time; time.sleep(1)"
+    small_s, small = vs_trl._run_logged([sys.executable, "-c", wait], tmp_path / "small.log")
+    hold = f"b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); {wait}"
+    _, big = vs_trl._run_logged([sys.executable, "-c", hold], tmp_path / "big.log")
+    assert small_s > 0
+    assert 1 < small < 100  # a bare interpreter, in MiB (not KiB, not bytes)
+    assert big - small > 250  # the 300 MiB the child touched
+    assert vs_trl.peak_rss_summary(
+        {
+            "aipo": [{"peak_rss_mib": 100.0}, {"peak_rss_mib": 300.0}],
+            "trl": [{"peak_rss_mib": 400.0}],
+        }
+    ) == {"aipo": 200.0, "trl": 400.0, "ratio": 2.0}
+
+
+def test_a_failing_child_raises_with_its_log(tmp_path) -> None:
+    import sys
+
+    with pytest.raises(RuntimeError, match="exited 3"):
+        vs_trl._run_logged(
+            [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "f.log"
+        )
