@@ -67,7 +67,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -374,17 +374,64 @@ def _token_counts(loss_fn: LossFn, rows: UpdateBatch) -> dict[str, float]:
     return dict(count(rows.loss_mask, rows.agent_mask, rows.advantages))
 
 
-def _accumulate_gradients(
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How the micro-batches of a minibatch are formed and run (:func:`ppo_update`'s arguments).
+
+    None of them changes the gradient beyond float rounding; ``accumulation`` decides how
+    micro losses are weighted (module docstring).
+    """
+
+    micro_batch_size: int
+    accumulation: Literal["tokens", "rows"] = "tokens"
+    with_entropy: bool = False
+    chunk_size: int | None = HEAD_CHUNK
+    share_prefix: bool = True
+    pack: bool = False
+    checkpoint_layers: bool = False
+
+
+def _micro_loss(
     model: nn.Module,
-    minibatch: UpdateBatch,
+    micro: UpdateBatch,
     loss_fn: LossFn,
-    micro_batch_size: int,
-    accumulation: str,
-    with_entropy: bool,
-    chunk_size: int | None,
-    share_prefix: bool = True,
-    pack: bool = False,
-    checkpoint_layers: bool = False,
+    forward: ForwardOptions,
+    prefix_groups: Any,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's forward and loss: ``loss_fn`` on its log-probs (and entropy)."""
+    logprobs, entropy = token_logprobs(
+        model,
+        micro.input_ids,
+        micro.attention_mask,
+        positions=micro.loss_mask != 0,
+        with_entropy=forward.with_entropy,
+        chunk_size=forward.chunk_size,
+        prefix_groups=prefix_groups,
+        pack=forward.pack,
+        checkpoint_layers=forward.checkpoint_layers,
+    )
+    # On-policy (no old log-probs): the weights have not moved since the rollout's
+    # last publish, so this forward's log-probs, detached, are the old ones.
+    old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
+    return loss_fn(
+        logprobs=logprobs,
+        old_logprobs=old,
+        advantages=micro.advantages,
+        loss_mask=micro.loss_mask,
+        agent_mask=micro.agent_mask,
+        behavior_logprobs=micro.behavior_logprobs,
+        # The rollout engine's log-prob of each policy token is its behaviour
+        # log-prob; the loss's rollout correction (TIS/ICEPOP) reads it.
+        rollout_logprobs=micro.behavior_logprobs,
+        ref_logprobs=micro.ref_logprobs,
+        entropy=entropy,
+        **extra,
+    )
+
+
+def _accumulate_gradients(
+    model: nn.Module, minibatch: UpdateBatch, loss_fn: LossFn, forward: ForwardOptions
 ) -> tuple[float, dict[str, float], bool] | None:
     """Backward every micro-batch's share of the minibatch loss (module docstring).
 
@@ -423,9 +470,9 @@ def _accumulate_gradients(
     # the micro-batches' gradients does not depend on how the rows are grouped. A loss
     # normalised by the padded width keeps it.
     trim = not getattr(loss_fn, "width_dependent", False)
-    for rows, prefix_groups in micro_batches(live, micro_batch_size, share_prefix):
+    for rows, prefix_groups in micro_batches(live, forward.micro_batch_size, forward.share_prefix):
         micro = live.select(rows).trimmed() if trim else live.select(rows)
-        if accumulation == "tokens":
+        if forward.accumulation == "tokens":
             micro_tokens = micro.trained_tokens()
             if micro_tokens == 0:  # weight 0: contributes nothing to the gradient
                 continue
@@ -434,34 +481,7 @@ def _accumulate_gradients(
             share = len(micro) / mb_rows
         # With the minibatch's counts, the micro loss already is its part of the minibatch's.
         weight = share if normalizers is None else 1.0
-        logprobs, entropy = token_logprobs(
-            model,
-            micro.input_ids,
-            micro.attention_mask,
-            positions=micro.loss_mask != 0,
-            with_entropy=with_entropy,
-            chunk_size=chunk_size,
-            prefix_groups=prefix_groups,
-            pack=pack,
-            checkpoint_layers=checkpoint_layers,
-        )
-        # On-policy (no old log-probs): the weights have not moved since the rollout's
-        # last publish, so this forward's log-probs, detached, are the old ones.
-        old = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
-        loss, metrics = loss_fn(
-            logprobs=logprobs,
-            old_logprobs=old,
-            advantages=micro.advantages,
-            loss_mask=micro.loss_mask,
-            agent_mask=micro.agent_mask,
-            behavior_logprobs=micro.behavior_logprobs,
-            # The rollout engine's log-prob of each policy token is its behaviour
-            # log-prob; the loss's rollout correction (TIS/ICEPOP) reads it.
-            rollout_logprobs=micro.behavior_logprobs,
-            ref_logprobs=micro.ref_logprobs,
-            entropy=entropy,
-            **extra,
-        )
+        loss, metrics = _micro_loss(model, micro, loss_fn, forward, prefix_groups, extra)
         if not torch.isfinite(loss.detach()).all():
             return float(loss.detach()), dict(mb_metrics), False
         (loss * weight).backward()
@@ -477,6 +497,73 @@ def _accumulate_gradients(
             if not key.startswith(additive):
                 mb_metrics[key] /= shares
     return mb_loss, dict(mb_metrics), True
+
+
+def _check_update_arguments(
+    ppo_epochs: int, minibatch_size: int, micro_batch_size: int, accumulation: str
+) -> None:
+    if ppo_epochs < 1 or minibatch_size < 1 or micro_batch_size < 1:
+        raise ValueError(
+            f"ppo_epochs={ppo_epochs}, minibatch_size={minibatch_size}, "
+            f"micro_batch_size={micro_batch_size}; expected all >= 1"
+        )
+    if accumulation not in ("tokens", "rows"):
+        raise ValueError(f"unknown accumulation {accumulation!r}; expected 'tokens' or 'rows'")
+
+
+def _nothing_to_train(loss_fn: LossFn, batch: UpdateBatch, minibatch_size: int) -> UpdateStats:
+    """The batch's zero-gradient rows counted; ``skipped`` set (with the token counts an
+    update would report) when no row has a gradient, so the update need not run."""
+    stats = UpdateStats()
+    zero = zero_gradient_rows(loss_fn, batch)
+    if zero is None:
+        return stats
+    stats.skipped_rows = int(zero.sum())
+    if len(batch) and bool(zero.all()):
+        stats.skipped = 1
+        # The token counts of a minibatch, on average, as an update that ran reports them.
+        minibatches = math.ceil(len(batch) / minibatch_size) if minibatch_size > 0 else 1
+        counts = _token_counts(loss_fn, batch)
+        stats.loss_metrics = {k: v / minibatches for k, v in counts.items()}
+    return stats
+
+
+def _clipped_grad_norm(
+    params: list[nn.Parameter],
+    clip_to: float,
+    optimizer: torch.optim.Optimizer,
+    stats: UpdateStats,
+    finite_loss: bool,
+    mb_loss: float,
+    dump: tuple[Path | None, str, UpdateBatch],
+) -> float | None:
+    """The minibatch's gradient norm, clipped to ``clip_to``; None when the step is dropped.
+
+    A non-finite loss or norm drops the gradient (the optimizer and its moment estimates
+    never see it), counts the step in ``stats.skipped_steps`` and saves the minibatch
+    where ``dump`` names a folder.
+    """
+    reason = None if finite_loss else "loss"
+    grad_norm = float("nan")
+    if reason is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_to))
+        reason = None if math.isfinite(grad_norm) else "grad_norm"
+    if reason is None:
+        return grad_norm
+    optimizer.zero_grad(set_to_none=True)
+    stats.skipped_steps += 1
+    dump_dir, name, minibatch = dump
+    logger.warning(
+        "skipped optimizer step %s: non-finite %s (loss=%s, grad_norm=%s)",
+        name,
+        reason,
+        mb_loss,
+        grad_norm,
+    )
+    if dump_dir is not None:
+        path = _dump_nonfinite(dump_dir, name, minibatch, reason, mb_loss, grad_norm)
+        stats.dumps.append(str(path))
+    return None
 
 
 def ppo_update(
@@ -547,24 +634,10 @@ def ppo_update(
     dropped, neither the optimizer nor the scheduler steps, and the event is counted in
     ``UpdateStats.skipped_steps``.
     """
-    if ppo_epochs < 1 or minibatch_size < 1 or micro_batch_size < 1:
-        raise ValueError(
-            f"ppo_epochs={ppo_epochs}, minibatch_size={minibatch_size}, "
-            f"micro_batch_size={micro_batch_size}; expected all >= 1"
-        )
-    if accumulation not in ("tokens", "rows"):
-        raise ValueError(f"unknown accumulation {accumulation!r}; expected 'tokens' or 'rows'")
-    stats = UpdateStats()
-    zero = zero_gradient_rows(loss_fn, batch)
-    if zero is not None:
-        stats.skipped_rows = int(zero.sum())
-        if len(batch) and bool(zero.all()):
-            stats.skipped = 1
-            # The token counts of a minibatch, on average, as an update that ran reports them.
-            minibatches = math.ceil(len(batch) / minibatch_size) if minibatch_size > 0 else 1
-            counts = _token_counts(loss_fn, batch)
-            stats.loss_metrics = {k: v / minibatches for k, v in counts.items()}
-            return stats
+    _check_update_arguments(ppo_epochs, minibatch_size, micro_batch_size, accumulation)
+    stats = _nothing_to_train(loss_fn, batch, minibatch_size)
+    if stats.skipped:
+        return stats
     if batch.old_logprobs is None and not on_policy_update(
         model, len(batch), ppo_epochs, minibatch_size
     ):
@@ -573,6 +646,15 @@ def ppo_update(
             f"ppo_epochs={ppo_epochs}, {len(batch)} rows, minibatch_size={minibatch_size}; "
             "compute them with compute_old_logprobs"
         )
+    forward = ForwardOptions(
+        micro_batch_size,
+        accumulation,
+        with_entropy,
+        chunk_size,
+        share_prefix,
+        pack,
+        checkpoint_layers,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(int(seed))
     clip_to = float("inf") if max_grad_norm is None else float(max_grad_norm)
@@ -587,49 +669,22 @@ def ppo_update(
         order = torch.randperm(len(batch), generator=generator).to(batch.input_ids.device)
         for mb_index, mb_rows in enumerate(_chunks(order, minibatch_size)):
             minibatch = batch.select(mb_rows)
-            if minibatch.trained_tokens() == 0:
-                stats.empty_minibatches += 1
-                continue
-            accumulated = _accumulate_gradients(
-                model,
-                minibatch,
-                loss_fn,
-                micro_batch_size,
-                accumulation,
-                with_entropy,
-                chunk_size,
-                share_prefix,
-                pack,
-                checkpoint_layers,
+            accumulated = (
+                _accumulate_gradients(model, minibatch, loss_fn, forward)
+                if minibatch.trained_tokens() > 0
+                else None
             )
-            if accumulated is None:  # every row's gradient is zero
+            if accumulated is None:  # no trained token, or every row's gradient is zero
                 stats.empty_minibatches += 1
                 continue
             mb_loss, mb_metrics, finite = accumulated
-            reason = None if finite else "loss"  # why this step is skipped, if it is
-            grad_norm = float("nan")
-            if reason is None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_to))
-                reason = None if math.isfinite(grad_norm) else "grad_norm"
-            if reason is not None:
-                # Drop the gradient: the optimizer (and its moment estimates) never see it.
-                optimizer.zero_grad(set_to_none=True)
-                stats.skipped_steps += 1
-                name = f"nonfinite_u{update_index:06d}_e{epoch}_m{mb_index}"
-                logger.warning(
-                    "skipped optimizer step %s: non-finite %s (loss=%s, grad_norm=%s)",
-                    name,
-                    reason,
-                    mb_loss,
-                    grad_norm,
-                )
-                if dump_dir is not None:
-                    path = _dump_nonfinite(
-                        Path(dump_dir), name, minibatch, reason, mb_loss, grad_norm
-                    )
-                    stats.dumps.append(str(path))
+            name = f"nonfinite_u{update_index:06d}_e{epoch}_m{mb_index}"
+            where = None if dump_dir is None else Path(dump_dir)
+            grad_norm = _clipped_grad_norm(
+                params, clip_to, optimizer, stats, finite, mb_loss, (where, name, minibatch)
+            )
+            if grad_norm is None:
                 continue
-
             stats.lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
             if scheduler is not None:
