@@ -298,34 +298,6 @@ def selected_logprobs(
     return logprobs, entropy if with_entropy else None
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    with_entropy: bool = False,
-    chunk_size: int | None = HEAD_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of ``targets`` under ``logits`` (already shifted: ``logits[:, i]`` predicts ``targets[:, i]``).
-
-    ``logits`` ``[B, L, V]`` in any float dtype, ``targets`` ``[B, L]``; returns
-    ``(logprobs [B, L] float32, entropy [B, L] float32 or None)``. ``chunk_size``: see
-    :func:`selected_logprobs` (rows of the flattened ``[B * L, V]``).
-    """
-    if logits.shape[:2] != targets.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree; "
-            "expected logits [B, L, V] and targets [B, L]"
-        )
-    flat_lp, flat_h = selected_logprobs(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        with_entropy=with_entropy,
-        chunk_size=chunk_size,
-    )
-    entropy = None if flat_h is None else flat_h.view(targets.shape)
-    return flat_lp.view(targets.shape), entropy
-
-
 @contextlib.contextmanager
 def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
     """Within the block, each decoder layer keeps only its input for backward and recomputes the rest.
