@@ -29,9 +29,19 @@ from aipo_env.episode_state import EpisodeState, ProblemPicker
 from aipo_env.injection import call_service, full_render_drift, reply_pieces, short_error
 from aipo_env.masks import MaskRule
 from aipo_env.protocols import InteractionProtocol, make_protocol
-from aipo_env.protocols.base import encode_injected
+from aipo_env.protocols.base import Piece, encode_injected
 from aipo_env.trajectory import ConsultRecord, Trajectory, Turn
 from tasks.base import Problem, RewardResult, Task
+
+
+def cut_after_eos(
+    ids: list[int], logprobs: list[float | None], eos: set[int]
+) -> tuple[list[int], list[float | None], int]:
+    """``(ids, log-probs, dropped)``: a segment cut after its first EOS; nothing after it is the policy's."""
+    at = next((k for k, i in enumerate(ids) if i in eos), None)
+    if at is None or at == len(ids) - 1:
+        return ids, logprobs, 0
+    return ids[: at + 1], logprobs[: at + 1], len(ids) - at - 1
 
 
 class ConsultEnv(AsyncEnv):
@@ -55,8 +65,12 @@ class ConsultEnv(AsyncEnv):
       removed), less ``config.consult_cost`` per consult it wrote (train mode), and
       ``info["trajectory"]`` the finished record.
     - ``protocol`` (default: the one ``config.protocol`` names) owns every text: stop
-      strings, parsing, reply markup, instructions. ``mask_rule`` decides the stored
-      ``loss_mask`` (default: policy tokens only; :mod:`aipo_env.masks`).
+      strings, parsing, reply markup, instructions, the scored text, and, for a protocol
+      whose env opens every turn (Idea3), the message after each segment
+      (``next_message``, injected with a reply's room check). ``mask_rule`` decides the
+      stored ``loss_mask`` (default: policy tokens only; :mod:`aipo_env.masks`).
+    - ``await end(reason, message=None, segment=None)`` and ``fits(segment)``: for a caller
+      that runs several episodes as one and ends them together (ILR's peers).
 
     Deviation from gymnasium forced by token spaces: observations and actions are
     variable-length id sequences (``spaces.Sequence(Discrete(vocab), stack=True)``), and
@@ -241,50 +255,36 @@ class ConsultEnv(AsyncEnv):
             raise RuntimeError(
                 f"episode {episode.trajectory_id} already ended ({episode.trajectory.finish_reason}); call reset"
             )
-        ids, lps, gen_finish, cached = normalize_action(action)
-        bad = [i for i in ids if not 0 <= i < self._vocab_size]
-        if bad:
-            trajectory = self.abort(
-                "invalid_action",
-                f"token id {bad[0]} is outside the vocabulary 0..{self._vocab_size - 1}",
-            )
-            info = {
-                "sources": [],
-                "trajectory": trajectory,
-                "finish_reason": trajectory.finish_reason,
-            }
+        appended = self._append_segment(episode, action)
+        if isinstance(appended, Trajectory):  # an invalid action ended the episode
+            info = {"sources": [], "trajectory": appended, "finish_reason": appended.finish_reason}
             return np.zeros(0, dtype=np.int64), 0.0, False, True, info
-        # Nothing after an EOS is the policy's: a generator that ran past one is cut there.
-        eos_at = next((k for k, i in enumerate(ids) if i in self._eos_ids), None)
-        dropped = 0
-        if eos_at is not None and eos_at < len(ids) - 1:
-            dropped = len(ids) - eos_at - 1
-            ids, lps = ids[: eos_at + 1], lps[: eos_at + 1]
-        start = len(episode.token_ids)
-        episode.extend(ids, sources.POLICY, lps)
-        turn = Turn(
-            index=len(episode.turns),
-            policy_start=start,
-            policy_end=len(episode.token_ids),
-            generation_finish=gen_finish,
-            policy_cached_tokens=cached,
-            dropped_after_eos=dropped,
-        )
-        episode.turns.append(turn)
+        turn = appended
+        ids = episode.token_ids[turn.policy_start : turn.policy_end]
+        gen_finish = turn.generation_finish
         ended_by_eos = bool(ids) and ids[-1] in self._eos_ids
         text = self._decode(ids)
         request_end = None
-        if self.config.mode == "train" and not ended_by_eos and ids:
-            request_end = self.protocol.find_request(text, len(self._decode(ids[:-1])))
+        message = None
+        if self.config.mode == "train":
+            message = self.protocol.next_message(turn.index, self.tokenizer, ended_by_eos)
+            if message is None and not ended_by_eos and ids:
+                request_end = self.protocol.find_request(text, len(self._decode(ids[:-1])))
         reason: str | None = None
         if gen_finish == "abort":
             reason = "error:abort"
-        elif request_end is not None:
-            episode.attempts += 1
+        elif message is not None or request_end is not None:
+            if request_end is not None:
+                episode.attempts += 1
             if len(episode.turns) >= self.config.max_turns:
                 reason = "max_turns"
             else:
-                injected = await self._answer(episode, text[:request_end], turn)
+                # The protocol's own message opens the next turn, or the request is answered.
+                injected = (
+                    self._inject(episode, turn, message)
+                    if message is not None
+                    else await self._answer(episode, text[:request_end], turn)
+                )
                 if injected is None:
                     reason = "context_overflow"
                 else:
@@ -306,6 +306,44 @@ class ConsultEnv(AsyncEnv):
         terminated = reason == "eos"
         info = {"sources": [], "turn": turn, "trajectory": trajectory, "finish_reason": reason}
         return np.zeros(0, dtype=np.int64), trajectory.reward, terminated, not terminated, info
+
+    def _append_segment(self, episode: EpisodeState, action: Any) -> Turn | Trajectory:
+        """Append one policy segment (cut after its first EOS) as a new turn; an invalid one ends the episode."""
+        ids, lps, gen_finish, cached = normalize_action(action)
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            return self.abort(
+                "invalid_action",
+                f"token id {bad[0]} is outside the vocabulary 0..{self._vocab_size - 1}",
+            )
+        # Nothing after an EOS is the policy's: a generator that ran past one is cut there.
+        ids, lps, dropped = cut_after_eos(ids, lps, self._eos_ids)
+        start = len(episode.token_ids)
+        episode.extend(ids, sources.POLICY, lps)
+        turn = Turn(
+            index=len(episode.turns),
+            policy_start=start,
+            policy_end=len(episode.token_ids),
+            generation_finish=gen_finish,
+            policy_cached_tokens=cached,
+            dropped_after_eos=dropped,
+        )
+        episode.turns.append(turn)
+        return turn
+
+    def fits(self, segment: Any) -> bool:
+        """Whether ``segment`` and the protocol's message after it fit the context.
+
+        For a caller that steps several episodes as one (ILR's Idea3 driver): when one of
+        them would overflow, it ends them all before stepping any.
+        """
+        episode = self._require()
+        ids, lps, _, _ = normalize_action(segment)
+        ids, _, _ = cut_after_eos(ids, lps, self._eos_ids)
+        ended_by_eos = bool(ids) and ids[-1] in self._eos_ids
+        message = self.protocol.next_message(len(episode.turns), self.tokenizer, ended_by_eos)
+        injected = sum(len(p[0]) for p in message or [])
+        return len(episode.token_ids) + len(ids) + injected + 1 <= self.config.max_total_tokens
 
     async def _answer(
         self, episode: EpisodeState, text: str, turn: Turn
@@ -358,16 +396,23 @@ class ConsultEnv(AsyncEnv):
             episode.consults += 1
         else:
             episode.consult_errors += 1
-        # Room for the reply and at least one more policy token.
-        if len(episode.token_ids) + len(injection.ids) + 1 > self.config.max_total_tokens:
+        return self._inject(episode, turn, injection.pieces)
+
+    def _inject(
+        self, episode: EpisodeState, turn: Turn, pieces: list[Piece]
+    ) -> tuple[list[int], list[str]] | None:
+        """Append ``pieces`` after ``turn``'s segment; None (nothing appended) when they would overflow."""
+        ids = [i for piece_ids, _, _ in pieces for i in piece_ids]
+        # Room for the injection and at least one more policy token.
+        if len(episode.token_ids) + len(ids) + 1 > self.config.max_total_tokens:
             return None
         turn.feedback_start = len(episode.token_ids)
         labels: list[str] = []
-        for ids, label, lps in injection.pieces:
-            episode.extend(ids, label, lps)
-            labels += [label] * len(ids)
+        for piece_ids, label, lps in pieces:
+            episode.extend(piece_ids, label, lps)
+            labels += [label] * len(piece_ids)
         turn.feedback_end = len(episode.token_ids)
-        return injection.ids, labels
+        return ids, labels
 
     def _chat_drift(self, episode: EpisodeState) -> bool:
         """Chat format: whether the incremental ids differ from a full render."""
@@ -385,18 +430,21 @@ class ConsultEnv(AsyncEnv):
 
     async def _finish(self, episode: EpisodeState, reason: str) -> Trajectory:
         """Score the policy's own text and freeze the trajectory."""
-        policy_text = episode.policy_text(self._decode)
         verifier: RewardResult | None = None
         if not reason.startswith("error:"):
             try:
-                answer = self.protocol.answer_text(policy_text)
+                segments = [
+                    self._decode(episode.token_ids[t.policy_start : t.policy_end])
+                    for t in episode.turns
+                ]
+                answer = self.protocol.scored_text(segments)
                 verifier = await self.task.ascore(episode.problem, answer)
             except Exception as exc:  # a verifier bug must not lose the episode
                 verifier = RewardResult(
                     score=0.0, correct=False, reason=f"scoring failed: {type(exc).__name__}: {exc}"
                 )
         if self.config.mode == "independent":
-            episode.attempts = self.protocol.count_requests(policy_text)
+            episode.attempts = self.protocol.count_requests(episode.policy_text(self._decode))
         if (
             self.config.format == "chat"
             and self.config.check_drift
@@ -454,6 +502,28 @@ class ConsultEnv(AsyncEnv):
         plain = ("length", "max_turns", "context_overflow")
         reason = kind if kind.startswith("error:") or kind in plain else f"error:{kind}"
         return self._finish_unscored(episode, reason, message or None)
+
+    async def end(
+        self, reason: str, message: str | None = None, *, segment: Any = None
+    ) -> Trajectory:
+        """End the episode with ``reason``, after appending ``segment`` (a generated one) when given.
+
+        For a caller that runs several episodes as one and ends them together (ILR's Idea3:
+        a peer's failure or a context overflow ends every peer's episode, and the last
+        stage ends them all alike). ``error:<kind>`` and ``context_overflow`` are not
+        scored (``message`` is recorded as the error); any other reason is scored like an
+        ending the env decides. An episode that has ended keeps its trajectory.
+        """
+        episode = self._require()
+        if episode.trajectory is not None:
+            return episode.trajectory
+        if segment is not None:
+            appended = self._append_segment(episode, segment)
+            if isinstance(appended, Trajectory):
+                return appended
+        if reason.startswith("error:") or reason == "context_overflow":
+            return self._finish_unscored(episode, reason, message)
+        return await self._finish(episode, reason)
 
     def fork(self, trajectory_id: str) -> ConsultEnv:
         """A new env continuing a deep copy of this episode as ``trajectory_id`` (a rollout tree).

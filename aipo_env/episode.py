@@ -4,7 +4,8 @@ Every caller runs episodes through :func:`run_episode`: the rollout driver (trai
 and evaluation), the OpenRLHF agent executor, and the tests. Its three steps
 (:func:`start_episode`, :func:`generate_segment`, :func:`apply_segment`) are the same
 loop for a caller that must act between turns: the tree rollout
-(:mod:`aipo_env.tree_rollout`) measures each segment and forks at turn boundaries. One failing episode
+(:mod:`aipo_env.tree_rollout`) measures each segment and forks at turn boundaries, and
+ILR's Idea3 (:mod:`aipo_env.peer_episode`) steps every peer's episode in lockstep. One failing episode
 never raises: a reset that fails, a generation that fails or an env bug ends the
 episode with an ``error:<kind>`` trajectory; a context the generator refuses ends
 it with ``context_overflow``.

@@ -19,12 +19,9 @@ from typing import Any
 from agents.base import AgentReply, ConsultRequest, ConsultService
 from aipo_env import sources
 from aipo_env.config import EnvConfig
-from aipo_env.protocols.base import InteractionProtocol, encode_injected
-from aipo_env.protocols.chat import chat_feedback_pieces
+from aipo_env.protocols.base import InteractionProtocol, Piece, encode_injected
+from aipo_env.protocols.chat import chat_feedback_pieces, template_ids
 from aipo_env.trajectory import ConsultRecord
-
-#: One injected run of tokens: ids, their source label, their behaviour log-probs.
-Piece = tuple[list[int], str, list[float | None]]
 
 #: Characters of an error message kept before it is tokenized (then it is cut again to the
 #: env's reply cap): an agent's exception text may be megabytes.
@@ -83,11 +80,6 @@ async def call_service(
             time.monotonic() - began,
         )
     return reply, None, time.monotonic() - began
-
-
-def template_ids(tokenizer: Any, text: str) -> list[int]:
-    """Ids of chat-template text, whose turn markers must become the template's special ids."""
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
 def short_error(tokenizer: Any, message: str, max_tokens: int) -> str:

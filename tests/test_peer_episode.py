@@ -38,7 +38,7 @@ async def play(tokenizer, script, *, modes=None, config=None, rule=None, fail=No
     }
     peers = [Peer(name, gen) for name, gen in gens.items()]
     out = await run_idea3(
-        problem,
+        0,
         task,
         peers,
         modes or {"A": "cooperate", "B": "compete"},
@@ -150,7 +150,7 @@ async def test_one_peer_or_a_missing_mode_is_refused(tokenizer):
     gen = ScriptedGenerator(tokenizer, ["x"])
     with pytest.raises(ValueError, match="two or more peers"):
         await run_idea3(
-            task.problems[0],
+            0,
             task,
             [Peer("A", gen)],
             {"A": "compete"},
@@ -159,10 +159,122 @@ async def test_one_peer_or_a_missing_mode_is_refused(tokenizer):
         )
     with pytest.raises(ValueError, match=r"\['B'\]"):
         await run_idea3(
-            task.problems[0],
+            0,
             task,
             [Peer("A", gen), Peer("B", gen)],
             {"A": "compete"},
             trajectory_ids={"A": "a", "B": "b"},
             group_ids={"A": "g", "B": "g"},
         )
+
+
+async def test_a_peers_trajectory_is_exactly_the_hand_built_one(tokenizer):
+    """A's whole trajectory, built by hand from the tokenizer: the prompt as ConsultEnv
+    renders it, A's own ids, the ChatML markup between stages, and B's ids and log-probs."""
+    out, gens, problem = await play(tokenizer, None)
+    a, b = out["A"], out["B"]
+    task = AdditionTask(4)
+    eos = tokenizer.eos_token_id
+
+    def enc(text):  # injected text: special tokens never parsed
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def template(text):  # chat markup: its special tokens are the template's ids
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    content = (
+        f"{problem.question}\n\n{task.answer_format}".strip()
+        + "\n\n"
+        + (
+            "You are solving this together with a partner. Stage 1 of 3, idea sharing: in two or "
+            "three sentences, say how you would solve it. Do not give the final answer yet."
+        )
+    )
+    prompt = template(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    )
+    ids, src, lps = list(prompt), ["prompt"] * len(prompt), [None] * len(prompt)
+
+    def add(piece, label, logprobs=None):
+        ids.extend(piece)
+        src.extend([label] * len(piece))
+        lps.extend(logprobs if logprobs is not None else [None] * len(piece))
+
+    def own(t, stage):
+        turn = t.turns[stage]
+        return (
+            t.token_ids[turn.policy_start : turn.policy_end],
+            t.behavior_logprobs[turn.policy_start : turn.policy_end],
+        )
+
+    closing = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        tokenize=False,
+        continue_final_message=True,
+    )
+    assert "<|im_start|>" in closing  # ChatML: the markup below is the template's
+    follow_ups = [
+        (
+            "idea",
+            "Stage 2 of 3, idea analysis: say what is right in your partner's idea and what "
+            "it misses, so that together you get the answer right. Do not give the final answer yet.",
+        ),
+        (
+            "analysis",
+            "Stage 3 of 3, idea fusion: write your final solution, using the best of both ideas.",
+        ),
+    ]
+    for stage, (what, instruction) in enumerate(follow_ups):
+        mine, my_lps = own(a, stage)
+        assert mine[-1] == eos
+        add(mine, "policy", my_lps)
+        add(template("\n<|im_start|>user\n"), "env")  # A's own EOS closed its turn
+        add(enc(f"Your partner B's {what}:\n"), "env")
+        theirs, their_lps = own(b, stage)
+        add(theirs[:-1], "peer:B", their_lps[:-1])  # B's ids and log-probs, its EOS left out
+        add(enc("\n\n"), "env")
+        add(enc(instruction), "env")
+        add(template("<|im_end|>\n<|im_start|>assistant\n"), "env")
+    mine, my_lps = own(a, 2)
+    add(mine, "policy", my_lps)
+    assert a.token_ids == ids
+    assert a.source == src
+    assert a.behavior_logprobs == lps
+    assert a.prompt_len == len(prompt) and a.loss_mask == [int(s == "policy") for s in src]
+    assert not a.consults and not a.consult_attempts and not a.allow_consult
+    assert [t.feedback_end is not None for t in a.turns] == [True, True, False]
+
+
+async def test_without_a_chat_template_the_prompt_is_consult_envs_plain_text(tokenizer):
+    """No chat template: the prompt is ConsultEnv.prompt_ids' plain text, stages a blank line apart."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    out, _, problem = await play(plain, None)
+    a = out["A"]
+    task = AdditionTask(4)
+    content = (
+        f"{problem.question}\n\n{task.answer_format}".strip()
+        + "\n\n"
+        + (
+            "You are solving this together with a partner. Stage 1 of 3, idea sharing: in two or "
+            "three sentences, say how you would solve it. Do not give the final answer yet."
+        )
+    )
+    assert a.token_ids[: a.prompt_len] == plain.encode(content + "\n", add_special_tokens=False)
+    gap = plain.encode("\n\n", add_special_tokens=False, split_special_tokens=True)
+    first = a.turns[0]
+    assert a.token_ids[first.policy_end : first.policy_end + len(gap)] == gap
+    assert a.finish_reason == "stop" and a.reward == 1.0
+
+
+def test_idea3_is_registered_but_never_built_from_an_env_config():
+    from aipo_env.config import EnvConfig
+    from aipo_env.protocols import PROTOCOLS, make_protocol
+
+    assert "idea3" in PROTOCOLS
+    with pytest.raises(ValueError, match="played between peers"):
+        make_protocol(EnvConfig(protocol="idea3"))

@@ -4,7 +4,8 @@ A new protocol is one new module with an :class:`~aipo_env.protocols.base.Intera
 subclass and one entry in :data:`PROTOCOLS`; ``EnvConfig.protocol`` selects it by name. A
 protocol tools answer declares them (:attr:`~aipo_env.protocols.base.InteractionProtocol.tools`);
 a one-tag tool subclasses :class:`~aipo_env.protocols.one_tag.OneTagToolProtocol` and
-needs a tool service of the tag's name (``agents.tool_services.TOOL_SERVICES``).
+needs a tool service of the tag's name (``agents.tool_services.TOOL_SERVICES``). ILR's
+``idea3`` is played between peers (:mod:`aipo_env.peer_episode`), never built from a config.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aipo_env.protocols.base import (
 )
 from aipo_env.protocols.consult import ConsultProtocol
 from aipo_env.protocols.one_tag import OneTagToolProtocol
+from aipo_env.protocols.peer import Idea3Protocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
 from aipo_env.protocols.tools import ToolProtocol
 
@@ -26,6 +28,7 @@ PROTOCOLS: dict[str, type[InteractionProtocol]] = {
     ConsultProtocol.name: ConsultProtocol,
     PythonToolProtocol.name: PythonToolProtocol,
     ToolProtocol.name: ToolProtocol,
+    Idea3Protocol.name: Idea3Protocol,
 }
 
 
@@ -41,6 +44,7 @@ def make_protocol(config: ProtocolSettings) -> InteractionProtocol:
 __all__ = [
     "PROTOCOLS",
     "ConsultProtocol",
+    "Idea3Protocol",
     "InteractionProtocol",
     "OneTagToolProtocol",
     "ProtocolSettings",

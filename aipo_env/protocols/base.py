@@ -27,7 +27,11 @@ ids themselves are never re-tokenized):
 - :meth:`~InteractionProtocol.find_request`: where a request ends in a segment's text,
   wherever the last token's boundary falls.
 - :meth:`~InteractionProtocol.answer_text`: the only text the task scores: the policy's
-  text with requests and reply-shaped blocks removed.
+  text with requests and reply-shaped blocks removed; :meth:`~InteractionProtocol.scored_text`
+  picks it from the policy's segments (all of them, by default).
+- :meth:`~InteractionProtocol.next_message`: for a protocol whose *env* opens the next
+  turn (ILR's Idea3 stages), the message injected after a segment whatever the segment
+  says; None (the default) leaves it to the requests the policy writes.
 - :meth:`~InteractionProtocol.targets`: the names a request may address (the
   configured agents, or the protocol's own tools); :attr:`~InteractionProtocol.roles`:
   what each does, for the instructions.
@@ -56,6 +60,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+#: One injected run of tokens: ids, their source label, their behaviour log-probs.
+Piece = tuple[list[int], str, list[float | None]]
 
 
 class ProtocolSettings(Protocol):
@@ -153,6 +160,26 @@ class InteractionProtocol(ABC):
         Only this is scored, so neither a reply the policy forged in the reply format nor
         an answer inside its own request can decide the reward.
         """
+
+    def scored_text(self, segments: Sequence[str]) -> str:
+        """The text the task scores, from the policy's segments (decoded, in order).
+
+        By default :meth:`answer_text` of all of them joined; a protocol whose last
+        segment alone is the answer (Idea3's fusion stage) says so here.
+        """
+        return self.answer_text("".join(segments))
+
+    def next_message(self, turn: int, tokenizer: Any, ended_by_eos: bool) -> list[Piece] | None:
+        """The env's own message after the policy's segment of turn ``turn``, as pieces; None: none.
+
+        For a protocol whose env opens every turn (ILR's Idea3 stages): the segment ends
+        the turn whatever it says (an EOS, a cut-off, nothing), and these ``(ids, source,
+        log-probs)`` pieces are injected after it, with the room check of a reply.
+        ``ended_by_eos``: whether the segment closed with EOS (the turn markup differs).
+        None, the default: only a request the policy writes (:meth:`find_request`) ends a
+        turn.
+        """
+        return None
 
     @abstractmethod
     def parse_request(self, text: str, targets: Sequence[str]) -> Request:

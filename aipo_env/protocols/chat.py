@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def template_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of chat-template text, whose turn markers must become the template's special ids."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
