@@ -32,7 +32,6 @@ def ilr_config(run: Path, model: str, train: dict | None = None, **peers):
         model,
         task={"eval_size": 2},
         env={"max_consults": 0, "max_total_tokens": 512},
-        agents={"agents": {"verify": {"kind": "oracle"}}},
         train={"save_every": 1, **(train or {})},
         peers={
             "names": ["A", "B"],
@@ -45,7 +44,17 @@ def ilr_config(run: Path, model: str, train: dict | None = None, **peers):
 
 
 @pytest.mark.slow
-def test_two_peers_train_each_on_its_own_trajectories(tmp_path: Path, tiny_model_dir: str) -> None:
+def test_two_peers_train_each_on_its_own_trajectories(
+    tmp_path: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainers.run_state as run_state
+
+    def unused(*args, **kwargs):
+        raise AssertionError("a peer's run built an agent pool or a rollout driver")
+
+    # The peers play Idea3 themselves: no answerers, no driver (no agents section either).
+    monkeypatch.setattr(run_state, "make_answerers", unused)
+    monkeypatch.setattr(run_state, "RolloutDriver", unused)
     summary = PeerTrainer(ilr_config(tmp_path / "run", tiny_model_dir), progress=False).run()
     run = tmp_path / "run"
     base = load_weights(tiny_model_dir)
@@ -214,7 +223,7 @@ def test_peer_config_errors_come_before_any_model_loads(override, message) -> No
         load_config(
             TrainConfig,
             None,
-            ["peers.names=[A, B]", override, "agents.agents={verify: {kind: oracle}}"],
+            ["peers.names=[A, B]", override],
         )
 
 
@@ -222,8 +231,16 @@ def test_peer_config_errors_come_before_any_model_loads(override, message) -> No
     ("given", "expected"), [([], "mask"), (["loss.agent_mode=shaped"], "shaped")]
 )
 def test_peer_tokens_are_context_unless_the_loss_trains_them(given, expected) -> None:
-    config = load_config(
-        TrainConfig, None, ["peers.names=[A, B]", "agents.agents={verify: {kind: oracle}}", *given]
-    )
+    config = load_config(TrainConfig, None, ["peers.names=[A, B]", *given])
     assert config.loss.agent_mode == expected
     assert load_config(TrainConfig, None, []).loss.agent_mode == "shaped"  # AIPO's default
+
+
+def test_the_packaged_ilr_config_declares_no_agents() -> None:
+    """Idea3 consults no agent: configs/ilr.yaml has no agents section, and loads."""
+    import yaml
+
+    path = Path(__file__).parent.parent / "configs" / "ilr.yaml"
+    assert "agents" not in yaml.safe_load(path.read_text())
+    config = load_config(TrainConfig, path)
+    assert config.peers is not None and config.env.max_consults == 0

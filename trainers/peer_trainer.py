@@ -2,7 +2,7 @@
 
 Each peer is a whole embedded run of its own (:func:`trainers.run_state.open_run` in
 ``<run_dir>/peers/<name>``): model, optimizer, scheduler, generator, metrics and
-checkpoints. One step:
+checkpoints; no agent pool or rollout driver, since the episodes are played here. One step:
 
 1. **interaction modes**: with ``peers.interaction: dynamic``, each peer's ability is
    re-measured every ``peers.ability_every`` steps (greedy accuracy alone on a validation
@@ -144,6 +144,7 @@ class PeerTrainer:
                             resume=self.resume,
                             progress=self.progress,
                             resume_at=0 if committed is None else committed["step"],
+                            rollouts=False,  # the Idea3 episodes are played here
                         )
                     )
                 before, after = await self._train(run_dir, runs, stop, committed)
@@ -333,7 +334,7 @@ class PeerTrainer:
             stem = f"s{step}-g{position}-{index}"
             async with semaphore:
                 return await run_idea3(
-                    problem,
+                    index,
                     first.task,
                     peers,
                     self._modes(problem.id),

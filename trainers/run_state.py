@@ -7,7 +7,8 @@ load the policy (and the frozen reference model when the loss has a KL term), bu
 optimizer, scheduler and loss, restore the last checkpoint on ``--resume``, start the
 generator and publish the weights to it, start the agents (their replies seeded from
 the run's seed) and probe every remote backend (:func:`trainers.stopping.check_backends`),
-then the rollout driver and the metrics logger. The order is part of the contract: every
+then the rollout driver and the metrics logger (a caller that plays its own episodes,
+ILR's peers, gets no agents and no driver). The order is part of the contract: every
 seeded operation happens in it, so a fixed-seed run is repeatable and a resumed run draws
 what an uninterrupted one would.
 """
@@ -70,10 +71,11 @@ class RunState:
     scheduler: Any
     loss_fn: AIPOLoss
     generator: Generator  #: the policy's generator (embedded on ``model``, or SGLang)
-    agents: AgentPool | None  #: None under a tool protocol: the driver calls the tool set
+    #: None under a tool protocol (the driver calls the tool set) and without rollouts
+    agents: AgentPool | None
     env_config: EnvConfig  #: the environment settings of training rollouts
     mask_rule: MaskRule  #: which tokens the loss trains (aipo_env/masks.py)
-    driver: RolloutDriver
+    driver: RolloutDriver | None  #: None when the caller plays the episodes (``rollouts=False``)
     metrics_log: MetricsLogger
     start_step: int  #: the first step to run (the checkpoint's step on resume, else 0)
     checkpoint: Path | None = None  #: the last checkpoint this invocation saved
@@ -299,6 +301,7 @@ async def open_run(
     resume: bool = False,
     progress: bool = True,
     resume_at: int | None = None,
+    rollouts: bool = True,
 ) -> AsyncIterator[RunState]:
     """Build the :class:`RunState` of ``config`` (module docstring); close it on exit.
 
@@ -306,6 +309,8 @@ async def open_run(
     directory holding a run is refused with :class:`RunDirError`). ``resume_at``: from
     its last checkpoint at or before that step instead (0: from the start), for a run
     whose progress is committed elsewhere (the peers of ``trainers/peer_trainer.py``).
+    ``rollouts=False``: the caller plays the episodes itself (ILR's peers), so neither
+    the answerers (agent pool, tools) nor the rollout driver are built.
     """
     run_dir = Path(config.run_dir)
     check_run_dir(run_dir, resume)
@@ -340,16 +345,19 @@ async def open_run(
         await publish_weights(
             generator, model, start_step, backend=config.policy.backend, run_dir=run_dir
         )
-        tools, agents = make_answerers(config, generator, tokenizer, task)
+        tools, agents = (
+            make_answerers(config, generator, tokenizer, task) if rollouts else (None, None)
+        )
         if agents is not None:
             stack.push_async_callback(agents.aclose)
         await check_backends(config, generator, agents)
-        rollout_cfg = rollout_settings(config)
         mask_rule = config.loss.mask_rule(mask_on_drift=config.env.mask_on_drift)
-        answerer = agents if tools is None else tools
-        driver = RolloutDriver(
-            generator, task, answerer, config.env, rollout_cfg, mask_rule=mask_rule
-        )
+        driver = None
+        if rollouts:
+            answerer = agents if tools is None else tools
+            driver = RolloutDriver(
+                generator, task, answerer, config.env, rollout_settings(config), mask_rule=mask_rule
+            )
         resume_step = start_step if resume else None
         metrics_log = MetricsLogger(
             run_dir, total_steps=config.train.steps, resume_step=resume_step, progress=progress
