@@ -13,6 +13,10 @@ keys are compared exactly too.
     python scripts/same_rollouts.py run /work/arch_after /tmp/after [KEY=VALUE ...] [--config F]
     python scripts/same_rollouts.py compare /tmp/before /tmp/after
 
+A run with a ``peers:`` section (ILR, ``--config configs/ilr.yaml``) is compared peer by
+peer (``run/peers/<name>/rollouts``, ``metrics.jsonl``), trajectory metadata (Idea3's
+stages) and turns included, and each peer's rollout-side metrics (``PEER_METRICS``).
+
 Overrides come right after the two paths. Run the episodes one at a time
 (``rollout.concurrency=1``): at higher concurrency which requests share a decode step
 moves the batched log-probs, and so the samples, from run to run.
@@ -47,6 +51,17 @@ EXACT = (
 )
 #: Metrics computed from the rollouts alone (no update in them).
 ROLLOUT_METRICS = ("reward", "consult", "finish", "tokens", "episode", "leak")
+#: A peer's metrics computed from its rollouts alone (trainers/peer_trainer.py).
+PEER_METRICS = (
+    "accuracy",
+    "raw_reward",
+    "cooperate_rate",
+    "stage_failure_rate",
+    "error_rate",
+    "context_overflow_rate",
+    "response_tokens",
+    "ability",
+)
 
 
 def run(tree: Path, out: Path, steps: int, overrides: list[str], config: str | None = None) -> int:
@@ -89,11 +104,48 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _runs(out: Path) -> dict[str, Path]:
+    """The run's folders with rollouts: each peer's under ILR, else the run's own."""
+    peers = out / "run" / "peers"
+    if peers.is_dir():
+        return {f"peer {p.name}": p for p in sorted(peers.iterdir()) if p.is_dir()}
+    return {"run": out / "run"}
+
+
 def compare(a: Path, b: Path, logprob_tol: float) -> int:
     """Compare two runs' rollouts and rollout-side metrics; print the result; 0 when equal."""
+    runs_a, runs_b = _runs(a), _runs(b)
+    if list(runs_a) != list(runs_b):
+        print(f"the runs differ in their peers: {list(runs_a)} vs {list(runs_b)}")
+        return 1
+    peers = list(runs_a) != ["run"]
     problems: list[str] = []
-    steps_a = sorted((a / "run" / "rollouts").glob("step_*.jsonl"))
-    steps_b = sorted((b / "run" / "rollouts").glob("step_*.jsonl"))
+    counted, steps, worst = 0, 0, 0.0
+    for name in runs_a:
+        found: list[str] = []
+        n_rows, n_steps, largest = _compare_run(runs_a[name], runs_b[name], peers, found)
+        counted, steps, worst = counted + n_rows, steps + n_steps, max(worst, largest)
+        problems += [f"{name}: {p}" if peers else p for p in found]
+    if worst > logprob_tol:
+        problems.append(f"behaviour log-probs differ by up to {worst:.3g} (> {logprob_tol})")
+    extra = ", metadata, turns" if peers else ""
+    print(
+        f"{counted} trajectories in {steps} rollout files ({', '.join(runs_a)}) compared; "
+        f"token ids, sources, masks, rewards, finish reasons, consults{extra}: "
+        f"{'identical' if not problems else 'DIFFERENT'}; "
+        f"largest behaviour log-prob difference {worst:.3g}"
+    )
+    for line in problems[:40]:
+        print(f"  {line}")
+    return 1 if problems else 0
+
+
+def _compare_run(
+    run_a: Path, run_b: Path, peers: bool, problems: list[str]
+) -> tuple[int, int, float]:
+    """``(trajectories, rollout files, largest log-prob difference)`` of one run's folder pair."""
+    steps_a = sorted((run_a / "rollouts").glob("step_*.jsonl"))
+    steps_b = sorted((run_b / "rollouts").glob("step_*.jsonl"))
     if [p.name for p in steps_a] != [p.name for p in steps_b] or not steps_a:
         problems.append(
             f"rollout files differ: {[p.name for p in steps_a]} vs {[p.name for p in steps_b]}"
@@ -109,9 +161,11 @@ def compare(a: Path, b: Path, logprob_tol: float) -> int:
         for tid in sorted(rows_a.keys() & rows_b.keys()):
             ra, rb = rows_a[tid], rows_b[tid]
             counted += 1
-            for key in EXACT:
+            for key in EXACT + (("metadata",) if peers else ()):
                 if ra.get(key) != rb.get(key):
                     problems.append(f"{pa.name} {ra.get('trajectory_id')}: {key} differs")
+            if peers and _turns(ra) != _turns(rb):
+                problems.append(f"{pa.name} {ra.get('trajectory_id')}: turns differ")
             if [t.get("consult") for t in ra["turns"]] != [t.get("consult") for t in rb["turns"]]:
                 # latency differs run to run; compare what the agent was asked and answered
                 for ta, tb in zip(ra["turns"], rb["turns"], strict=False):
@@ -128,23 +182,26 @@ def compare(a: Path, b: Path, logprob_tol: float) -> int:
                     )
                 elif la is not None:
                     worst = max(worst, abs(la - lb))
-    metrics_a, metrics_b = _rows(a / "run" / "metrics.jsonl"), _rows(b / "run" / "metrics.jsonl")
+    metrics_a, metrics_b = _rows(run_a / "metrics.jsonl"), _rows(run_b / "metrics.jsonl")
+    if len(metrics_a) != len(metrics_b):
+        problems.append(f"metrics: {len(metrics_a)} vs {len(metrics_b)} steps logged")
+    prefixes = ROLLOUT_METRICS + (PEER_METRICS if peers else ())
     for ma, mb in zip(metrics_a, metrics_b, strict=False):
         for key in sorted(set(ma) | set(mb)):
-            if key.startswith(ROLLOUT_METRICS) and ma.get(key) != mb.get(key):
+            if key.startswith(prefixes) and ma.get(key) != mb.get(key):
                 problems.append(
                     f"metrics step {ma.get('step')}: {key} {ma.get(key)} vs {mb.get(key)}"
                 )
-    if worst > logprob_tol:
-        problems.append(f"behaviour log-probs differ by up to {worst:.3g} (> {logprob_tol})")
-    print(
-        f"{counted} trajectories in {len(steps_a)} steps compared; token ids, sources, masks, "
-        f"rewards, finish reasons, consults: {'identical' if not problems else 'DIFFERENT'}; "
-        f"largest behaviour log-prob difference {worst:.3g}"
-    )
-    for line in problems[:40]:
-        print(f"  {line}")
-    return 1 if problems else 0
+    return counted, len(steps_a), worst
+
+
+def _turns(row: dict) -> list[dict]:
+    """A trajectory's turns, less what differs run to run (a consult's latency)."""
+    return [
+        {k: v for k, v in turn.items() if k != "consult"}
+        | {"consult": {k: v for k, v in (turn.get("consult") or {}).items() if k != "latency_s"}}
+        for turn in row["turns"]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
