@@ -210,8 +210,24 @@ def check_comparable(cfg: TrainConfig) -> None:
 LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_sum_norm": "dr_grpo"}
 
 
-def trl_settings(cfg: TrainConfig, output_dir: str | Path) -> dict[str, Any]:
-    """``GRPOConfig`` keyword arguments reproducing ``cfg`` (from :func:`aipo_config`)."""
+#: TRL's vLLM generation, colocated in the trainer's process; on the CPU build the KV
+#: cache is sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB, set by :func:`run_trl`).
+TRL_VLLM: dict[str, Any] = {
+    "use_vllm": True,
+    "vllm_mode": "colocate",
+    "vllm_max_model_length": 1024,
+    "vllm_enable_sleep_mode": False,
+}
+#: KV cache of the colocated engine on a CPU, in GiB.
+VLLM_CPU_KVCACHE_GIB = 1
+
+
+def trl_settings(cfg: TrainConfig, output_dir: str | Path, vllm: bool = False) -> dict[str, Any]:
+    """``GRPOConfig`` keyword arguments reproducing ``cfg`` (from :func:`aipo_config`).
+
+    ``vllm``: TRL generates with vLLM in its own process (``vllm_mode='colocate'``),
+    syncing the weights into the engine before each generation.
+    """
     check_comparable(cfg)
     rows = cfg.train.prompts_per_step * cfg.rollout.n_samples
     device = cfg.policy.device or "cpu"
@@ -259,7 +275,7 @@ def trl_settings(cfg: TrainConfig, output_dir: str | Path) -> dict[str, Any]:
         "disable_tqdm": True,
         "log_completions": False,
         "dataloader_num_workers": 0,
-    }
+    } | (TRL_VLLM if vllm else {})
 
 
 # -- per-step seconds and their ratio -------------------------------------------------
@@ -411,17 +427,46 @@ def run_aipo(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_trl(budget: SharedBudget, run_dir: Path) -> dict[str, Any]:
-    """One TRL ``GRPOTrainer`` run of ``budget`` (this file with ``--trl-child``)."""
+def run_trl(
+    budget: SharedBudget, run_dir: Path, python: str | None = None, vllm: bool = False
+) -> dict[str, Any]:
+    """One TRL ``GRPOTrainer`` run of ``budget`` (this file with ``--trl-child``).
+
+    ``python``: the interpreter of the TRL side (default: this one); ``vllm``: TRL
+    generates with vLLM (:data:`TRL_VLLM`).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / "spec.json"
-    spec.write_text(json.dumps({"budget": dataclasses.asdict(budget), "run_dir": str(run_dir)}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-child", str(spec)]
+    spec.write_text(
+        json.dumps({"budget": dataclasses.asdict(budget), "run_dir": str(run_dir), "vllm": vllm})
+    )
+    cmd = [python or sys.executable, str(Path(__file__).resolve()), "--trl-child", str(spec)]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VLLM_CPU_KVCACHE_GIB))
     process_s, peak_mib = _run_logged(cmd, run_dir.parent / "trl.log")
     result = json.loads((run_dir / "steps.json").read_text())
     result["process_s"] = process_s
     result["peak_rss_mib"] = peak_mib
     return result
+
+
+def grpo_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` under the names the installed ``GRPOConfig`` takes.
+
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing``;
+    a TRL side installed beside vLLM's CPU build has an older transformers.
+    """
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    renamed = {"activation_checkpointing": "gradient_checkpointing"}
+    out = {}
+    for key, value in settings.items():
+        if key not in names and renamed.get(key) in names:
+            key = renamed[key]
+        out[key] = value
+    return out
 
 
 def trl_child(spec_path: Path) -> None:
@@ -484,7 +529,7 @@ def trl_child(spec_path: Path) -> None:
     trainer = GRPOTrainer(
         model=model_path,
         reward_funcs=reward,
-        args=GRPOConfig(**trl_settings(cfg, run_dir / "trl-output")),
+        args=GRPOConfig(**grpo_kwargs(trl_settings(cfg, run_dir / "trl-output", spec["vllm"]))),
         train_dataset=datasets.Dataset.from_list(rows),
         callbacks=[clock],
     )
@@ -517,6 +562,7 @@ def trl_child(spec_path: Path) -> None:
         ],
         "problems": [s["problems"] for s in seen],
         "torch_threads": torch.get_num_threads(),
+        "versions": versions(),  # the TRL side's own (it may run in another environment)
     }
     (run_dir / "steps.json").write_text(json.dumps(result))
 
@@ -556,7 +602,7 @@ def machine() -> dict[str, Any]:
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages the comparison depends on."""
     out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "trl", "accelerate", "aipo"):
+    for name in ("torch", "transformers", "trl", "accelerate", "vllm", "aipo"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -648,12 +694,24 @@ def main(argv: list[str] | None = None) -> int:
         help="every round with seed 0 (the same problems and draws each round); default: "
         "round r uses seed r on both sides, so sampled lengths average out over rounds",
     )
+    parser.add_argument(
+        "--trl-vllm",
+        action="store_true",
+        help="TRL generates with vLLM, colocated (use_vllm, vllm_mode='colocate'); needs "
+        "vLLM in the TRL side's environment (--trl-python)",
+    )
+    parser.add_argument(
+        "--trl-python",
+        default=None,
+        help="interpreter of the TRL side, e.g. a venv with TRL and vLLM's CPU build "
+        "(default: this one)",
+    )
     parser.add_argument("--trl-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_child is not None:
         trl_child(args.trl_child)
         return 0
-    if versions()["trl"] is None:
+    if args.trl_python is None and versions()["trl"] is None:
         parser.error("TRL is not installed; pip install -e '.[bench]'")
 
     budget = SharedBudget(steps=args.steps, dtype=args.dtype, device=args.device)
@@ -662,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     runs: dict[str, list[dict[str, Any]]] = {"aipo": [], "trl": []}
     print(
-        f"vs_trl: aipo train vs TRL GRPOTrainer {versions()['trl']}: {budget.prompts_per_step} prompts x "
+        f"vs_trl: aipo train vs TRL GRPOTrainer {versions()['trl'] or '(--trl-python)'}"
+        f"{' with vLLM (colocate)' if args.trl_vllm else ''}: {budget.prompts_per_step} prompts x "
         f"{budget.samples_per_prompt} samples, {budget.max_new_tokens} new tokens, {budget.dtype} on "
         f"{budget.device}; {args.steps} steps x {args.rounds} rounds; load {load_before[0]:.2f}",
         flush=True,
@@ -670,7 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.rounds):
             seeded = budget if args.same_seed else dataclasses.replace(budget, seed=budget.seed + r)
-            for side, run in (("aipo", run_aipo), ("trl", run_trl)):
+            sides = {
+                "aipo": run_aipo,
+                "trl": lambda b, d: run_trl(b, d, args.trl_python, args.trl_vllm),
+            }
+            for side, run in sides.items():
                 result = run(seeded, work / f"round{r + 1}" / side)
                 result["seed"] = seeded.seed
                 result["load_after"] = os.getloadavg()[0]
@@ -720,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         "round_seeds": [run["seed"] for run in runs["aipo"]],
         "warmup": args.warmup,
         "aipo_overrides": aipo_overrides(budget, "<run_dir>"),
-        "trl_settings": trl_settings(cfg, "<output_dir>"),
+        "trl_settings": trl_settings(cfg, "<output_dir>", args.trl_vllm),
+        "trl_python": args.trl_python or sys.executable,
         "machine": machine() | {"load_before": load_before, "load_after": os.getloadavg()},
         "versions": versions(),
         "summary": summary,
