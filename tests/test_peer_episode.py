@@ -278,3 +278,9 @@ def test_idea3_is_registered_but_never_built_from_an_env_config():
     assert "idea3" in PROTOCOLS
     with pytest.raises(ValueError, match="played between peers"):
         make_protocol(EnvConfig(protocol="idea3"))
+    # A training config naming it is refused when it is read, before anything loads.
+    from aipo.config import ConfigError, load_config
+    from trainers.config import TrainConfig, default_config_path
+
+    with pytest.raises(ConfigError, match="played between peers"):
+        load_config(TrainConfig, default_config_path(), ["env.protocol=idea3"])

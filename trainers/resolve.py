@@ -71,10 +71,12 @@ def resolve_protocol(
     sections in the config the changes and errors speak of.
 
     Raises:
-        ValueError: ``env.agent_names`` set without a tool, or ``loss.agent_mode`` set to
-            train replies the protocol says may not be trained.
+        ValueError: ``env.protocol`` names a protocol no config can build (``idea3``, played
+            between peers), ``env.agent_names`` set without a tool, or ``loss.agent_mode``
+            set to train replies the protocol says may not be trained.
     """
     protocol = PROTOCOLS[env.protocol]
+    protocol.from_config(env)  # a protocol no config can build (idea3) is refused here
     changes: list[Change] = []
     if protocol.tools:
         tools = list(protocol.tools)
