@@ -22,6 +22,7 @@ from aipo_env.protocols.one_tag import OneTagToolProtocol
 from aipo_env.protocols.peer import Idea3Protocol
 from aipo_env.protocols.python_tool import PythonToolProtocol
 from aipo_env.protocols.tools import ToolProtocol
+from configs.registry import check_registered
 
 #: Protocol name (``EnvConfig.protocol``) -> class.
 PROTOCOLS: dict[str, type[InteractionProtocol]] = {
@@ -34,10 +35,7 @@ PROTOCOLS: dict[str, type[InteractionProtocol]] = {
 
 def make_protocol(config: ProtocolSettings) -> InteractionProtocol:
     """The protocol ``config.protocol`` names, built from the config's instructions and roles."""
-    if config.protocol not in PROTOCOLS:
-        raise ValueError(
-            f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}"
-        )
+    check_registered(config.protocol, PROTOCOLS, "protocol")
     return PROTOCOLS[config.protocol].from_config(config)
 
 
