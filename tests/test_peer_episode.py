@@ -13,6 +13,18 @@ from aipo_env.protocols.peer import STAGES
 EOS = "<|im_end|>"
 
 
+def _stage1_prompt_text(problem, task) -> str:
+    """The prompt's text as written by hand: the question, the answer format, stage 1's instruction."""
+    return (
+        f"{problem.question}\n\n{task.answer_format}".strip()
+        + "\n\n"
+        + (
+            "You are solving this together with a partner. Stage 1 of 3, idea sharing: in two or "
+            "three sentences, say how you would solve it. Do not give the final answer yet."
+        )
+    )
+
+
 def scripts(problem, right_a: bool = True, right_b: bool = False):
     answer = int(problem.reference)
     return {
@@ -182,14 +194,7 @@ async def test_a_peers_trajectory_is_exactly_the_hand_built_one(tokenizer):
     def template(text):  # chat markup: its special tokens are the template's ids
         return tokenizer.encode(text, add_special_tokens=False)
 
-    content = (
-        f"{problem.question}\n\n{task.answer_format}".strip()
-        + "\n\n"
-        + (
-            "You are solving this together with a partner. Stage 1 of 3, idea sharing: in two or "
-            "three sentences, say how you would solve it. Do not give the final answer yet."
-        )
-    )
+    content = _stage1_prompt_text(problem, task)
     prompt = template(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -256,14 +261,7 @@ async def test_without_a_chat_template_the_prompt_is_consult_envs_plain_text(tok
     out, _, problem = await play(plain, None)
     a = out["A"]
     task = AdditionTask(4)
-    content = (
-        f"{problem.question}\n\n{task.answer_format}".strip()
-        + "\n\n"
-        + (
-            "You are solving this together with a partner. Stage 1 of 3, idea sharing: in two or "
-            "three sentences, say how you would solve it. Do not give the final answer yet."
-        )
-    )
+    content = _stage1_prompt_text(problem, task)
     assert a.token_ids[: a.prompt_len] == plain.encode(content + "\n", add_special_tokens=False)
     gap = plain.encode("\n\n", add_special_tokens=False, split_special_tokens=True)
     first = a.turns[0]
